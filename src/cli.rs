@@ -1,0 +1,152 @@
+//! Command line: `breakwater serve` and `breakwater config check`. Flags override
+//! `BREAKWATER_*` environment variables, which override the config file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, LogFormat, WRITE_KEYS_ENV};
+
+#[derive(Parser)]
+#[command(
+    name = "breakwater",
+    version,
+    about = "Resilience-first ingestion server for analytics events (Segment/RudderStack-compatible HTTP API).",
+    long_about = "Resilience-first ingestion server for analytics events.\n\n\
+        Producers send events with the Segment HTTP Tracking API (existing SDKs work by changing \
+        the host). A 200 means every event of the request is durable.\n\n\
+        Configuration comes from a TOML file (--config), overridden by environment variables \
+        BREAKWATER_<SECTION>__<KEY> (e.g. BREAKWATER_LIMITS__MAX_EVENT_BYTES=65536), overridden \
+        by flags. Write keys can also be given as BREAKWATER_WRITE_KEYS=name=key,name2=key2."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server. With no configuration: 127.0.0.1:8080, data under ./data,
+    /// local dedup, events in rotating NDJSON files under ./data/events.
+    Serve(ServeArgs),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration (file + environment) without starting; print a summary.
+    Check(ConfigArgs),
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML configuration file; every key is optional.
+    #[arg(long, env = "BREAKWATER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Address to listen on [default: 127.0.0.1:8080]. A non-loopback address needs
+    /// write keys. Port 0 picks a free port (logged at start).
+    #[arg(long, env = "BREAKWATER_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Directory for the file sink, the rejected store and the lock file [default: ./data].
+    #[arg(long, env = "BREAKWATER_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log format on stderr [default: text]. Level: BREAKWATER_LOG or RUST_LOG (e.g. debug).
+    #[arg(long, env = "BREAKWATER_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+fn load_config(args: &ConfigArgs) -> Result<Config, String> {
+    Config::load(args.config.as_deref(), std::env::vars()).map_err(|e| e.to_string())
+}
+
+pub fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Config(ConfigCommand::Check(args)) => check(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let mut config = match load_config(&args.config) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(data_dir) = args.data_dir {
+        config.server.data_dir = data_dir;
+    }
+    if let Some(format) = args.log_format {
+        config.log.format = format;
+    }
+    crate::telemetry::init_logging(config.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::server::serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            eprintln!("error: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(args: ConfigArgs) -> ExitCode {
+    let result = load_config(&args).and_then(|config| {
+        let sources = config
+            .resolve_sources(std::env::var(WRITE_KEYS_ENV).ok().as_deref())
+            .map_err(|e| e.to_string())?;
+        Ok((config, sources))
+    });
+    match result {
+        Ok((config, sources)) => {
+            println!("configuration is valid");
+            println!("  listen:            {}", config.server.listen);
+            println!("  data_dir:          {}", config.server.data_dir.display());
+            println!(
+                "  limits:            event {} B, request {} B, batch {} events",
+                config.limits.max_event_bytes,
+                config.limits.max_request_bytes,
+                config.limits.max_batch_events
+            );
+            println!(
+                "  dedup:             window {} s, at most {} ids",
+                config.dedup.window_seconds, config.dedup.max_entries
+            );
+            let names: Vec<_> = sources.iter().map(|s| s.name.as_str()).collect();
+            if names.is_empty() {
+                println!("  sources:           none (open mode: loopback listener only)");
+            } else {
+                println!("  sources:           {}", names.join(", "));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,538 @@
+//! Server configuration: one TOML file, overridden by `BREAKWATER_*` environment
+//! variables, overridden by command-line flags. Owns parsing and validation only;
+//! nothing here touches the network or the data directory.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Prefix of every environment variable breakwater reads.
+pub const ENV_PREFIX: &str = "BREAKWATER_";
+
+/// `BREAKWATER_WRITE_KEYS="web=KEY1,ios=KEY2"` adds sources without a config file.
+pub const WRITE_KEYS_ENV: &str = "BREAKWATER_WRITE_KEYS";
+
+/// The whole configuration. Every field has a default, so an empty file (or no file)
+/// is the embedded default: loopback listener, `./data`, local dedup, file sink.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub dedup: DedupConfig,
+    pub file_sink: FileSinkConfig,
+    pub rejected_store: RejectedStoreConfig,
+    pub log: LogConfig,
+    /// Producers allowed to send, each with its write key. Empty means "open": only
+    /// allowed on a loopback listener.
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Requests being processed at once; beyond this, 503 with `Retry-After`.
+    pub max_in_flight_requests: usize,
+    /// A client that has not sent its whole body by then gets 408.
+    pub body_read_timeout_ms: u64,
+    /// After SIGINT/SIGTERM, how long in-flight requests may take before exit.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            max_in_flight_requests: 1024,
+            body_read_timeout_ms: 10_000,
+            shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest single event, as sent (JSON bytes). Segment's limit is 32 KB.
+    pub max_event_bytes: usize,
+    /// Largest request body after decompression. Segment's limit is 500 KB.
+    pub max_request_bytes: usize,
+    /// Most events in one `/v1/batch` request.
+    pub max_batch_events: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 32 * 1024,
+            max_request_bytes: 500 * 1024,
+            max_batch_events: 2_500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// A messageId seen within this window is acknowledged but not written again.
+    pub window_seconds: u64,
+    /// Most ids remembered; the oldest are forgotten early past this (and counted).
+    pub max_entries: usize,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            window_seconds: 24 * 60 * 60,
+            max_entries: 2_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileSinkConfig {
+    /// Start a new NDJSON file once the active one reaches this size.
+    pub max_file_bytes: u64,
+    /// Most bytes one group commit writes before its fsync.
+    pub max_group_commit_bytes: usize,
+}
+
+impl Default for FileSinkConfig {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: 128 * 1024 * 1024,
+            max_group_commit_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RejectedStoreConfig {
+    /// Disk kept for refused events (two files of half this size each).
+    pub max_bytes: u64,
+}
+
+impl Default for RejectedStoreConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// One producer. The key may be given inline, read from an environment variable,
+/// or read from a file (so it need not sit in the config file).
+#[derive(Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    pub name: String,
+    pub write_key: Option<String>,
+    pub write_key_env: Option<String>,
+    pub write_key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    // Never print a key, even in debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("name", &self.name)
+            .field("write_key", &self.write_key.as_ref().map(|_| "<redacted>"))
+            .field("write_key_env", &self.write_key_env)
+            .field("write_key_file", &self.write_key_file)
+            .finish()
+    }
+}
+
+/// A source with its key resolved.
+#[derive(Clone)]
+pub struct Source {
+    pub name: String,
+    pub write_key: String,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What went wrong loading the configuration: always names where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid config: `{key}`: {why}")]
+    Invalid { key: String, why: String },
+}
+
+fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        why: why.into(),
+    }
+}
+
+impl Config {
+    /// Loads `path` (if any), applies `BREAKWATER_<SECTION>__<KEY>` overrides from
+    /// `env`, then validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+                format!("in {}", path.display()),
+            ),
+            None => (String::new(), "(no config file)".to_string()),
+        };
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                })?;
+        let mut overridden = Vec::new();
+        for (name, value) in env {
+            if let Some(path) = override_path(&name) {
+                set_path(&mut table, &path, parse_env_value(&value));
+                overridden.push(name);
+            }
+        }
+        let origin = if overridden.is_empty() {
+            origin
+        } else {
+            format!("{origin} with overrides {}", overridden.join(", "))
+        };
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin,
+                    message: e.message().to_string(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks relations between values that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let limits = &self.limits;
+        if limits.max_event_bytes == 0 {
+            return Err(invalid("limits.max_event_bytes", "must be greater than 0"));
+        }
+        if limits.max_request_bytes < limits.max_event_bytes {
+            return Err(invalid(
+                "limits.max_request_bytes",
+                format!(
+                    "is {} but must be at least limits.max_event_bytes ({})",
+                    limits.max_request_bytes, limits.max_event_bytes
+                ),
+            ));
+        }
+        if limits.max_batch_events == 0 {
+            return Err(invalid("limits.max_batch_events", "must be greater than 0"));
+        }
+        if self.server.max_in_flight_requests == 0 {
+            return Err(invalid(
+                "server.max_in_flight_requests",
+                "must be greater than 0",
+            ));
+        }
+        if self.dedup.window_seconds == 0 {
+            return Err(invalid("dedup.window_seconds", "must be greater than 0"));
+        }
+        if self.dedup.max_entries == 0 {
+            return Err(invalid("dedup.max_entries", "must be greater than 0"));
+        }
+        if self.file_sink.max_file_bytes < 4096 {
+            return Err(invalid("file_sink.max_file_bytes", "must be at least 4096"));
+        }
+        if self.file_sink.max_group_commit_bytes < self.limits.max_request_bytes {
+            return Err(invalid(
+                "file_sink.max_group_commit_bytes",
+                "must be at least limits.max_request_bytes so one request fits one commit",
+            ));
+        }
+        if self.rejected_store.max_bytes < 8192 {
+            return Err(invalid("rejected_store.max_bytes", "must be at least 8192"));
+        }
+        let mut names = HashSet::new();
+        for (index, source) in self.sources.iter().enumerate() {
+            if source.name.trim().is_empty() {
+                return Err(invalid(
+                    format!("sources[{index}].name"),
+                    "must not be empty",
+                ));
+            }
+            if !names.insert(source.name.as_str()) {
+                return Err(invalid(
+                    format!("sources[{index}].name"),
+                    format!("`{}` is used by two sources", source.name),
+                ));
+            }
+            let given = [
+                source.write_key.is_some(),
+                source.write_key_env.is_some(),
+                source.write_key_file.is_some(),
+            ];
+            if given.iter().filter(|g| **g).count() != 1 {
+                return Err(invalid(
+                    format!("sources[{index}]"),
+                    "give exactly one of write_key, write_key_env, write_key_file",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves every source's key (from the config, an env var or a file), adding
+    /// the sources listed in `BREAKWATER_WRITE_KEYS`.
+    pub fn resolve_sources(
+        &self,
+        write_keys_env: Option<&str>,
+    ) -> Result<Vec<Source>, ConfigError> {
+        let mut sources = Vec::new();
+        for (index, source) in self.sources.iter().enumerate() {
+            let key = if let Some(key) = &source.write_key {
+                key.clone()
+            } else if let Some(var) = &source.write_key_env {
+                std::env::var(var).map_err(|_| {
+                    invalid(
+                        format!("sources[{index}].write_key_env"),
+                        format!("environment variable {var} is not set"),
+                    )
+                })?
+            } else if let Some(file) = &source.write_key_file {
+                std::fs::read_to_string(file)
+                    .map_err(|e| {
+                        invalid(
+                            format!("sources[{index}].write_key_file"),
+                            format!("cannot read {}: {e}", file.display()),
+                        )
+                    })?
+                    .trim()
+                    .to_string()
+            } else {
+                unreachable!("validate() demands exactly one key origin")
+            };
+            sources.push(Source {
+                name: source.name.clone(),
+                write_key: key,
+            });
+        }
+        if let Some(list) = write_keys_env {
+            for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                let Some((name, key)) = entry.split_once('=') else {
+                    return Err(invalid(
+                        WRITE_KEYS_ENV,
+                        "expected comma-separated name=key pairs, e.g. web=KEY1,ios=KEY2",
+                    ));
+                };
+                sources.push(Source {
+                    name: name.trim().to_string(),
+                    write_key: key.trim().to_string(),
+                });
+            }
+        }
+        let mut names = HashSet::new();
+        let mut keys = HashSet::new();
+        for source in &sources {
+            if source.name.is_empty() || source.write_key.is_empty() {
+                return Err(invalid(
+                    format!("source `{}`", source.name),
+                    "name and write key must not be empty",
+                ));
+            }
+            if !names.insert(source.name.clone()) {
+                return Err(invalid(
+                    format!("source `{}`", source.name),
+                    "this source name is defined twice",
+                ));
+            }
+            if !keys.insert(source.write_key.clone()) {
+                return Err(invalid(
+                    format!("source `{}`", source.name),
+                    "its write key is also used by another source",
+                ));
+            }
+        }
+        Ok(sources)
+    }
+}
+
+/// `BREAKWATER_LIMITS__MAX_EVENT_BYTES` → `["limits", "max_event_bytes"]`. Variables
+/// without a `__` (like `BREAKWATER_LISTEN`) belong to the command line, not here.
+fn override_path(name: &str) -> Option<Vec<String>> {
+    let rest = name.strip_prefix(ENV_PREFIX)?;
+    if !rest.contains("__") {
+        return None;
+    }
+    Some(
+        rest.split("__")
+            .map(|part| part.to_ascii_lowercase())
+            .collect(),
+    )
+}
+
+/// An env value is read as a TOML value when it is one (`42`, `true`, `[1,2]`),
+/// else as a plain string, so `BREAKWATER_SERVER__DATA_DIR=/var/lib/bw` just works.
+fn parse_env_value(value: &str) -> toml::Value {
+    format!("value = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut table| table.remove("value"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let (last, parents) = path
+        .split_last()
+        .expect("override_path never returns empty");
+    let mut current = table;
+    for part in parents {
+        let entry = current
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        current = entry.as_table_mut().expect("just made a table");
+    }
+    current.insert(last.clone(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("breakwater.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn no_file_gives_the_embedded_default() {
+        let config = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.server.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.limits.max_event_bytes, 32 * 1024);
+        assert_eq!(config.limits.max_request_bytes, 500 * 1024);
+        assert!(config.sources.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_win_over_the_file_and_parse_types() {
+        let config = load_str(
+            "[limits]\nmax_event_bytes = 1000\n",
+            &[
+                ("BREAKWATER_LIMITS__MAX_EVENT_BYTES", "2000"),
+                ("BREAKWATER_SERVER__DATA_DIR", "/tmp/bw data"),
+                ("BREAKWATER_LISTEN", "ignored-here"),
+                ("OTHER__THING", "1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.limits.max_event_bytes, 2000);
+        assert_eq!(config.server.data_dir, PathBuf::from("/tmp/bw data"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load_str("[limits]\nmax_evnt_bytes = 1\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_evnt_bytes"), "{err}");
+        assert!(err.contains("breakwater.toml"), "{err}");
+    }
+
+    #[test]
+    fn relations_between_limits_are_checked() {
+        let err = load_str(
+            "[limits]\nmax_event_bytes = 2000\nmax_request_bytes = 1000\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("limits.max_request_bytes"), "{err}");
+    }
+
+    #[test]
+    fn sources_resolve_from_inline_env_list_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, "file-key\n").unwrap();
+        let text = format!(
+            "[[sources]]\nname = \"web\"\nwrite_key = \"inline-key\"\n\
+             [[sources]]\nname = \"batch\"\nwrite_key_file = \"{}\"\n",
+            key_file.display()
+        );
+        let config = load_str(&text, &[]).unwrap();
+        let sources = config.resolve_sources(Some("ios=env-key")).unwrap();
+        let pairs: Vec<_> = sources
+            .iter()
+            .map(|s| (s.name.as_str(), s.write_key.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("web", "inline-key"),
+                ("batch", "file-key"),
+                ("ios", "env-key")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_key_shared_by_two_sources_is_refused() {
+        let config = load_str("[[sources]]\nname = \"web\"\nwrite_key = \"k\"\n", &[]).unwrap();
+        let err = config
+            .resolve_sources(Some("ios=k"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("also used"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_key() {
+        let config =
+            load_str("[[sources]]\nname = \"web\"\nwrite_key = \"s3cr3t\"\n", &[]).unwrap();
+        assert!(!format!("{config:?}").contains("s3cr3t"));
+    }
+}

@@ -1,0 +1,185 @@
+//! Every way an intake request can fail, each knowing its HTTP status, its stable
+//! error code (also the metric label) and whether the client may retry.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// Why one event was refused. `code` is stable and machine-readable.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EventRejection {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl EventRejection {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A refused event of a batch, by its position in the request.
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectedEvent {
+    pub index: usize,
+    #[serde(flatten)]
+    pub reason: EventRejection,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("request body must be a JSON object{0}")]
+    InvalidBody(String),
+    #[error("request body is larger than {limit} bytes (limit applies after decompression)")]
+    BodyTooLarge { limit: usize },
+    #[error("event is larger than {limit} bytes")]
+    EventTooLarge { limit: usize },
+    #[error("batch has {count} events; at most {limit} are allowed per request")]
+    TooManyEvents { count: usize, limit: usize },
+    #[error("batch has no events")]
+    EmptyBatch,
+    #[error("unsupported content type `{0}`: send application/json or text/plain")]
+    UnsupportedMediaType(String),
+    #[error("unsupported content encoding `{0}`: send gzip or identity")]
+    UnsupportedEncoding(String),
+    #[error("gzip body could not be decompressed: {0}")]
+    InvalidGzip(String),
+    #[error("request body was not received within {0} ms")]
+    BodyReadTimeout(u64),
+    #[error("request body could not be read: {0}")]
+    BodyRead(String),
+    #[error("no write key: send it as HTTP Basic user name, X-Write-Key header or body writeKey")]
+    MissingWriteKey,
+    #[error("write key is not valid")]
+    InvalidWriteKey,
+    #[error("event is invalid: {}", .0.message)]
+    InvalidEvent(EventRejection),
+    #[error("every event of the batch is invalid")]
+    InvalidBatch(Vec<RejectedEvent>),
+    #[error("too many requests in flight; retry later")]
+    Overloaded,
+    #[error("events could not be made durable; retry later")]
+    SinkUnavailable,
+    #[error("server is shutting down; retry later")]
+    ShuttingDown,
+    #[error("no such endpoint")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+/// Seconds a client is told to wait after a retryable refusal.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+impl IntakeError {
+    pub fn status(&self) -> StatusCode {
+        use IntakeError::*;
+        match self {
+            InvalidJson(_) | InvalidBody(_) | EmptyBatch | InvalidGzip(_) | BodyRead(_)
+            | InvalidEvent(_) | InvalidBatch(_) => StatusCode::BAD_REQUEST,
+            BodyTooLarge { .. } | EventTooLarge { .. } | TooManyEvents { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            UnsupportedMediaType(_) | UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            BodyReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            MissingWriteKey | InvalidWriteKey => StatusCode::UNAUTHORIZED,
+            Overloaded | SinkUnavailable | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            NotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    /// Stable code for the JSON body and the `reason` metric label.
+    pub fn code(&self) -> &'static str {
+        use IntakeError::*;
+        match self {
+            InvalidJson(_) => "invalid_json",
+            InvalidBody(_) => "invalid_body",
+            BodyTooLarge { .. } => "body_too_large",
+            EventTooLarge { .. } => "event_too_large",
+            TooManyEvents { .. } => "too_many_events",
+            EmptyBatch => "empty_batch",
+            UnsupportedMediaType(_) => "unsupported_media_type",
+            UnsupportedEncoding(_) => "unsupported_encoding",
+            InvalidGzip(_) => "invalid_gzip",
+            BodyReadTimeout(_) => "body_read_timeout",
+            BodyRead(_) => "body_read_failed",
+            MissingWriteKey => "missing_write_key",
+            InvalidWriteKey => "invalid_write_key",
+            InvalidEvent(_) => "invalid_event",
+            InvalidBatch(_) => "invalid_batch",
+            Overloaded => "overloaded",
+            SinkUnavailable => "sink_unavailable",
+            ShuttingDown => "shutting_down",
+            NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+        }
+    }
+
+    /// Whether sending the same request again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            IntakeError::Overloaded
+                | IntakeError::SinkUnavailable
+                | IntakeError::ShuttingDown
+                | IntakeError::BodyReadTimeout(_)
+        )
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'static str,
+    message: String,
+    retryable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rejected: Option<&'a [RejectedEvent]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a EventRejection>,
+}
+
+impl IntoResponse for IntakeError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+                retryable: self.is_retryable(),
+                rejected: match &self {
+                    IntakeError::InvalidBatch(rejected) => Some(rejected),
+                    _ => None,
+                },
+                event: match &self {
+                    IntakeError::InvalidEvent(rejection) => Some(rejection),
+                    _ => None,
+                },
+            },
+        };
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        if self.status() == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"breakwater\""),
+            );
+        }
+        response
+    }
+}

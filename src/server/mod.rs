@@ -1,0 +1,288 @@
+//! Start-up, the shared `AppState`, the router and graceful shutdown. Builds every
+//! long-lived part once (dedup, sinks, stores, metrics) and wires them together;
+//! holds no request logic of its own.
+
+mod ops;
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::Uri;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigError, LimitsConfig, WRITE_KEYS_ENV};
+use crate::dedup::{DedupKey, LocalDedup};
+use crate::intake::auth::WriteKeys;
+use crate::intake::error::IntakeError;
+use crate::intake::rejected_store::RejectedStore;
+use crate::pipeline::Pipeline;
+use crate::sinks::file::{self, FileSink};
+use crate::sinks::{NamedSink, SinkService};
+use crate::telemetry::{self, metric};
+
+/// Everything handlers share, built once at start-up.
+pub struct AppState {
+    pub limits: LimitsConfig,
+    pub body_read_timeout: Duration,
+    pub write_keys: WriteKeys,
+    pub pipeline: Pipeline,
+    pub rejected_store: Arc<RejectedStore>,
+    pub in_flight: InFlightLimit,
+    pub metrics: PrometheusHandle,
+    pub shutting_down: AtomicBool,
+}
+
+/// Caps requests processed at once; past the cap a request is refused with 503
+/// straight away rather than queued (queues hide overload until memory runs out).
+pub struct InFlightLimit {
+    current: AtomicUsize,
+    max: usize,
+}
+
+/// Held for the duration of one request.
+pub struct InFlightGuard<'a>(&'a InFlightLimit);
+
+impl InFlightLimit {
+    pub fn new(max: usize) -> Self {
+        Self {
+            current: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    pub fn enter(&self) -> Result<InFlightGuard<'_>, IntakeError> {
+        let previous = self.current.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlightGuard(self);
+        if previous >= self.max {
+            return Err(IntakeError::Overloaded);
+        }
+        metrics::gauge!(metric::REQUESTS_IN_FLIGHT).increment(1.0);
+        Ok(guard)
+    }
+
+    pub fn current(&self) -> usize {
+        self.current.load(Ordering::Relaxed).min(self.max)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let previous = self.0.current.fetch_sub(1, Ordering::AcqRel);
+        if previous <= self.0.max {
+            metrics::gauge!(metric::REQUESTS_IN_FLIGHT).decrement(1.0);
+        }
+    }
+}
+
+/// Why the server could not start. Each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "refusing to listen on {0} without write keys: anyone who can reach it could send events. \
+         Configure [[sources]] with a write_key in the config file, or set {WRITE_KEYS_ENV}=name=key, \
+         or listen on a loopback address such as 127.0.0.1:8080"
+    )]
+    OpenOnNonLoopback(SocketAddr),
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data directory {0} is in use by another breakwater process (lock file held); give each instance its own --data-dir")]
+    DataDirLocked(PathBuf),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot set up metrics: {0}")]
+    Metrics(String),
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the server until SIGINT/SIGTERM, then drains and returns.
+pub async fn serve(config: Config) -> Result<(), StartupError> {
+    let sources = config.resolve_sources(std::env::var(WRITE_KEYS_ENV).ok().as_deref())?;
+    let listen = config.server.listen;
+    if sources.is_empty() && !listen.ip().is_loopback() {
+        return Err(StartupError::OpenOnNonLoopback(listen));
+    }
+    let data_dir = config.server.data_dir.clone();
+    let data_dir_error = |source| StartupError::DataDir {
+        path: data_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&data_dir).map_err(data_dir_error)?;
+    let _lock = lock_data_dir(&data_dir)?;
+    let metrics = telemetry::install_metrics().map_err(StartupError::Metrics)?;
+
+    let window = Duration::from_secs(config.dedup.window_seconds);
+    let dedup = Arc::new(LocalDedup::new(window, config.dedup.max_entries));
+    let (file_sink, file_writer) = FileSink::open(
+        &data_dir.join("events"),
+        &config.file_sink,
+        window,
+        |event| {
+            dedup.restore(
+                DedupKey::new(event.source, event.message_id),
+                event.received_at_unix_seconds,
+            )
+        },
+    )
+    .map_err(data_dir_error)?;
+    metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
+    let file_sink = NamedSink {
+        name: file::SINK_NAME,
+        health: file_sink.health(),
+        service: SinkService::new(file_sink),
+    };
+    let rejected_store =
+        RejectedStore::open(&data_dir.join("rejected"), config.rejected_store.max_bytes)
+            .map_err(data_dir_error)?;
+
+    let write_keys = WriteKeys::new(&sources);
+    if write_keys.is_open() {
+        tracing::warn!(
+            "no write keys configured: accepting unauthenticated events (loopback only)"
+        );
+    }
+    let state = Arc::new(AppState {
+        limits: config.limits.clone(),
+        body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
+        write_keys,
+        pipeline: Pipeline::new(dedup, vec![file_sink]),
+        rejected_store: Arc::new(rejected_store),
+        in_flight: InFlightLimit::new(config.server.max_in_flight_requests),
+        metrics,
+        shutting_down: AtomicBool::new(false),
+    });
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| StartupError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(StartupError::Serve)?;
+    tracing::info!(
+        addr = %bound,
+        data_dir = %data_dir.display(),
+        sources = sources.len(),
+        version = env!("CARGO_PKG_VERSION"),
+        "breakwater listening"
+    );
+
+    let (stop_sender, stop) = watch::channel(false);
+    {
+        let state = state.clone();
+        tokio::spawn(async move {
+            wait_for_stop_signal().await;
+            state.shutting_down.store(true, Ordering::Relaxed);
+            tracing::info!("shutdown requested: no new connections; finishing in-flight requests");
+            let _ = stop_sender.send(true);
+        });
+    }
+    let graceful = {
+        let mut stop = stop.clone();
+        async move {
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        }
+    };
+    let shutdown_timeout = Duration::from_millis(config.server.shutdown_timeout_ms);
+    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(graceful);
+    let deadline = {
+        let mut stop = stop.clone();
+        async move {
+            let _ = stop.wait_for(|stopping| *stopping).await;
+            tokio::time::sleep(shutdown_timeout).await;
+        }
+    };
+    tokio::select! {
+        served = server.into_future() => served.map_err(StartupError::Serve)?,
+        () = deadline => tracing::warn!(timeout_ms = shutdown_timeout.as_millis() as u64, "shutdown timeout: closing connections still open"),
+    }
+
+    if !state.pipeline.drain(shutdown_timeout).await {
+        tracing::warn!("shutdown timeout: some deliveries did not finish (their requests were not acknowledged)");
+    }
+    // Every acknowledged batch is already fsynced; joining the writer just lets it
+    // finish its last group cleanly.
+    drop(state);
+    let joined = tokio::task::spawn_blocking(move || file_writer.join());
+    if tokio::time::timeout(Duration::from_secs(5), joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!("file sink writer still busy at exit");
+    }
+    tracing::info!("breakwater stopped");
+    Ok(())
+}
+
+/// The whole HTTP surface: intake routes, ops endpoints, JSON 404/405.
+pub fn router(state: Arc<AppState>) -> Router {
+    crate::intake::routes()
+        .merge(ops::routes())
+        .fallback(|uri: Uri| async move {
+            tracing::debug!(%uri, "no such endpoint");
+            IntakeError::NotFound
+        })
+        .method_not_allowed_fallback(|| async { IntakeError::MethodNotAllowed })
+        .with_state(state)
+}
+
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartupError> {
+    let path = data_dir.join("breakwater.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StartupError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StartupError::DataDirLocked(data_dir.to_path_buf()))
+        }
+        Err(std::fs::TryLockError::Error(source)) => Err(StartupError::DataDir { path, source }),
+    }
+}
+
+async fn wait_for_stop_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

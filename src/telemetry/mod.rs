@@ -1,0 +1,93 @@
+//! Logs and metrics. Owns the metric names (one place, so `docs/metrics.md` and the
+//! code cannot drift apart), the Prometheus recorder and the log subscriber. Calls
+//! nothing else in the crate.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Metric names. Labels are bounded: routes and reasons are fixed sets, sources are
+/// the configured ones.
+pub mod metric {
+    /// HTTP requests by `route` and `status` (counter).
+    pub const HTTP_REQUESTS: &str = "breakwater_http_requests_total";
+    /// Time from request start to response, by `route` (histogram, seconds).
+    pub const HTTP_REQUEST_DURATION: &str = "breakwater_http_request_duration_seconds";
+    /// Requests refused as a whole, by `reason` (counter).
+    pub const REQUESTS_REFUSED: &str = "breakwater_requests_refused_total";
+    /// Requests being processed now (gauge).
+    pub const REQUESTS_IN_FLIGHT: &str = "breakwater_requests_in_flight";
+    /// Events by `source`, `transport` and `outcome` = accepted | duplicate | rejected.
+    pub const EVENTS: &str = "breakwater_events_total";
+    /// Events refused one by one, by `source` and `reason` (counter).
+    pub const EVENTS_REJECTED: &str = "breakwater_events_rejected_total";
+    /// Events made durable by a sink, by `sink` (counter).
+    pub const SINK_EVENTS_SENT: &str = "breakwater_sink_events_sent_total";
+    /// Sink write failures, by `sink` and `kind` (counter).
+    pub const SINK_ERRORS: &str = "breakwater_sink_errors_total";
+    /// fsync duration of the file sink (histogram, seconds).
+    pub const FILE_SINK_FSYNC_DURATION: &str = "breakwater_file_sink_fsync_duration_seconds";
+    /// Requests served by one fsync of the file sink (histogram).
+    pub const FILE_SINK_REQUESTS_PER_FSYNC: &str = "breakwater_file_sink_requests_per_fsync";
+    /// Bytes written by the file sink (counter).
+    pub const FILE_SINK_BYTES: &str = "breakwater_file_sink_written_bytes_total";
+    /// File sink rotations to a new file (counter).
+    pub const FILE_SINK_ROTATIONS: &str = "breakwater_file_sink_rotations_total";
+    /// Ids remembered by the embedded dedup (gauge).
+    pub const DEDUP_ENTRIES: &str = "breakwater_dedup_entries";
+    /// Ids forgotten before their window ended because of the entry bound (counter).
+    pub const DEDUP_EVICTED_EARLY: &str = "breakwater_dedup_evicted_early_total";
+    /// Requests that waited for another in-flight request carrying the same id (counter).
+    pub const DEDUP_WAITS: &str = "breakwater_dedup_waits_total";
+    /// Refused events written to the rejected store (counter).
+    pub const REJECTED_STORE_WRITTEN: &str = "breakwater_rejected_store_written_total";
+    /// Rejected-store bytes discarded by rotation, oldest first (counter).
+    pub const REJECTED_STORE_DISCARDED_BYTES: &str =
+        "breakwater_rejected_store_discarded_bytes_total";
+    /// Rejected-store write failures (counter).
+    pub const REJECTED_STORE_ERRORS: &str = "breakwater_rejected_store_errors_total";
+    /// Always 1, with the `version` label (gauge).
+    pub const BUILD_INFO: &str = "breakwater_build_info";
+}
+
+/// Latency buckets in seconds: 0.5 ms to 30 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// Installs the process-wide Prometheus recorder and returns the handle `/metrics`
+/// renders from.
+pub fn install_metrics() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(metric::FILE_SINK_REQUESTS_PER_FSYNC.into()),
+                COUNT_BUCKETS,
+            )
+        })
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    metrics::gauge!(metric::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+/// Logs go to stderr; `RUST_LOG` (or `BREAKWATER_LOG`) picks the level, default info.
+pub fn init_logging(format: LogFormat) {
+    let filter = std::env::var("BREAKWATER_LOG")
+        .ok()
+        .and_then(|spec| EnvFilter::try_new(spec).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests) is harmless: keep the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
