@@ -108,7 +108,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");
-            eprintln!("error: {error}");
             ExitCode::from(2)
         }
     }

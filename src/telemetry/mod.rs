@@ -71,8 +71,74 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
+    describe_metrics();
     metrics::gauge!(metric::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
+}
+
+/// HELP text for every metric, shown on `/metrics`.
+fn describe_metrics() {
+    use metric::*;
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status.");
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from request start to response, by route."
+    );
+    describe_counter!(REQUESTS_REFUSED, "Requests refused as a whole, by reason.");
+    describe_gauge!(REQUESTS_IN_FLIGHT, "Requests being processed now.");
+    describe_counter!(
+        EVENTS,
+        "Events by source, transport and outcome (accepted, duplicate, rejected)."
+    );
+    describe_counter!(
+        EVENTS_REJECTED,
+        "Events refused one by one, by source and reason."
+    );
+    describe_counter!(SINK_EVENTS_SENT, "Events made durable by a sink.");
+    describe_counter!(SINK_ERRORS, "Sink write failures by sink and kind.");
+    describe_histogram!(
+        FILE_SINK_FSYNC_DURATION,
+        Unit::Seconds,
+        "fdatasync duration of the file sink."
+    );
+    describe_histogram!(
+        FILE_SINK_REQUESTS_PER_FSYNC,
+        "Requests made durable by one fsync of the file sink."
+    );
+    describe_counter!(
+        FILE_SINK_BYTES,
+        Unit::Bytes,
+        "Bytes written by the file sink."
+    );
+    describe_counter!(FILE_SINK_ROTATIONS, "File sink rotations to a new file.");
+    describe_gauge!(
+        DEDUP_ENTRIES,
+        "Message ids remembered by the embedded dedup."
+    );
+    describe_counter!(
+        DEDUP_EVICTED_EARLY,
+        "Ids forgotten before their window ended because of dedup.max_entries."
+    );
+    describe_counter!(
+        DEDUP_WAITS,
+        "Requests that waited for an in-flight request carrying the same id."
+    );
+    describe_counter!(
+        REJECTED_STORE_WRITTEN,
+        "Refused events written to the rejected store."
+    );
+    describe_counter!(
+        REJECTED_STORE_DISCARDED_BYTES,
+        Unit::Bytes,
+        "Rejected-store bytes discarded by rotation."
+    );
+    describe_counter!(REJECTED_STORE_ERRORS, "Rejected-store write failures.");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label names the running build."
+    );
 }
 
 /// Logs go to stderr; `RUST_LOG` (or `BREAKWATER_LOG`) picks the level, default info.
@@ -84,6 +150,7 @@ pub fn init_logging(format: LogFormat) {
         .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {

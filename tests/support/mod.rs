@@ -1,0 +1,278 @@
+//! Test harness: runs the real `breakwater` binary on a free loopback port with its
+//! own data directory, and reads what it wrote. Shared by every integration test.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    config_path: PathBuf,
+    env: Vec<(String, String)>,
+    log: Arc<Mutex<String>>,
+    _temp: Arc<tempfile::TempDir>,
+}
+
+impl Server {
+    /// The embedded default (no config) in a fresh data directory.
+    pub fn start() -> Server {
+        Server::start_with("", &[])
+    }
+
+    /// With `config` as the TOML config file and extra environment variables.
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Server {
+        let temp = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let config_path = temp.path().join("breakwater.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Server::spawn(temp.path().join("data"), config_path, env, temp)
+    }
+
+    fn spawn(
+        data_dir: PathBuf,
+        config_path: PathBuf,
+        env: Vec<(String, String)>,
+        temp: Arc<tempfile::TempDir>,
+    ) -> Server {
+        let mut command = breakwater_command();
+        command
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--data-dir",
+            ])
+            .arg(&data_dir)
+            .arg("--config")
+            .arg(&config_path)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn breakwater");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addr_sender, addr_receiver) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(entry) = serde_json::from_str::<Value>(&line) {
+                        if entry["message"] == "breakwater listening" {
+                            let addr: SocketAddr = entry["addr"].as_str().unwrap().parse().unwrap();
+                            let _ = addr_sender.send(addr);
+                        }
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let addr = match addr_receiver.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("breakwater did not start; log:\n{}", log.lock().unwrap());
+            }
+        };
+        Server {
+            child,
+            addr,
+            data_dir,
+            config_path,
+            env,
+            log,
+            _temp: temp,
+        }
+    }
+
+    /// Starts a new process on the same data directory and configuration.
+    pub fn restart(&self) -> Server {
+        Server::spawn(
+            self.data_dir.clone(),
+            self.config_path.clone(),
+            self.env.clone(),
+            self._temp.clone(),
+        )
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+
+    /// SIGTERM, then wait for exit (at most `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "breakwater did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Every event line in the file sink, oldest file first.
+    pub fn sink_events(&self) -> Vec<Value> {
+        read_ndjson_dir(&self.data_dir.join("events"), "events-")
+    }
+
+    /// Every record in the rejected store.
+    pub fn rejected_records(&self) -> Vec<Value> {
+        let dir = self.data_dir.join("rejected");
+        let mut records = Vec::new();
+        for name in ["rejected.1.ndjson", "rejected.ndjson"] {
+            records.extend(read_ndjson(&dir.join(name)));
+        }
+        records
+    }
+
+    pub fn metrics(&self) -> String {
+        client()
+            .get(self.url("/metrics"))
+            .send()
+            .expect("scrape")
+            .text()
+            .expect("metrics text")
+    }
+
+    /// The value of one sample line (`name{labels}`) on `/metrics`, 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn breakwater_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_breakwater"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("BREAKWATER_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+pub fn read_ndjson_dir(dir: &Path, prefix: &str) -> Vec<Value> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(prefix))
+        .collect();
+    files.sort();
+    files.iter().flat_map(|f| read_ndjson(f)).collect()
+}
+
+pub fn read_ndjson(path: &Path) -> Vec<Value> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("bad line in {}: {e}: {line}", path.display()))
+        })
+        .collect()
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// POSTs JSON and returns the status and the JSON body.
+pub fn post_json(server: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let response = client()
+        .post(server.url(path))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .expect("request");
+    status_and_json(response)
+}
+
+pub fn status_and_json(response: reqwest::blocking::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().expect("body");
+    let json =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"));
+    (status, json)
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// A valid track event with the given id.
+pub fn track(message_id: &str) -> Value {
+    serde_json::json!({
+        "type": "track",
+        "messageId": message_id,
+        "userId": "user-1",
+        "event": "Order Completed",
+        "properties": { "revenue": 12.5 },
+    })
+}
+
+/// Every messageId in the sink, with how many times it appears.
+pub fn id_counts(events: &[Value]) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for event in events {
+        *counts
+            .entry(event["messageId"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    counts
+}
