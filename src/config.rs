@@ -89,7 +89,7 @@ impl Default for DedupConfig {
     fn default() -> Self {
         Self {
             window_seconds: 24 * 60 * 60,
-            max_entries: 2_000_000,
+            max_entries: 1_000_000,
         }
     }
 }

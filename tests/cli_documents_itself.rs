@@ -56,3 +56,10 @@ fn config_check_names_the_bad_key() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("127.0.0.1:9999"));
 }
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/breakwater.example.toml");
+    let (code, text) = run(&["config", "check", "--config", example]);
+    assert_eq!(code, 0, "{text}");
+}

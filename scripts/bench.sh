@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): builds release binaries, starts breakwater on its embedded
+# default in a temporary data dir on a loopback port, drives it with breakwater-load,
+# prints the load report (JSON on stdout, one-line summary on stderr), then stops
+# the server and removes the data. Extra arguments go to breakwater-load, e.g.
+#   ./scripts/bench.sh --connections 32 --batch-size 100 --duration-seconds 10
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+port="${BENCH_PORT:-18631}"
+cargo build --release --locked --bins >&2
+data_dir="$(mktemp -d)"
+./target/release/breakwater serve --listen "127.0.0.1:${port}" --data-dir "$data_dir" \
+  >"$data_dir/server.log" 2>&1 &
+server_pid=$!
+cleanup() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  rm -rf "$data_dir"
+}
+trap cleanup EXIT
+
+for _ in $(seq 1 100); do
+  curl -sf "http://127.0.0.1:${port}/health/ready" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+
+./target/release/breakwater-load --target "127.0.0.1:${port}" "$@"
+echo "server: $(curl -s "http://127.0.0.1:${port}/metrics" | awk '
+  /^breakwater_file_sink_requests_per_fsync_sum/ {r=$2}
+  /^breakwater_file_sink_requests_per_fsync_count/ {n=$2}
+  /^breakwater_file_sink_fsync_duration_seconds_sum/ {s=$2}
+  END { if (n > 0) printf "%d fsyncs, %.1f requests per fsync, mean fsync %.2f ms", n, r/n, 1000*s/n }'); peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$server_pid/status)" >&2
