@@ -94,10 +94,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         config.log.format = format;
     }
     crate::telemetry::init_logging(config.log.format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -127,9 +124,7 @@ fn check(args: ConfigArgs) -> ExitCode {
             println!("  data_dir:          {}", config.server.data_dir.display());
             println!(
                 "  limits:            event {} B, request {} B, batch {} events",
-                config.limits.max_event_bytes,
-                config.limits.max_request_bytes,
-                config.limits.max_batch_events
+                config.limits.max_event_bytes, config.limits.max_request_bytes, config.limits.max_batch_events
             );
             println!(
                 "  dedup:             window {} s, at most {} ids",

@@ -25,6 +25,12 @@ pub struct Config {
     pub file_sink: FileSinkConfig,
     pub rejected_store: RejectedStoreConfig,
     pub log: LogConfig,
+    /// Shared dedup in Redis; absent: dedup stays in-process.
+    pub redis: Option<RedisConfig>,
+    /// ClickHouse sink; absent: off.
+    pub clickhouse: Option<ClickHouseConfig>,
+    /// Kafka sink; absent: off.
+    pub kafka: Option<KafkaConfig>,
     /// Producers allowed to send, each with its write key. Empty means "open": only
     /// allowed on a loopback listener.
     pub sources: Vec<SourceConfig>,
@@ -97,6 +103,8 @@ impl Default for DedupConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileSinkConfig {
+    /// On by default when neither ClickHouse nor Kafka is configured, off otherwise.
+    pub enabled: Option<bool>,
     /// Start a new NDJSON file once the active one reaches this size.
     pub max_file_bytes: u64,
     /// Most bytes one group commit writes before its fsync.
@@ -106,8 +114,218 @@ pub struct FileSinkConfig {
 impl Default for FileSinkConfig {
     fn default() -> Self {
         Self {
+            enabled: None,
             max_file_bytes: 128 * 1024 * 1024,
             max_group_commit_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// A secret given inline, through an environment variable, or in a file.
+#[derive(Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Secret {
+    pub value: Option<String>,
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .field("env", &self.env)
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+impl Secret {
+    /// Reads the secret; `key` names it in errors.
+    pub fn resolve(&self, key: &str) -> Result<Option<String>, ConfigError> {
+        match (&self.value, &self.env, &self.file) {
+            (None, None, None) => Ok(None),
+            (Some(value), None, None) => Ok(Some(value.clone())),
+            (None, Some(var), None) => std::env::var(var)
+                .map(Some)
+                .map_err(|_| invalid(key, format!("environment variable {var} is not set"))),
+            (None, None, Some(file)) => std::fs::read_to_string(file)
+                .map(|text| Some(text.trim().to_string()))
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", file.display()))),
+            _ => Err(invalid(key, "give exactly one of value, env, file")),
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`. May hold a password: never logged.
+    pub url: String,
+    /// Connections in the one shared pool.
+    pub pool_size: usize,
+    /// Every command fails after this (fred's own default is to wait forever).
+    pub command_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Keys are `<key_prefix>:<source>:<messageId>`.
+    pub key_prefix: String,
+    /// How long a delivered id is remembered.
+    pub ttl_seconds: u64,
+    /// How long an in-flight claim lives if its holder dies before finishing. Must
+    /// exceed the longest delivery; a crashed instance's claims free themselves then.
+    pub pending_ttl_ms: u64,
+    /// How long a request waits for an id another instance has in flight before
+    /// answering 503 (the client retries).
+    pub pending_wait_ms: u64,
+    /// Ids remembered locally in front of Redis (saves a round trip for repeats).
+    pub local_cache_entries: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            pool_size: 4,
+            command_timeout_ms: 500,
+            connect_timeout_ms: 2_000,
+            key_prefix: "breakwater:dedup".into(),
+            ttl_seconds: 24 * 60 * 60,
+            pending_ttl_ms: 60_000,
+            pending_wait_ms: 5_000,
+            local_cache_entries: 100_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Which ClickHouse table layout to create and write.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClickHouseSchema {
+    /// Ask the server its version: 20 and later get `modern`, older get `legacy`.
+    #[default]
+    Auto,
+    /// DateTime64(3), LowCardinality, ZSTD, insert dedup tokens.
+    Modern,
+    /// For servers older than 20 (e.g. 18.16): DateTime, plain String.
+    Legacy,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClickHouseCompression {
+    #[default]
+    Lz4,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// HTTP interface, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    pub database: String,
+    pub table: String,
+    pub user: Option<String>,
+    pub password: Secret,
+    pub schema: ClickHouseSchema,
+    /// Create the database and table when missing (on first use).
+    pub create_table: bool,
+    /// One INSERT carries at most this many events…
+    pub batch_max_events: usize,
+    /// …and this many bytes of event JSON…
+    pub batch_max_bytes: usize,
+    /// …and waits at most this long for more requests to join.
+    pub linger_ms: u64,
+    /// Whole INSERT deadline.
+    pub insert_timeout_ms: u64,
+    pub compression: ClickHouseCompression,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            database: "breakwater".into(),
+            table: "events".into(),
+            user: None,
+            password: Secret::default(),
+            schema: ClickHouseSchema::Auto,
+            create_table: true,
+            batch_max_events: 50_000,
+            batch_max_bytes: 32 * 1024 * 1024,
+            linger_ms: 10,
+            insert_timeout_ms: 10_000,
+            compression: ClickHouseCompression::Lz4,
+        }
+    }
+}
+
+/// What a Kafka message's key is.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaKey {
+    /// `userId`, else `anonymousId`: one user's events stay in order on one partition.
+    #[default]
+    User,
+    MessageId,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    pub brokers: String,
+    pub topic: String,
+    pub key: KafkaKey,
+    /// librdkafka `compression.type`: none, gzip, snappy, lz4, zstd.
+    pub compression: String,
+    /// librdkafka `linger.ms`.
+    pub linger_ms: u64,
+    /// librdkafka `batch.size`.
+    pub batch_size_bytes: usize,
+    /// librdkafka `message.timeout.ms`: the longest a delivery may take.
+    pub message_timeout_ms: u64,
+    /// Any other librdkafka setting (e.g. `security.protocol`, `sasl.mechanism`).
+    /// These are passed through as given; secrets here are never logged.
+    pub librdkafka: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            topic: "breakwater-events".into(),
+            key: KafkaKey::User,
+            compression: "lz4".into(),
+            linger_ms: 5,
+            batch_size_bytes: 1_000_000,
+            message_timeout_ms: 30_000,
+            librdkafka: Default::default(),
         }
     }
 }
@@ -183,10 +401,7 @@ impl std::fmt::Debug for Source {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config {origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("invalid config: `{key}`: {why}")]
@@ -203,10 +418,7 @@ fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
 impl Config {
     /// Loads `path` (if any), applies `BREAKWATER_<SECTION>__<KEY>` overrides from
     /// `env`, then validates.
-    pub fn load(
-        path: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Config, ConfigError> {
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
         let (text, origin) = match path {
             Some(path) => (
                 std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -217,12 +429,10 @@ impl Config {
             ),
             None => (String::new(), "(no config file)".to_string()),
         };
-        let mut table: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    origin: origin.clone(),
-                    message: e.to_string(),
-                })?;
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: origin.clone(),
+            message: e.to_string(),
+        })?;
         let mut overridden = Vec::new();
         for (name, value) in env {
             if let Some(path) = override_path(&name) {
@@ -235,13 +445,12 @@ impl Config {
         } else {
             format!("{origin} with overrides {}", overridden.join(", "))
         };
-        let config: Config =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    origin,
-                    message: e.message().to_string(),
-                })?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                origin,
+                message: e.message().to_string(),
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -265,10 +474,7 @@ impl Config {
             return Err(invalid("limits.max_batch_events", "must be greater than 0"));
         }
         if self.server.max_in_flight_requests == 0 {
-            return Err(invalid(
-                "server.max_in_flight_requests",
-                "must be greater than 0",
-            ));
+            return Err(invalid("server.max_in_flight_requests", "must be greater than 0"));
         }
         if self.dedup.window_seconds == 0 {
             return Err(invalid("dedup.window_seconds", "must be greater than 0"));
@@ -285,16 +491,20 @@ impl Config {
                 "must be at least limits.max_request_bytes so one request fits one commit",
             ));
         }
+        self.validate_backends()?;
+        if !self.file_sink_enabled() && self.clickhouse.is_none() && self.kafka.is_none() {
+            return Err(invalid(
+                "file_sink.enabled",
+                "is false and no other sink ([clickhouse], [kafka]) is configured: events would go nowhere",
+            ));
+        }
         if self.rejected_store.max_bytes < 8192 {
             return Err(invalid("rejected_store.max_bytes", "must be at least 8192"));
         }
         let mut names = HashSet::new();
         for (index, source) in self.sources.iter().enumerate() {
             if source.name.trim().is_empty() {
-                return Err(invalid(
-                    format!("sources[{index}].name"),
-                    "must not be empty",
-                ));
+                return Err(invalid(format!("sources[{index}].name"), "must not be empty"));
             }
             if !names.insert(source.name.as_str()) {
                 return Err(invalid(
@@ -317,12 +527,81 @@ impl Config {
         Ok(())
     }
 
+    fn validate_backends(&self) -> Result<(), ConfigError> {
+        if let Some(redis) = &self.redis {
+            if !(redis.url.starts_with("redis://") || redis.url.starts_with("rediss://")) {
+                return Err(invalid("redis.url", "must start with redis:// or rediss://"));
+            }
+            for (key, value) in [
+                ("redis.pool_size", redis.pool_size as u64),
+                ("redis.command_timeout_ms", redis.command_timeout_ms),
+                ("redis.ttl_seconds", redis.ttl_seconds),
+                ("redis.pending_ttl_ms", redis.pending_ttl_ms),
+                ("redis.local_cache_entries", redis.local_cache_entries as u64),
+            ] {
+                if value == 0 {
+                    return Err(invalid(key, "must be greater than 0"));
+                }
+            }
+            if redis.key_prefix.is_empty() {
+                return Err(invalid("redis.key_prefix", "must not be empty"));
+            }
+        }
+        if let Some(clickhouse) = &self.clickhouse {
+            if !(clickhouse.url.starts_with("http://") || clickhouse.url.starts_with("https://")) {
+                return Err(invalid(
+                    "clickhouse.url",
+                    "must be the HTTP interface, e.g. http://127.0.0.1:8123",
+                ));
+            }
+            for (key, name) in [
+                ("clickhouse.database", &clickhouse.database),
+                ("clickhouse.table", &clickhouse.table),
+            ] {
+                let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    return Err(invalid(
+                        key,
+                        "must be letters, digits and _ (not starting with a digit)",
+                    ));
+                }
+            }
+            if clickhouse.batch_max_events == 0 || clickhouse.batch_max_bytes == 0 {
+                return Err(invalid(
+                    "clickhouse.batch_max_events",
+                    "batch bounds must be greater than 0",
+                ));
+            }
+            clickhouse.password.resolve("clickhouse.password")?;
+        }
+        if let Some(kafka) = &self.kafka {
+            if kafka.brokers.trim().is_empty() {
+                return Err(invalid("kafka.brokers", "must list at least one host:port"));
+            }
+            if kafka.topic.trim().is_empty() {
+                return Err(invalid("kafka.topic", "must not be empty"));
+            }
+            if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&kafka.compression.as_str()) {
+                return Err(invalid(
+                    "kafka.compression",
+                    "must be one of none, gzip, snappy, lz4, zstd",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the file sink runs: as configured, else only when no other sink does.
+    pub fn file_sink_enabled(&self) -> bool {
+        self.file_sink
+            .enabled
+            .unwrap_or(self.clickhouse.is_none() && self.kafka.is_none())
+    }
+
     /// Resolves every source's key (from the config, an env var or a file), adding
     /// the sources listed in `BREAKWATER_WRITE_KEYS`.
-    pub fn resolve_sources(
-        &self,
-        write_keys_env: Option<&str>,
-    ) -> Result<Vec<Source>, ConfigError> {
+    pub fn resolve_sources(&self, write_keys_env: Option<&str>) -> Result<Vec<Source>, ConfigError> {
         let mut sources = Vec::new();
         for (index, source) in self.sources.iter().enumerate() {
             let key = if let Some(key) = &source.write_key {
@@ -399,11 +678,7 @@ fn override_path(name: &str) -> Option<Vec<String>> {
     if !rest.contains("__") {
         return None;
     }
-    Some(
-        rest.split("__")
-            .map(|part| part.to_ascii_lowercase())
-            .collect(),
-    )
+    Some(rest.split("__").map(|part| part.to_ascii_lowercase()).collect())
 }
 
 /// An env value is read as a TOML value when it is one (`42`, `true`, `[1,2]`),
@@ -417,9 +692,7 @@ fn parse_env_value(value: &str) -> toml::Value {
 }
 
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
-    let (last, parents) = path
-        .split_last()
-        .expect("override_path never returns empty");
+    let (last, parents) = path.split_last().expect("override_path never returns empty");
     let mut current = table;
     for part in parents {
         let entry = current
@@ -441,10 +714,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("breakwater.toml");
         std::fs::write(&path, text).unwrap();
-        Config::load(
-            Some(&path),
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-        )
+        Config::load(Some(&path), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
 
     #[test]
@@ -475,21 +745,16 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = load_str("[limits]\nmax_evnt_bytes = 1\n", &[])
-            .unwrap_err()
-            .to_string();
+        let err = load_str("[limits]\nmax_evnt_bytes = 1\n", &[]).unwrap_err().to_string();
         assert!(err.contains("max_evnt_bytes"), "{err}");
         assert!(err.contains("breakwater.toml"), "{err}");
     }
 
     #[test]
     fn relations_between_limits_are_checked() {
-        let err = load_str(
-            "[limits]\nmax_event_bytes = 2000\nmax_request_bytes = 1000\n",
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
+        let err = load_str("[limits]\nmax_event_bytes = 2000\nmax_request_bytes = 1000\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("limits.max_request_bytes"), "{err}");
     }
 
@@ -511,28 +776,51 @@ mod tests {
             .collect();
         assert_eq!(
             pairs,
-            [
-                ("web", "inline-key"),
-                ("batch", "file-key"),
-                ("ios", "env-key")
-            ]
+            [("web", "inline-key"), ("batch", "file-key"), ("ios", "env-key")]
         );
     }
 
     #[test]
     fn a_key_shared_by_two_sources_is_refused() {
         let config = load_str("[[sources]]\nname = \"web\"\nwrite_key = \"k\"\n", &[]).unwrap();
-        let err = config
-            .resolve_sources(Some("ios=k"))
-            .unwrap_err()
-            .to_string();
+        let err = config.resolve_sources(Some("ios=k")).unwrap_err().to_string();
         assert!(err.contains("also used"), "{err}");
     }
 
     #[test]
+    fn backends_are_off_until_configured_and_then_validated() {
+        let config = Config::load(None, Vec::new()).unwrap();
+        assert!(config.redis.is_none() && config.clickhouse.is_none() && config.kafka.is_none());
+        assert!(config.file_sink_enabled());
+        let config = load_str(
+            "[clickhouse]\nurl = \"http://127.0.0.1:8123\"\n[kafka]\nbrokers = \"127.0.0.1:9092\"\n",
+            &[("BREAKWATER_REDIS__URL", "redis://127.0.0.1:6379")],
+        )
+        .unwrap();
+        assert_eq!(config.redis.as_ref().unwrap().ttl_seconds, 86400);
+        assert!(
+            !config.file_sink_enabled(),
+            "other sinks replace the file sink unless asked"
+        );
+        let err = load_str("[clickhouse]\nurl = \"http://x\"\ntable = \"drop table\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("clickhouse.table"), "{err}");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://user:pw@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://:pw@host"), "redis://:***@host");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+
+    #[test]
     fn debug_output_never_shows_a_key() {
-        let config =
-            load_str("[[sources]]\nname = \"web\"\nwrite_key = \"s3cr3t\"\n", &[]).unwrap();
+        let config = load_str("[[sources]]\nname = \"web\"\nwrite_key = \"s3cr3t\"\n", &[]).unwrap();
         assert!(!format!("{config:?}").contains("s3cr3t"));
     }
 }

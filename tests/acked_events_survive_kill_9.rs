@@ -17,18 +17,13 @@ const EVENTS_PER_REQUEST: usize = 50;
 
 /// Sends batches from several threads until the server dies; returns
 /// (acknowledged ids, every batch attempted).
-fn load_until_killed(
-    server: &mut Server,
-    run_for: Duration,
-    round: usize,
-) -> (HashSet<String>, Vec<Value>) {
+fn load_until_killed(server: &mut Server, run_for: Duration, round: usize) -> (HashSet<String>, Vec<Value>) {
     let acked = Mutex::new(HashSet::new());
     let attempted = Mutex::new(Vec::new());
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
         for writer in 0..WRITERS {
-            let (acked, attempted, stop, url) =
-                (&acked, &attempted, &stop, server.url("/v1/batch"));
+            let (acked, attempted, stop, url) = (&acked, &attempted, &stop, server.url("/v1/batch"));
             scope.spawn(move || {
                 let client = client();
                 let mut request = 0;
@@ -68,8 +63,7 @@ fn acknowledged_events_survive_kill_9_exactly_once() {
     let mut all_acked = HashSet::new();
     let mut all_attempted = Vec::new();
     for (round, run_ms) in [700u64, 1100, 1500].into_iter().enumerate() {
-        let (acked, attempted) =
-            load_until_killed(&mut server, Duration::from_millis(run_ms), round);
+        let (acked, attempted) = load_until_killed(&mut server, Duration::from_millis(run_ms), round);
         assert!(
             acked.len() >= EVENTS_PER_REQUEST,
             "round {round}: nothing was acknowledged"
@@ -79,10 +73,7 @@ fn acknowledged_events_survive_kill_9_exactly_once() {
         server = server.restart();
 
         let counts = id_counts(&server.sink_events());
-        let missing: Vec<_> = all_acked
-            .iter()
-            .filter(|id| !counts.contains_key(*id))
-            .collect();
+        let missing: Vec<_> = all_acked.iter().filter(|id| !counts.contains_key(*id)).collect();
         assert!(
             missing.is_empty(),
             "round {round}: {} acknowledged events lost, e.g. {:?}",

@@ -23,9 +23,7 @@ fn assert_error(result: (u16, Value), status: u16, code: &str) {
     assert_eq!(got_status, status, "{body}");
     assert_eq!(body["error"]["code"], code, "{body}");
     assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
+        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
         "{body}"
     );
 }
@@ -84,12 +82,7 @@ fn wrong_types_and_encodings_are_415() {
         "unsupported_media_type",
     );
     assert_error(
-        post_raw(
-            &server,
-            "/v1/track",
-            &[JSON, ("content-encoding", "br")],
-            body,
-        ),
+        post_raw(&server, "/v1/track", &[JSON, ("content-encoding", "br")], body),
         415,
         "unsupported_encoding",
     );
@@ -103,18 +96,10 @@ fn limits_are_enforced_and_configurable() {
     );
     let mut big = track("big");
     big["properties"]["blob"] = json!("x".repeat(1200));
-    assert_error(
-        post_json(&server, "/v1/track", &big),
-        413,
-        "event_too_large",
-    );
+    assert_error(post_json(&server, "/v1/track", &big), 413, "event_too_large");
 
     let too_many = json!({ "batch": (0..11).map(|i| track(&i.to_string())).collect::<Vec<_>>() });
-    assert_error(
-        post_json(&server, "/v1/batch", &too_many),
-        413,
-        "too_many_events",
-    );
+    assert_error(post_json(&server, "/v1/batch", &too_many), 413, "too_many_events");
 
     let mut huge = track("huge");
     huge["properties"]["blob"] = json!("x".repeat(30_000));
@@ -125,11 +110,7 @@ fn limits_are_enforced_and_configurable() {
     );
 
     // One oversized event in a batch is refused alone.
-    let (status, body) = post_json(
-        &server,
-        "/v1/batch",
-        &json!({ "batch": [track("ok"), big] }),
-    );
+    let (status, body) = post_json(&server, "/v1/batch", &json!({ "batch": [track("ok"), big] }));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["rejected"][0]["index"], 1);
     assert_eq!(body["rejected"][0]["code"], "event_too_large");
@@ -144,10 +125,7 @@ fn a_gzip_bomb_gets_413_and_the_server_stays_healthy() {
     inflated.extend(std::iter::repeat_n(b' ', 64 * 1024 * 1024));
     inflated.extend(b"\"}]}");
     let bomb = gzip(&inflated);
-    assert!(
-        bomb.len() < 500 * 1024,
-        "the compressed bomb fits the request limit"
-    );
+    assert!(bomb.len() < 500 * 1024, "the compressed bomb fits the request limit");
     for _ in 0..5 {
         assert_error(
             post_raw(
@@ -182,12 +160,7 @@ fn truncated_gzip_is_400() {
     let whole = gzip(json!({ "batch": [track("t")] }).to_string().as_bytes());
     let cut = whole[..whole.len() - 10].to_vec();
     assert_error(
-        post_raw(
-            &server,
-            "/v1/batch",
-            &[JSON, ("content-encoding", "gzip")],
-            cut,
-        ),
+        post_raw(&server, "/v1/batch", &[JSON, ("content-encoding", "gzip")], cut),
         400,
         "invalid_gzip",
     );
@@ -215,9 +188,7 @@ fn a_client_that_stalls_mid_body_gets_408_and_others_are_served() {
     // Meanwhile another client is served.
     let (status, _) = post_json(&server, "/v1/track", &track("meanwhile"));
     assert_eq!(status, 200);
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stalled.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut answer = vec![0u8; 4096];
     let read = stalled.read(&mut answer).unwrap();
     let answer = String::from_utf8_lossy(&answer[..read]);

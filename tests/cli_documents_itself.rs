@@ -19,10 +19,7 @@ fn run(args: &[&str]) -> (i32, String) {
 fn help_and_version() {
     let (code, help) = run(&["--help"]);
     assert_eq!(code, 0);
-    assert!(
-        help.contains("serve") && help.contains("BREAKWATER_"),
-        "{help}"
-    );
+    assert!(help.contains("serve") && help.contains("BREAKWATER_"), "{help}");
     let (code, serve_help) = run(&["serve", "--help"]);
     assert_eq!(code, 0);
     for flag in [
@@ -32,10 +29,7 @@ fn help_and_version() {
         "--log-format",
         "BREAKWATER_LISTEN",
     ] {
-        assert!(
-            serve_help.contains(flag),
-            "{flag} missing from:\n{serve_help}"
-        );
+        assert!(serve_help.contains(flag), "{flag} missing from:\n{serve_help}");
     }
     let (code, version) = run(&["--version"]);
     assert_eq!(code, 0);

@@ -14,10 +14,7 @@ fn a_repeated_message_id_is_acknowledged_and_counted_but_written_once() {
     let (status, first) = post_json(&server, "/v1/track", &track("m-1"));
     assert_eq!((status, first), (200, json!({ "success": true })));
     let (status, second) = post_json(&server, "/v1/track", &track("m-1"));
-    assert_eq!(
-        (status, second),
-        (200, json!({ "success": true, "duplicates": 1 }))
-    );
+    assert_eq!((status, second), (200, json!({ "success": true, "duplicates": 1 })));
     let (status, _) = post_json(
         &server,
         "/v1/batch",
@@ -28,9 +25,7 @@ fn a_repeated_message_id_is_acknowledged_and_counted_but_written_once() {
     assert_eq!(counts.len(), 2);
     assert!(counts.values().all(|n| *n == 1));
     assert_eq!(
-        server.metric(
-            "breakwater_events_total{source=\"default\",transport=\"http\",outcome=\"duplicate\"}"
-        ),
+        server.metric("breakwater_events_total{source=\"default\",transport=\"http\",outcome=\"duplicate\"}"),
         3.0
     );
 }
@@ -70,11 +65,7 @@ fn sources_have_separate_id_spaces() {
 #[test]
 fn dedup_survives_a_restart() {
     let mut server = Server::start();
-    post_json(
-        &server,
-        "/v1/batch",
-        &json!({ "batch": [track("r-1"), track("r-2")] }),
-    );
+    post_json(&server, "/v1/batch", &json!({ "batch": [track("r-1"), track("r-2")] }));
     assert!(server.terminate(Duration::from_secs(10)).success());
     let restarted = server.restart();
     let (status, body) = post_json(

@@ -14,8 +14,7 @@ fn health_endpoints_answer_json() {
     let server = Server::start();
     let (status, live) = status_and_json(client().get(server.url("/health/live")).send().unwrap());
     assert_eq!((status, live["status"].as_str()), (200, Some("live")));
-    let (status, ready) =
-        status_and_json(client().get(server.url("/health/ready")).send().unwrap());
+    let (status, ready) = status_and_json(client().get(server.url("/health/ready")).send().unwrap());
     assert_eq!(status, 200);
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["sinks"]["file"]["healthy"], true);
@@ -36,10 +35,7 @@ fn metrics_cover_requests_events_and_latency() {
         "breakwater_build_info{version=\"",
         "# HELP breakwater_events_total",
     ] {
-        assert!(
-            metrics.contains(expected),
-            "missing `{expected}` in\n{metrics}"
-        );
+        assert!(metrics.contains(expected), "missing `{expected}` in\n{metrics}");
     }
 }
 
@@ -61,9 +57,7 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     }
     std::thread::sleep(Duration::from_millis(200));
     stream.write_all(tail.as_bytes()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -82,7 +76,5 @@ fn a_second_process_cannot_use_the_same_data_directory() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("in use by another breakwater process")
-    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("in use by another breakwater process"));
 }

@@ -24,12 +24,7 @@ fn valid_events_land_and_invalid_ones_are_listed_and_kept() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            (
-                r["index"].as_u64().unwrap(),
-                r["code"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap().to_string()))
         .collect();
     assert_eq!(
         rejected,
@@ -56,9 +51,7 @@ fn valid_events_land_and_invalid_ones_are_listed_and_kept() {
     assert_eq!(records[0]["source"], "default");
     assert_eq!(records[2]["event"], "\"not an object\"");
     assert_eq!(
-        server.metric(
-            "breakwater_events_total{source=\"default\",transport=\"http\",outcome=\"rejected\"}"
-        ),
+        server.metric("breakwater_events_total{source=\"default\",transport=\"http\",outcome=\"rejected\"}"),
         3.0
     );
 }
@@ -85,10 +78,7 @@ fn an_invalid_single_event_is_400_with_its_reason() {
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "invalid_event");
     assert_eq!(body["error"]["event"]["code"], "missing_group_id");
-    assert_eq!(
-        server.rejected_records()[0]["reason"]["code"],
-        "missing_group_id"
-    );
+    assert_eq!(server.rejected_records()[0]["reason"]["code"], "missing_group_id");
 }
 
 #[test]

@@ -72,11 +72,7 @@ fn batch_import_and_short_batch_take_all_six_types() {
             })
             .collect();
         let (status, body) = post_json(&server, path, &json!({ "batch": batch }));
-        assert_eq!(
-            (status, &body),
-            (200, &json!({ "success": true })),
-            "{path}"
-        );
+        assert_eq!((status, &body), (200, &json!({ "success": true })), "{path}");
     }
     let counts = id_counts(&server.sink_events());
     assert_eq!(counts.len(), 18);
@@ -85,10 +81,7 @@ fn batch_import_and_short_batch_take_all_six_types() {
 
 #[test]
 fn browser_style_text_plain_with_body_write_key_is_accepted() {
-    let server = Server::start_with(
-        "[[sources]]\nname = \"browser\"\nwrite_key = \"wk-browser\"\n",
-        &[],
-    );
+    let server = Server::start_with("[[sources]]\nname = \"browser\"\nwrite_key = \"wk-browser\"\n", &[]);
     let mut event = event_for("/v1/t", "browser-1");
     event["writeKey"] = json!("wk-browser");
     let response = client()
@@ -100,10 +93,7 @@ fn browser_style_text_plain_with_body_write_key_is_accepted() {
     assert_eq!(response.status().as_u16(), 200);
     let events = server.sink_events();
     assert_eq!(events[0]["sourceName"], "browser");
-    assert!(
-        events[0].get("writeKey").is_none(),
-        "the key must not reach the sink"
-    );
+    assert!(events[0].get("writeKey").is_none(), "the key must not reach the sink");
 }
 
 #[test]
@@ -142,8 +132,7 @@ fn client_clock_skew_is_corrected_and_fields_are_kept() {
     );
     assert_eq!(status, 200);
     let event = &server.sink_events()[0];
-    let parse =
-        |field: &str| chrono::DateTime::parse_from_rfc3339(event[field].as_str().unwrap()).unwrap();
+    let parse = |field: &str| chrono::DateTime::parse_from_rfc3339(event[field].as_str().unwrap()).unwrap();
     let corrected_lag = parse("receivedAt") - parse("timestamp");
     assert!(
         (corrected_lag.num_milliseconds() - 5000).abs() < 50,

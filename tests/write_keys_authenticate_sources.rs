@@ -35,16 +35,8 @@ fn send(
 
 #[test]
 fn each_key_style_maps_to_its_source() {
-    let server = Server::start_with(
-        CONFIG,
-        &[("BREAKWATER_WRITE_KEYS", "mobile=wk-mobile-secret")],
-    );
-    let basic = send(
-        &server,
-        "basic",
-        |r| r.basic_auth("wk-web-secret", Some("")),
-        None,
-    );
+    let server = Server::start_with(CONFIG, &[("BREAKWATER_WRITE_KEYS", "mobile=wk-mobile-secret")]);
+    let basic = send(&server, "basic", |r| r.basic_auth("wk-web-secret", Some("")), None);
     let header = send(
         &server,
         "header",
@@ -55,8 +47,7 @@ fn each_key_style_maps_to_its_source() {
     assert_eq!([basic.0, header.0, body.0], [200, 200, 200]);
 
     let events = server.sink_events();
-    let source_of =
-        |id: &str| events.iter().find(|e| e["messageId"] == id).unwrap()["sourceName"].clone();
+    let source_of = |id: &str| events.iter().find(|e| e["messageId"] == id).unwrap()["sourceName"].clone();
     assert_eq!(source_of("basic"), "web");
     assert_eq!(source_of("header"), "backend");
     assert_eq!(source_of("body"), "mobile");
@@ -75,10 +66,7 @@ fn missing_and_wrong_keys_get_401_with_a_json_reason() {
         .body(track("wrong").to_string())
         .send()
         .unwrap();
-    assert_eq!(
-        response.headers()["www-authenticate"],
-        "Basic realm=\"breakwater\""
-    );
+    assert_eq!(response.headers()["www-authenticate"], "Basic realm=\"breakwater\"");
     let (status, body) = status_and_json(response);
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "invalid_write_key");
@@ -101,18 +89,8 @@ fn missing_and_wrong_keys_get_401_with_a_json_reason() {
 #[test]
 fn keys_never_appear_in_logs_sinks_or_metrics() {
     let server = Server::start_with(CONFIG, &[("BREAKWATER_LOG", "debug")]);
-    send(
-        &server,
-        "a",
-        |r| r.basic_auth("wk-web-secret", Some("")),
-        None,
-    );
-    send(
-        &server,
-        "b",
-        |r| r.header("x-write-key", "wk-wrong-secret"),
-        None,
-    );
+    send(&server, "a", |r| r.basic_auth("wk-web-secret", Some("")), None);
+    send(&server, "b", |r| r.header("x-write-key", "wk-wrong-secret"), None);
     send(&server, "c", |r| r, Some("wk-backend-secret"));
     let everything = format!(
         "{}{}{}",

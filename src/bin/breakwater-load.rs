@@ -81,15 +81,14 @@ async fn worker(args: Arc<Args>, index: usize, run_id: String, deadline: Instant
         }
     };
     let _ = stream.set_nodelay(true);
-    let (mut sender, connection) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-            Ok(pair) => pair,
-            Err(error) => {
-                eprintln!("connection {index}: {error}");
-                result.errors += 1;
-                return result;
-            }
-        };
+    let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+        Ok(pair) => pair,
+        Err(error) => {
+            eprintln!("connection {index}: {error}");
+            result.errors += 1;
+            return result;
+        }
+    };
     tokio::spawn(connection);
     let authorization = args.write_key.as_ref().map(|key| {
         use base64::Engine;
@@ -201,10 +200,7 @@ async fn main() -> std::process::ExitCode {
         "non_200": total.statuses.iter().map(|(s, n)| (s.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "connection_errors": total.errors,
     });
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&report).expect("report serializes")
-    );
+    println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
     eprintln!(
         "{:.0} events/s acked ({} requests x {} events in {:.1} s, {} connections); latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; non-200: {:?}; connection errors: {}",
         acked_events as f64 / elapsed,

@@ -4,6 +4,8 @@
 //! While a request is in flight its ids are "pending": a concurrent request carrying
 //! one of them waits for the outcome instead of writing a second copy.
 
+pub mod redis;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -275,10 +277,7 @@ mod tests {
     async fn committed_ids_are_duplicates_and_repeats_within_a_request_too() {
         let dedup = dedup();
         let first = dedup.reserve(&keys(&["a", "b", "a"])).await;
-        assert_eq!(
-            first.verdicts(),
-            [Verdict::New, Verdict::New, Verdict::Duplicate]
-        );
+        assert_eq!(first.verdicts(), [Verdict::New, Verdict::New, Verdict::Duplicate]);
         first.commit();
         let second = dedup.reserve(&keys(&["a", "c"])).await;
         assert_eq!(second.verdicts(), [Verdict::Duplicate, Verdict::New]);
@@ -338,11 +337,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let reservation = dedup.reserve(&keys(&order)).await;
                 tokio::task::yield_now().await;
-                let new = reservation
-                    .verdicts()
-                    .iter()
-                    .filter(|v| **v == Verdict::New)
-                    .count();
+                let new = reservation.verdicts().iter().filter(|v| **v == Verdict::New).count();
                 reservation.commit();
                 new
             }));

@@ -80,11 +80,7 @@ pub fn write_key_from_headers(headers: &HeaderMap) -> Option<String> {
             let (scheme, rest) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("basic").then_some(rest.trim())
         })
-        .and_then(|encoded| {
-            base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .ok()
-        })
+        .and_then(|encoded| base64::engine::general_purpose::STANDARD.decode(encoded).ok())
         .and_then(|decoded| String::from_utf8(decoded).ok())
         .map(|user_pass| match user_pass.split_once(':') {
             Some((user, _password)) => user.to_string(),
@@ -126,10 +122,7 @@ mod tests {
 
     #[test]
     fn missing_and_wrong_keys_are_told_apart() {
-        assert!(matches!(
-            keys().authenticate(None),
-            Err(IntakeError::MissingWriteKey)
-        ));
+        assert!(matches!(keys().authenticate(None), Err(IntakeError::MissingWriteKey)));
         assert!(matches!(
             keys().authenticate(Some("")),
             Err(IntakeError::MissingWriteKey)
@@ -150,15 +143,9 @@ mod tests {
     fn basic_user_name_is_the_key_and_wins_over_the_header() {
         let mut headers = HeaderMap::new();
         headers.insert("x-write-key", HeaderValue::from_static("from-header"));
-        assert_eq!(
-            write_key_from_headers(&headers).as_deref(),
-            Some("from-header")
-        );
+        assert_eq!(write_key_from_headers(&headers).as_deref(), Some("from-header"));
         // "abc:" in base64, as Segment SDKs send it.
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Basic YWJjOg=="),
-        );
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic YWJjOg=="));
         assert_eq!(write_key_from_headers(&headers).as_deref(), Some("abc"));
     }
 

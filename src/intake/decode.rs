@@ -27,17 +27,10 @@ pub fn check_content_type(headers: &HeaderMap) -> Result<(), IntakeError> {
         return Ok(());
     };
     let text = value.to_str().unwrap_or("<not ascii>");
-    let essence = text
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     match essence.as_str() {
         "application/json" | "text/plain" | "" => Ok(()),
-        _ => Err(IntakeError::UnsupportedMediaType(truncate_for_message(
-            text,
-        ))),
+        _ => Err(IntakeError::UnsupportedMediaType(truncate_for_message(text))),
     }
 }
 
@@ -54,11 +47,7 @@ pub fn content_encoding(headers: &HeaderMap) -> Result<ContentEncoding, IntakeEr
 }
 
 /// Reads at most `max_bytes` of body within `timeout`.
-pub async fn read_body(
-    body: Body,
-    max_bytes: usize,
-    timeout: Duration,
-) -> Result<Bytes, IntakeError> {
+pub async fn read_body(body: Body, max_bytes: usize, timeout: Duration) -> Result<Bytes, IntakeError> {
     let collect = Limited::new(body, max_bytes).collect();
     match tokio::time::timeout(timeout, collect).await {
         Err(_elapsed) => Err(IntakeError::BodyReadTimeout(timeout.as_millis() as u64)),
@@ -72,11 +61,7 @@ pub async fn read_body(
 
 /// Returns the body as plain JSON bytes, inflating gzip. Inflation reads at most
 /// `max_bytes + 1` bytes, so a gzip bomb costs at most `max_bytes` of memory.
-pub fn decompress(
-    raw: Bytes,
-    encoding: ContentEncoding,
-    max_bytes: usize,
-) -> Result<Bytes, IntakeError> {
+pub fn decompress(raw: Bytes, encoding: ContentEncoding, max_bytes: usize) -> Result<Bytes, IntakeError> {
     match encoding {
         ContentEncoding::Identity => Ok(raw),
         ContentEncoding::Gzip => {
@@ -137,10 +122,7 @@ mod tests {
     fn content_types() {
         let mut headers = HeaderMap::new();
         assert!(check_content_type(&headers).is_ok());
-        headers.insert(
-            header::CONTENT_TYPE,
-            "text/plain;charset=UTF-8".parse().unwrap(),
-        );
+        headers.insert(header::CONTENT_TYPE, "text/plain;charset=UTF-8".parse().unwrap());
         assert!(check_content_type(&headers).is_ok());
         headers.insert(header::CONTENT_TYPE, "application/xml".parse().unwrap());
         assert!(matches!(
@@ -152,10 +134,7 @@ mod tests {
     #[test]
     fn encodings() {
         let mut headers = HeaderMap::new();
-        assert_eq!(
-            content_encoding(&headers).unwrap(),
-            ContentEncoding::Identity
-        );
+        assert_eq!(content_encoding(&headers).unwrap(), ContentEncoding::Identity);
         headers.insert(header::CONTENT_ENCODING, "GZIP".parse().unwrap());
         assert_eq!(content_encoding(&headers).unwrap(), ContentEncoding::Gzip);
         headers.insert(header::CONTENT_ENCODING, "br".parse().unwrap());

@@ -65,6 +65,8 @@ pub enum IntakeError {
     Overloaded,
     #[error("events could not be made durable; retry later")]
     SinkUnavailable,
+    #[error("some of these messageIds are being delivered by another request; retry shortly")]
+    InFlightElsewhere,
     #[error("server is shutting down; retry later")]
     ShuttingDown,
     #[error("no such endpoint")]
@@ -80,15 +82,13 @@ impl IntakeError {
     pub fn status(&self) -> StatusCode {
         use IntakeError::*;
         match self {
-            InvalidJson(_) | InvalidBody(_) | EmptyBatch | InvalidGzip(_) | BodyRead(_)
-            | InvalidEvent(_) | InvalidBatch(_) => StatusCode::BAD_REQUEST,
-            BodyTooLarge { .. } | EventTooLarge { .. } | TooManyEvents { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            InvalidJson(_) | InvalidBody(_) | EmptyBatch | InvalidGzip(_) | BodyRead(_) | InvalidEvent(_)
+            | InvalidBatch(_) => StatusCode::BAD_REQUEST,
+            BodyTooLarge { .. } | EventTooLarge { .. } | TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType(_) | UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             MissingWriteKey | InvalidWriteKey => StatusCode::UNAUTHORIZED,
-            Overloaded | SinkUnavailable | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded | SinkUnavailable | InFlightElsewhere | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -115,6 +115,7 @@ impl IntakeError {
             InvalidBatch(_) => "invalid_batch",
             Overloaded => "overloaded",
             SinkUnavailable => "sink_unavailable",
+            InFlightElsewhere => "in_flight_elsewhere",
             ShuttingDown => "shutting_down",
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
@@ -127,6 +128,7 @@ impl IntakeError {
             self,
             IntakeError::Overloaded
                 | IntakeError::SinkUnavailable
+                | IntakeError::InFlightElsewhere
                 | IntakeError::ShuttingDown
                 | IntakeError::BodyReadTimeout(_)
         )
@@ -169,10 +171,7 @@ impl IntoResponse for IntakeError {
         let mut response = (self.status(), axum::Json(body)).into_response();
         let headers = response.headers_mut();
         if self.status() == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECONDS),
-            );
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
         }
         if self.status() == StatusCode::UNAUTHORIZED {
             headers.insert(

@@ -19,6 +19,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde::Serialize;
 
+use crate::pipeline::PipelineError;
 use crate::server::AppState;
 use crate::telemetry::metric;
 use error::{IntakeError, RejectedEvent};
@@ -86,13 +87,7 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-async fn handle(
-    app: &AppState,
-    route: &'static str,
-    kind: RouteKind,
-    headers: &HeaderMap,
-    body: Body,
-) -> Response {
+async fn handle(app: &AppState, route: &'static str, kind: RouteKind, headers: &HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let response = match accept(app, kind, headers, body).await {
         Ok(accepted) => (StatusCode::OK, Json(accepted)).into_response(),
@@ -108,17 +103,11 @@ async fn handle(
     };
     metrics::counter!(metric::HTTP_REQUESTS, "route" => route, "status" => response.status().as_str().to_owned())
         .increment(1);
-    metrics::histogram!(metric::HTTP_REQUEST_DURATION, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!(metric::HTTP_REQUEST_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
     response
 }
 
-async fn accept(
-    app: &AppState,
-    kind: RouteKind,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Accepted, IntakeError> {
+async fn accept(app: &AppState, kind: RouteKind, headers: &HeaderMap, body: Body) -> Result<Accepted, IntakeError> {
     let _in_flight = app.in_flight.enter()?;
     decode::check_content_type(headers)?;
     let encoding = decode::content_encoding(headers)?;
@@ -188,9 +177,12 @@ async fn accept(
         .pipeline
         .ingest(source.clone(), events)
         .await
-        .map_err(|error| {
-            tracing::warn!(%error, "events not made durable");
-            IntakeError::SinkUnavailable
+        .map_err(|error| match error {
+            PipelineError::InFlightElsewhere(_) => IntakeError::InFlightElsewhere,
+            error => {
+                tracing::warn!(%error, "events not made durable");
+                IntakeError::SinkUnavailable
+            }
         })?;
     count_events(&source, "accepted", ingested.accepted);
     count_events(&source, "duplicate", ingested.duplicates);

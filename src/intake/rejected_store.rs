@@ -98,10 +98,7 @@ impl RejectedStore {
             active.bytes = 0;
             if discarded > 0 {
                 metrics::counter!(metric::REJECTED_STORE_DISCARDED_BYTES).increment(discarded);
-                tracing::warn!(
-                    bytes = discarded,
-                    "rejected store full: discarded its oldest file"
-                );
+                tracing::warn!(bytes = discarded, "rejected store full: discarded its oldest file");
             }
         }
         active.file.write_all(&text)?;

@@ -50,10 +50,20 @@ impl EventType {
 /// Longest `messageId` accepted; longer ids are refused rather than truncated.
 pub const MAX_MESSAGE_ID_CHARS: usize = 256;
 
-/// An event ready for the sinks: its id and its normalized JSON (one line, no newline).
+/// An event ready for the sinks: the fields sinks index or route on, and the whole
+/// normalized event as JSON (one line, no newline), encoded once for every sink.
 #[derive(Debug, Clone)]
 pub struct NormalizedEvent {
     pub message_id: String,
+    pub event_type: EventType,
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    /// The track event's name; empty for other types.
+    pub event_name: String,
+    /// Clock-skew corrected event time, Unix milliseconds.
+    pub timestamp_ms: i64,
+    /// Server receive time, Unix milliseconds.
+    pub received_at_ms: i64,
     pub json: Vec<u8>,
 }
 
@@ -141,26 +151,19 @@ pub fn parse_batch(body: &[u8], limits: &LimitsConfig) -> Result<ParsedRequest, 
     let write_key = match envelope.write_key {
         None | Some(Value::Null) => None,
         Some(Value::String(key)) => Some(key),
-        Some(_) => {
-            return Err(IntakeError::InvalidBody(
-                ": `writeKey` must be a string".into(),
-            ))
-        }
+        Some(_) => return Err(IntakeError::InvalidBody(": `writeKey` must be a string".into())),
     };
     let sent_at = match envelope.sent_at {
         None | Some(Value::Null) => None,
-        Some(value) => Some(parse_timestamp(&value).ok_or_else(|| {
-            IntakeError::InvalidBody(": batch `sentAt` must be an RFC 3339 timestamp".into())
-        })?),
+        Some(value) => Some(
+            parse_timestamp(&value)
+                .ok_or_else(|| IntakeError::InvalidBody(": batch `sentAt` must be an RFC 3339 timestamp".into()))?,
+        ),
     };
     let context = match envelope.context {
         None | Some(Value::Null) => None,
         Some(Value::Object(context)) => Some(context),
-        Some(_) => {
-            return Err(IntakeError::InvalidBody(
-                ": batch `context` must be an object".into(),
-            ))
-        }
+        Some(_) => return Err(IntakeError::InvalidBody(": batch `context` must be an object".into())),
     };
     let events = items
         .into_iter()
@@ -179,10 +182,7 @@ fn parse_batch_item(raw: &RawValue, max_event_bytes: usize) -> Result<Map<String
     if text.len() > max_event_bytes {
         let reason = EventRejection::new(
             "event_too_large",
-            format!(
-                "event is {} bytes; the limit is {max_event_bytes}",
-                text.len()
-            ),
+            format!("event is {} bytes; the limit is {max_event_bytes}", text.len()),
         );
         return Err(refused_text(reason, text));
     }
@@ -196,10 +196,7 @@ fn parse_batch_item(raw: &RawValue, max_event_bytes: usize) -> Result<Map<String
             EventRejection::new("not_an_object", "each batch item must be a JSON object"),
             text,
         )),
-        Err(e) => Err(refused_text(
-            EventRejection::new("invalid_json", e.to_string()),
-            text,
-        )),
+        Err(e) => Err(refused_text(EventRejection::new("invalid_json", e.to_string()), text)),
     }
 }
 
@@ -207,9 +204,7 @@ fn take_write_key(event: &mut Map<String, Value>) -> Result<Option<String>, Inta
     match event.remove("writeKey") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(key)) => Ok(Some(key)),
-        Some(_) => Err(IntakeError::InvalidBody(
-            ": `writeKey` must be a string".into(),
-        )),
+        Some(_) => Err(IntakeError::InvalidBody(": `writeKey` must be a string".into())),
     }
 }
 
@@ -233,14 +228,25 @@ pub struct RequestContext<'a> {
 /// Validates one event and returns it normalized. The output keeps every field the
 /// producer sent and sets: `type`, `messageId` (generated when absent), `receivedAt`,
 /// `timestamp` (clock-skew corrected), `originalTimestamp`, `sentAt`, `sourceName`.
-pub fn normalize(
-    mut event: Map<String, Value>,
-    request: &RequestContext,
-) -> Result<NormalizedEvent, Refused> {
+pub fn normalize(mut event: Map<String, Value>, request: &RequestContext) -> Result<NormalizedEvent, Refused> {
     match normalize_in_place(&mut event, request) {
-        Ok(message_id) => {
+        Ok(fields) => {
             let json = serde_json::to_vec(&event).expect("a JSON map always serializes");
-            Ok(NormalizedEvent { message_id, json })
+            let text = |field: &str| event.get(field).and_then(Value::as_str).map(str::to_string);
+            Ok(NormalizedEvent {
+                message_id: fields.message_id,
+                event_type: fields.event_type,
+                user_id: text("userId"),
+                anonymous_id: text("anonymousId"),
+                event_name: if fields.event_type == EventType::Track {
+                    text("event").unwrap_or_default()
+                } else {
+                    String::new()
+                },
+                timestamp_ms: fields.timestamp.timestamp_millis(),
+                received_at_ms: request.received_at.timestamp_millis(),
+                json,
+            })
         }
         Err(reason) => Err(Refused {
             reason,
@@ -249,10 +255,17 @@ pub fn normalize(
     }
 }
 
+/// What normalization learned that is not just a JSON field lookup away.
+struct NormalizedFields {
+    message_id: String,
+    event_type: EventType,
+    timestamp: DateTime<Utc>,
+}
+
 fn normalize_in_place(
     event: &mut Map<String, Value>,
     request: &RequestContext,
-) -> Result<String, EventRejection> {
+) -> Result<NormalizedFields, EventRejection> {
     let event_type = match request.route_type {
         Some(route_type) => route_type,
         None => match event.get("type") {
@@ -301,9 +314,7 @@ fn normalize_in_place(
 
     let message_id = match event.get("messageId") {
         None | Some(Value::Null) => uuid::Uuid::new_v4().to_string(),
-        Some(Value::String(id)) if !id.is_empty() && id.chars().count() <= MAX_MESSAGE_ID_CHARS => {
-            id.clone()
-        }
+        Some(Value::String(id)) if !id.is_empty() && id.chars().count() <= MAX_MESSAGE_ID_CHARS => id.clone(),
         Some(_) => {
             return Err(EventRejection::new(
                 "invalid_message_id",
@@ -314,10 +325,7 @@ fn normalize_in_place(
     event.insert("messageId".into(), Value::String(message_id.clone()));
 
     for field in ["context", "properties", "traits", "integrations"] {
-        if !matches!(
-            event.get(field),
-            None | Some(Value::Null) | Some(Value::Object(_))
-        ) {
+        if !matches!(event.get(field), None | Some(Value::Null) | Some(Value::Object(_))) {
             return Err(EventRejection::new(
                 "invalid_field",
                 format!("`{field}` must be an object"),
@@ -339,28 +347,20 @@ fn normalize_in_place(
         (Some(original), None) => original,
         (None, _) => received_at,
     };
-    event.insert(
-        "receivedAt".into(),
-        Value::String(format_timestamp(received_at)),
-    );
-    event.insert(
-        "timestamp".into(),
-        Value::String(format_timestamp(corrected)),
-    );
+    event.insert("receivedAt".into(), Value::String(format_timestamp(received_at)));
+    event.insert("timestamp".into(), Value::String(format_timestamp(corrected)));
     if let Some(original) = original {
-        event.insert(
-            "originalTimestamp".into(),
-            Value::String(format_timestamp(original)),
-        );
+        event.insert("originalTimestamp".into(), Value::String(format_timestamp(original)));
     }
     if let Some(sent_at) = sent_at {
         event.insert("sentAt".into(), Value::String(format_timestamp(sent_at)));
     }
-    event.insert(
-        "sourceName".into(),
-        Value::String(request.source.to_string()),
-    );
-    Ok(message_id)
+    event.insert("sourceName".into(), Value::String(request.source.to_string()));
+    Ok(NormalizedFields {
+        message_id,
+        event_type,
+        timestamp: corrected,
+    })
 }
 
 /// `userId`-like fields: a non-empty string, or a number (kept as its string form).
@@ -377,17 +377,9 @@ fn identifier(event: &Map<String, Value>, field: &str) -> Result<Option<String>,
     }
 }
 
-fn require_identifier(
-    event: &mut Map<String, Value>,
-    field: &str,
-    code: &'static str,
-) -> Result<(), EventRejection> {
-    let value = identifier(event, field)?.ok_or_else(|| {
-        EventRejection::new(
-            code,
-            format!("{} event needs `{field}`", event_type_name(event)),
-        )
-    })?;
+fn require_identifier(event: &mut Map<String, Value>, field: &str, code: &'static str) -> Result<(), EventRejection> {
+    let value = identifier(event, field)?
+        .ok_or_else(|| EventRejection::new(code, format!("{} event needs `{field}`", event_type_name(event))))?;
     event.insert(field.into(), Value::String(value));
     Ok(())
 }
@@ -398,9 +390,7 @@ fn event_type_name(event: &Map<String, Value>) -> &str {
 
 /// Batch-level context fills in keys the event's own context lacks.
 fn merge_context(event: &mut Map<String, Value>, batch_context: &Map<String, Value>) {
-    let context = event
-        .entry("context")
-        .or_insert_with(|| Value::Object(Map::new()));
+    let context = event.entry("context").or_insert_with(|| Value::Object(Map::new()));
     if context.is_null() {
         *context = Value::Object(Map::new());
     }
@@ -411,10 +401,7 @@ fn merge_context(event: &mut Map<String, Value>, batch_context: &Map<String, Val
     }
 }
 
-fn optional_timestamp(
-    event: &Map<String, Value>,
-    field: &str,
-) -> Result<Option<DateTime<Utc>>, EventRejection> {
+fn optional_timestamp(event: &Map<String, Value>, field: &str) -> Result<Option<DateTime<Utc>>, EventRejection> {
     match event.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(value) => parse_timestamp(value).map(Some).ok_or_else(|| {
@@ -428,9 +415,7 @@ fn optional_timestamp(
 
 fn parse_timestamp(value: &Value) -> Option<DateTime<Utc>> {
     let text = value.as_str()?;
-    DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc))
 }
 
 /// RFC 3339 in UTC with milliseconds, as Segment writes them.
@@ -511,11 +496,7 @@ mod tests {
 
     #[test]
     fn message_id_is_kept_or_generated() {
-        let kept = normalized(
-            json!({"userId":"u","messageId":"m-1"}),
-            &request(Some(EventType::Page)),
-        )
-        .unwrap();
+        let kept = normalized(json!({"userId":"u","messageId":"m-1"}), &request(Some(EventType::Page))).unwrap();
         assert_eq!(kept["messageId"], "m-1");
         let generated = normalized(json!({"userId":"u"}), &request(Some(EventType::Page))).unwrap();
         assert_eq!(generated["messageId"].as_str().unwrap().len(), 36);
@@ -523,11 +504,7 @@ mod tests {
 
     #[test]
     fn route_type_wins_and_source_is_recorded() {
-        let event = normalized(
-            json!({"type":"track","userId":"u"}),
-            &request(Some(EventType::Screen)),
-        )
-        .unwrap();
+        let event = normalized(json!({"type":"track","userId":"u"}), &request(Some(EventType::Screen))).unwrap();
         assert_eq!(event["type"], "screen");
         assert_eq!(event["sourceName"], "web");
     }
@@ -541,31 +518,15 @@ mod tests {
     #[test]
     fn each_rule_has_its_own_code() {
         let cases = [
-            (
-                json!({"event":"e"}),
-                Some(EventType::Track),
-                "missing_identity",
-            ),
-            (
-                json!({"userId":"u"}),
-                Some(EventType::Track),
-                "missing_event",
-            ),
+            (json!({"event":"e"}), Some(EventType::Track), "missing_identity"),
+            (json!({"userId":"u"}), Some(EventType::Track), "missing_event"),
             (
                 json!({"userId":"u","event":""}),
                 Some(EventType::Track),
                 "missing_event",
             ),
-            (
-                json!({"userId":"u"}),
-                Some(EventType::Group),
-                "missing_group_id",
-            ),
-            (
-                json!({"userId":"u"}),
-                Some(EventType::Alias),
-                "missing_previous_id",
-            ),
+            (json!({"userId":"u"}), Some(EventType::Group), "missing_group_id"),
+            (json!({"userId":"u"}), Some(EventType::Alias), "missing_previous_id"),
             (json!({"userId":"u"}), None, "missing_type"),
             (json!({"userId":"u","type":"click"}), None, "invalid_type"),
             (
@@ -578,11 +539,7 @@ mod tests {
                 Some(EventType::Page),
                 "invalid_timestamp",
             ),
-            (
-                json!({"userId":{"a":1}}),
-                Some(EventType::Page),
-                "invalid_field",
-            ),
+            (json!({"userId":{"a":1}}), Some(EventType::Page), "invalid_field"),
             (
                 json!({"userId":"u","properties":[1]}),
                 Some(EventType::Page),
@@ -619,14 +576,8 @@ mod tests {
         let parsed = parse_batch(body, &limits).unwrap();
         assert_eq!(parsed.write_key.as_deref(), Some("k"));
         assert!(parsed.events[0].is_ok());
-        assert_eq!(
-            parsed.events[1].as_ref().unwrap_err().reason.code,
-            "not_an_object"
-        );
-        assert_eq!(
-            parsed.events[2].as_ref().unwrap_err().reason.code,
-            "event_too_large"
-        );
+        assert_eq!(parsed.events[1].as_ref().unwrap_err().reason.code, "not_an_object");
+        assert_eq!(parsed.events[2].as_ref().unwrap_err().reason.code, "event_too_large");
     }
 
     #[test]
@@ -647,14 +598,8 @@ mod tests {
             parse_batch(b"{\"batch\":", &limits),
             Err(IntakeError::InvalidJson(_))
         ));
-        assert!(matches!(
-            parse_batch(b"[1]", &limits),
-            Err(IntakeError::InvalidBody(_))
-        ));
-        assert!(matches!(
-            parse_batch(b"{}", &limits),
-            Err(IntakeError::InvalidBody(_))
-        ));
+        assert!(matches!(parse_batch(b"[1]", &limits), Err(IntakeError::InvalidBody(_))));
+        assert!(matches!(parse_batch(b"{}", &limits), Err(IntakeError::InvalidBody(_))));
     }
 
     #[test]

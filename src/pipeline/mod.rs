@@ -1,16 +1,16 @@
-//! From validated events to durable ones: dedup reservation, one batch per request
-//! to every sink, then the dedup commit. Calls `dedup` and `sinks`; knows nothing of
-//! HTTP. Work runs on its own task, so a client hanging up mid-request cannot
-//! interrupt a write between "durable" and "marked seen".
+//! From validated events to durable ones: dedup (in-process, then Redis when
+//! configured), one batch per request to every sink at once, then the dedup commit.
+//! Calls `dedup` and `sinks`; knows nothing of HTTP. Work runs on its own task, so a
+//! client hanging up mid-request cannot interrupt it between "durable" and "seen".
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
 use futures_util::future::join_all;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::dedup::redis::{ClaimOutcome, RedisDedup, RedisDedupError};
 use crate::dedup::{DedupKey, LocalDedup, Verdict};
 use crate::intake::segment::NormalizedEvent;
 use crate::sinks::{NamedSink, SinkBatch, SinkError};
@@ -19,7 +19,7 @@ use crate::telemetry::metric;
 /// What became of a request's events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ingested {
-    /// Written to every sink.
+    /// Delivered to every sink.
     pub accepted: usize,
     /// Already seen (or repeated in the request): acknowledged, not written again.
     pub duplicates: usize,
@@ -29,20 +29,28 @@ pub struct Ingested {
 pub enum PipelineError {
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    InFlightElsewhere(RedisDedupError),
     #[error("pipeline task failed: {0}")]
     TaskFailed(String),
 }
 
+/// Dedup stages shared by every request.
+struct Dedup {
+    local: Arc<LocalDedup>,
+    shared: Option<Arc<RedisDedup>>,
+}
+
 pub struct Pipeline {
-    dedup: Arc<LocalDedup>,
+    dedup: Arc<Dedup>,
     sinks: Vec<NamedSink>,
     tasks: TaskTracker,
 }
 
 impl Pipeline {
-    pub fn new(dedup: Arc<LocalDedup>, sinks: Vec<NamedSink>) -> Self {
+    pub fn new(local: Arc<LocalDedup>, shared: Option<Arc<RedisDedup>>, sinks: Vec<NamedSink>) -> Self {
         Self {
-            dedup,
+            dedup: Arc::new(Dedup { local, shared }),
             sinks,
             tasks: TaskTracker::new(),
         }
@@ -53,80 +61,119 @@ impl Pipeline {
     }
 
     /// Makes the events durable in every sink, or fails leaving nothing marked seen.
-    pub async fn ingest(
-        &self,
-        source: Arc<str>,
-        events: Vec<NormalizedEvent>,
-    ) -> Result<Ingested, PipelineError> {
+    pub async fn ingest(&self, source: Arc<str>, events: Vec<NormalizedEvent>) -> Result<Ingested, PipelineError> {
         let dedup = self.dedup.clone();
         let sinks = self.sinks.clone();
         let task = self
             .tasks
-            .spawn(async move { ingest_to_completion(&dedup, &sinks, &source, events).await });
-        task.await
-            .map_err(|e| PipelineError::TaskFailed(e.to_string()))?
+            .spawn(async move { ingest_to_completion(&dedup, &sinks, source, events).await });
+        task.await.map_err(|e| PipelineError::TaskFailed(e.to_string()))?
     }
 
     /// Waits (up to `timeout`) for requests already handed to the pipeline.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.tasks.close();
-        tokio::time::timeout(timeout, self.tasks.wait())
-            .await
-            .is_ok()
+        tokio::time::timeout(timeout, self.tasks.wait()).await.is_ok()
     }
 }
 
 async fn ingest_to_completion(
-    dedup: &Arc<LocalDedup>,
+    dedup: &Dedup,
     sinks: &[NamedSink],
-    source: &str,
+    source: Arc<str>,
     events: Vec<NormalizedEvent>,
 ) -> Result<Ingested, PipelineError> {
+    let total = events.len();
     let keys: Vec<DedupKey> = events
         .iter()
-        .map(|event| DedupKey::new(source, &event.message_id))
+        .map(|event| DedupKey::new(&source, &event.message_id))
         .collect();
-    let reservation = dedup.reserve(&keys).await;
-    let new_bytes: usize = events
-        .iter()
-        .zip(reservation.verdicts())
-        .filter(|(_, verdict)| **verdict == Verdict::New)
-        .map(|(event, _)| event.json.len() + 1)
-        .sum();
-    let mut payload = BytesMut::with_capacity(new_bytes);
-    let mut accepted = 0;
-    for (event, verdict) in events.iter().zip(reservation.verdicts()) {
-        if *verdict == Verdict::New {
-            payload.put_slice(&event.json);
-            payload.put_u8(b'\n');
-            accepted += 1;
-        }
-    }
-    if accepted > 0 {
-        let batch = Arc::new(SinkBatch {
-            events: accepted,
-            payload: payload.freeze(),
-        });
-        let deliveries = sinks
-            .iter()
-            .map(|sink| sink.service.clone().oneshot(batch.clone()));
-        for (sink, result) in sinks.iter().zip(join_all(deliveries).await) {
-            match result {
-                Ok(()) => {
-                    metrics::counter!(metric::SINK_EVENTS_SENT, "sink" => sink.name)
-                        .increment(accepted as u64);
+    // In-process first: repeats within this instance never reach Redis.
+    let reservation = dedup.local.reserve(&keys).await;
+    let mut is_new: Vec<bool> = reservation.verdicts().iter().map(|v| *v == Verdict::New).collect();
+
+    let mut claim = None;
+    if let Some(shared) = &dedup.shared {
+        let candidates: Vec<usize> = (0..total).filter(|i| is_new[*i]).collect();
+        if !candidates.is_empty() {
+            let ids: Vec<&str> = candidates.iter().map(|i| events[*i].message_id.as_str()).collect();
+            match shared.claim(&source, &ids).await {
+                Ok((outcomes, claimed)) => {
+                    for (index, outcome) in candidates.iter().zip(outcomes) {
+                        if outcome == ClaimOutcome::Seen {
+                            is_new[*index] = false;
+                        }
+                    }
+                    claim = Some(claimed);
                 }
-                Err(error) => {
-                    // The reservation is dropped uncommitted: the client's retry is free.
-                    tracing::warn!(sink = sink.name, %error, events = accepted, "delivery failed");
-                    return Err(error.into());
+                Err(error @ RedisDedupError::HeldElsewhere(_)) => return Err(PipelineError::InFlightElsewhere(error)),
+                Err(error @ RedisDedupError::Unavailable(_)) => {
+                    // Availability first: deliver with in-process dedup only. A repeat
+                    // that another instance already delivered may be written again;
+                    // ClickHouse collapses it (ReplacingMergeTree on messageId).
+                    metrics::counter!(metric::DEDUP_FAIL_OPEN).increment(1);
+                    tracing::warn!(%error, "shared dedup unavailable: delivering with local dedup only");
                 }
             }
+        }
+    }
+
+    let new_events: Vec<NormalizedEvent> = events
+        .into_iter()
+        .zip(&is_new)
+        .filter_map(|(event, new)| new.then_some(event))
+        .collect();
+    let accepted = new_events.len();
+    if accepted > 0 {
+        let batch = Arc::new(SinkBatch {
+            source: source.clone(),
+            events: new_events,
+        });
+        if let Err(error) = deliver_everywhere(sinks, batch).await {
+            // Nothing is committed: the reservation drops, the claims are released,
+            // and the client's retry is free to succeed.
+            if let (Some(shared), Some(claim)) = (&dedup.shared, &claim) {
+                shared.release(claim).await;
+            }
+            return Err(error.into());
+        }
+    }
+    if let (Some(shared), Some(claim)) = (&dedup.shared, claim) {
+        if let Err(error) = shared.commit(claim).await {
+            // The events are durable; only the shared memory of them is missing. Their
+            // claims expire after pending_ttl_ms, after which a repeat is delivered again.
+            tracing::warn!(%error, "delivered, but could not mark ids seen in redis");
         }
     }
     reservation.commit();
     Ok(Ingested {
         accepted,
-        duplicates: events.len() - accepted,
+        duplicates: total - accepted,
     })
+}
+
+/// Sends the batch to every sink at once; succeeds only if all of them did.
+async fn deliver_everywhere(sinks: &[NamedSink], batch: Arc<SinkBatch>) -> Result<(), SinkError> {
+    let events = batch.events.len() as u64;
+    let deliveries = sinks.iter().map(|sink| {
+        let batch = batch.clone();
+        async move {
+            let started = Instant::now();
+            let result = sink.service.clone().oneshot(batch).await;
+            metrics::histogram!(metric::SINK_DELIVERY_DURATION, "sink" => sink.name)
+                .record(started.elapsed().as_secs_f64());
+            result
+        }
+    });
+    let mut first_error = None;
+    for (sink, result) in sinks.iter().zip(join_all(deliveries).await) {
+        match result {
+            Ok(()) => metrics::counter!(metric::SINK_EVENTS_SENT, "sink" => sink.name).increment(events),
+            Err(error) => {
+                tracing::warn!(sink = sink.name, %error, events, "delivery failed");
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }

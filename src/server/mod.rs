@@ -17,13 +17,16 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError, LimitsConfig, WRITE_KEYS_ENV};
+use crate::dedup::redis::RedisDedup;
 use crate::dedup::{DedupKey, LocalDedup};
 use crate::intake::auth::WriteKeys;
 use crate::intake::error::IntakeError;
 use crate::intake::rejected_store::RejectedStore;
 use crate::pipeline::Pipeline;
+use crate::sinks::clickhouse::{self, ClickHouseSink};
 use crate::sinks::file::{self, FileSink};
-use crate::sinks::{NamedSink, SinkService};
+use crate::sinks::kafka::{self, KafkaSink};
+use crate::sinks::{DependencyHealth, NamedSink, SinkService};
 use crate::telemetry::{self, metric};
 
 /// Everything handlers share, built once at start-up.
@@ -32,6 +35,8 @@ pub struct AppState {
     pub body_read_timeout: Duration,
     pub write_keys: WriteKeys,
     pub pipeline: Pipeline,
+    /// Present when dedup is shared through Redis.
+    pub redis_health: Option<Arc<DependencyHealth>>,
     pub rejected_store: Arc<RejectedStore>,
     pub in_flight: InFlightLimit,
     pub metrics: PrometheusHandle,
@@ -96,19 +101,15 @@ pub enum StartupError {
     )]
     OpenOnNonLoopback(SocketAddr),
     #[error("cannot use data directory {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    DataDir { path: PathBuf, source: std::io::Error },
     #[error("data directory {0} is in use by another breakwater process (lock file held); give each instance its own --data-dir")]
     DataDirLocked(PathBuf),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot set up metrics: {0}")]
     Metrics(String),
+    #[error("{0}")]
+    Backend(String),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -130,40 +131,68 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     let metrics = telemetry::install_metrics().map_err(StartupError::Metrics)?;
 
     let window = Duration::from_secs(config.dedup.window_seconds);
-    let dedup = Arc::new(LocalDedup::new(window, config.dedup.max_entries));
-    let (file_sink, file_writer) = FileSink::open(
-        &data_dir.join("events"),
-        &config.file_sink,
-        window,
-        |event| {
+    let local_entries = match &config.redis {
+        Some(redis) => redis.local_cache_entries,
+        None => config.dedup.max_entries,
+    };
+    let dedup = Arc::new(LocalDedup::new(window, local_entries));
+    let mut sinks = Vec::new();
+    let mut background = Vec::new();
+    if config.file_sink_enabled() {
+        let (file_sink, writer) = FileSink::open(&data_dir.join("events"), &config.file_sink, window, |event| {
             dedup.restore(
                 DedupKey::new(event.source, event.message_id),
                 event.received_at_unix_seconds,
             )
-        },
-    )
-    .map_err(data_dir_error)?;
-    metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
-    let file_sink = NamedSink {
-        name: file::SINK_NAME,
-        health: file_sink.health(),
-        service: SinkService::new(file_sink),
+        })
+        .map_err(data_dir_error)?;
+        background.push(writer);
+        sinks.push(NamedSink {
+            name: file::SINK_NAME,
+            health: file_sink.health(),
+            service: SinkService::new(file_sink),
+        });
+    }
+    if let Some(clickhouse) = &config.clickhouse {
+        let (sink, batcher) = ClickHouseSink::start(clickhouse)?;
+        background.push(batcher);
+        sinks.push(NamedSink {
+            name: clickhouse::SINK_NAME,
+            health: sink.health(),
+            service: SinkService::new(sink),
+        });
+    }
+    if let Some(kafka) = &config.kafka {
+        let sink = KafkaSink::start(kafka).map_err(StartupError::Backend)?;
+        sinks.push(NamedSink {
+            name: kafka::SINK_NAME,
+            health: sink.health(),
+            service: SinkService::new(sink),
+        });
+    }
+    let shared_dedup = match &config.redis {
+        Some(redis) => Some(Arc::new(RedisDedup::connect(redis).map_err(StartupError::Backend)?)),
+        None => None,
     };
+    metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
+    tracing::info!(
+        sinks = sinks.iter().map(|s| s.name).collect::<Vec<_>>().join(","),
+        shared_dedup = shared_dedup.is_some(),
+        "pipeline built"
+    );
     let rejected_store =
-        RejectedStore::open(&data_dir.join("rejected"), config.rejected_store.max_bytes)
-            .map_err(data_dir_error)?;
+        RejectedStore::open(&data_dir.join("rejected"), config.rejected_store.max_bytes).map_err(data_dir_error)?;
 
     let write_keys = WriteKeys::new(&sources);
     if write_keys.is_open() {
-        tracing::warn!(
-            "no write keys configured: accepting unauthenticated events (loopback only)"
-        );
+        tracing::warn!("no write keys configured: accepting unauthenticated events (loopback only)");
     }
     let state = Arc::new(AppState {
         limits: config.limits.clone(),
         body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
         write_keys,
-        pipeline: Pipeline::new(dedup, vec![file_sink]),
+        redis_health: shared_dedup.as_ref().map(|redis| redis.health()),
+        pipeline: Pipeline::new(dedup, shared_dedup, sinks),
         rejected_store: Arc::new(rejected_store),
         in_flight: InFlightLimit::new(config.server.max_in_flight_requests),
         metrics,
@@ -172,10 +201,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|source| StartupError::Bind {
-            addr: listen,
-            source,
-        })?;
+        .map_err(|source| StartupError::Bind { addr: listen, source })?;
     let bound = listener.local_addr().map_err(StartupError::Serve)?;
     tracing::info!(
         addr = %bound,
@@ -218,15 +244,12 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     if !state.pipeline.drain(shutdown_timeout).await {
         tracing::warn!("shutdown timeout: some deliveries did not finish (their requests were not acknowledged)");
     }
-    // Every acknowledged batch is already fsynced; joining the writer just lets it
-    // finish its last group cleanly.
+    // Every acknowledged batch is already durable; waiting for the batchers just lets
+    // them finish cleanly once the last handle is gone.
     drop(state);
-    let joined = tokio::task::spawn_blocking(move || file_writer.join());
-    if tokio::time::timeout(Duration::from_secs(5), joined)
-        .await
-        .is_err()
-    {
-        tracing::warn!("file sink writer still busy at exit");
+    let finished = futures_util::future::join_all(background);
+    if tokio::time::timeout(Duration::from_secs(5), finished).await.is_err() {
+        tracing::warn!("sink batchers still busy at exit");
     }
     tracing::info!("breakwater stopped");
     Ok(())
@@ -257,9 +280,7 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartupErr
         })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            Err(StartupError::DataDirLocked(data_dir.to_path_buf()))
-        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartupError::DataDirLocked(data_dir.to_path_buf())),
         Err(std::fs::TryLockError::Error(source)) => Err(StartupError::DataDir { path, source }),
     }
 }
@@ -268,9 +289,7 @@ async fn wait_for_stop_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(signal) => signal,
             Err(error) => {
                 tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");

@@ -37,6 +37,14 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
             json!({ "healthy": healthy, "lastError": sink.health.last_error() }),
         );
     }
+    let mut dependencies = Map::new();
+    if let Some(redis) = &app.redis_health {
+        // Dedup fails open when Redis is down, so Redis does not decide readiness.
+        dependencies.insert(
+            "redis".into(),
+            json!({ "healthy": redis.is_healthy(), "lastError": redis.last_error() }),
+        );
+    }
     let status = if ready {
         StatusCode::OK
     } else {
@@ -46,6 +54,7 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
         "status": if ready { "ready" } else { "not_ready" },
         "shuttingDown": app.shutting_down.load(Ordering::Relaxed),
         "sinks": sinks,
+        "dependencies": dependencies,
         "inFlightRequests": app.in_flight.current(),
         "maxInFlightRequests": app.in_flight.max(),
     });
@@ -54,10 +63,7 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         app.metrics.render(),
     )
         .into_response()

@@ -1,5 +1,6 @@
-//! The file sink: rotating NDJSON files under `<data_dir>/events/`, written by one
-//! thread that group-commits (many waiting requests share one `fdatasync`).
+//! The file sink: rotating NDJSON files under `<data_dir>/events/`, one normalized
+//! event per line, group-committed through the `Batcher` (many waiting requests
+//! share one `fdatasync`). File I/O runs on the blocking pool, never on the runtime.
 //!
 //! Invariants: a request is answered `Ok` only after its bytes are fsynced; a file
 //! is never appended to after rotation or restart (every file but the newest is
@@ -8,48 +9,28 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot};
 
-use super::{SinkBatch, SinkError, SinkHealth};
+use super::batcher::{BatchLimits, Batcher};
+use super::{DependencyHealth, SinkBatch, SinkError};
 use crate::config::FileSinkConfig;
 use crate::telemetry::metric;
 
 pub const SINK_NAME: &str = "file";
 const FILE_PREFIX: &str = "events-";
 const FILE_SUFFIX: &str = ".ndjson";
-/// Requests queued for the writer thread; senders wait when it is full.
-const QUEUE_REQUESTS: usize = 4096;
 
-struct WriteRequest {
-    batch: Arc<SinkBatch>,
-    done: oneshot::Sender<Result<(), SinkError>>,
-}
-
-/// Handle to the file sink; cheap to clone. The writer thread stops when the last
-/// handle is dropped, after answering everything it was sent.
+/// Handle to the file sink; cheap to clone. Writing stops when the last handle is
+/// dropped, after everything queued was answered.
 #[derive(Clone)]
 pub struct FileSink {
-    queue: mpsc::Sender<WriteRequest>,
-    health: Arc<SinkHealth>,
-}
-
-/// The writer thread; `join` waits for it to finish after all handles are gone.
-pub struct FileSinkWriter {
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl FileSinkWriter {
-    pub fn join(self) {
-        if self.thread.join().is_err() {
-            tracing::error!("file sink writer thread panicked");
-        }
-    }
+    batcher: Batcher,
+    health: Arc<DependencyHealth>,
 }
 
 /// An event found in the sink's files at start-up.
@@ -62,22 +43,20 @@ pub struct RecoveredEvent<'a> {
 impl FileSink {
     /// Repairs the files in `dir`, reports the events of those modified within
     /// `recover_window` to `recovered` (so dedup survives restarts), opens a fresh
-    /// file and starts the writer thread.
+    /// file and starts the batcher. Returns the batcher task to await at shutdown.
     pub fn open(
         dir: &Path,
         config: &FileSinkConfig,
         recover_window: Duration,
         mut recovered: impl FnMut(RecoveredEvent<'_>),
-    ) -> std::io::Result<(FileSink, FileSinkWriter)> {
+    ) -> std::io::Result<(FileSink, tokio::task::JoinHandle<()>)> {
         std::fs::create_dir_all(dir)?;
         let files = list_files(dir)?;
         let mut recovered_count = 0u64;
         for (_, path) in &files {
             repair_torn_tail(path)?;
             let modified = std::fs::metadata(path)?.modified()?;
-            let age = SystemTime::now()
-                .duration_since(modified)
-                .unwrap_or_default();
+            let age = SystemTime::now().duration_since(modified).unwrap_or_default();
             if age <= recover_window {
                 recovered_count += scan_events(path, &mut recovered)?;
             }
@@ -91,35 +70,55 @@ impl FileSink {
             active = %active.path.display(),
             "file sink opened"
         );
-        let (queue, receiver) = mpsc::channel(QUEUE_REQUESTS);
-        let health = Arc::new(SinkHealth::default());
-        let writer = Writer {
+        let health = Arc::new(DependencyHealth::default());
+        let writer = Arc::new(Mutex::new(Writer {
             dir: dir.to_path_buf(),
             active,
             max_file_bytes: config.max_file_bytes,
-            max_group_commit_bytes: config.max_group_commit_bytes,
-            health: health.clone(),
+        }));
+        let limits = BatchLimits {
+            max_events: usize::MAX,
+            max_bytes: config.max_group_commit_bytes,
+            linger: Duration::ZERO,
         };
-        let thread = std::thread::Builder::new()
-            .name("file-sink-writer".into())
-            .spawn(move || writer.run(receiver))?;
-        Ok((FileSink { queue, health }, FileSinkWriter { thread }))
+        let flush_health = health.clone();
+        let (batcher, task) = Batcher::start(SINK_NAME, limits, move |group| {
+            let writer = writer.clone();
+            let health = flush_health.clone();
+            async move {
+                let requests = group.len();
+                let result = tokio::task::spawn_blocking(move || {
+                    writer.lock().unwrap_or_else(|p| p.into_inner()).commit(&group)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(SinkError::Io {
+                        sink: SINK_NAME,
+                        message: format!("writer task failed: {e}"),
+                    })
+                });
+                match &result {
+                    Ok(()) => health.record_success(SINK_NAME),
+                    Err(error) => {
+                        tracing::error!(%error, requests, "file sink commit failed");
+                        metrics::counter!(metric::SINK_ERRORS, "sink" => SINK_NAME, "kind" => error.kind())
+                            .increment(1);
+                        health.record_failure(error);
+                    }
+                }
+                result
+            }
+        });
+        Ok((FileSink { batcher, health }, task))
     }
 
-    pub fn health(&self) -> Arc<SinkHealth> {
+    pub fn health(&self) -> Arc<DependencyHealth> {
         self.health.clone()
     }
 
     /// Writes the batch and resolves once it is fsynced.
     pub async fn write(&self, batch: Arc<SinkBatch>) -> Result<(), SinkError> {
-        let (done, answer) = oneshot::channel();
-        self.queue
-            .send(WriteRequest { batch, done })
-            .await
-            .map_err(|_| SinkError::Stopped { sink: SINK_NAME })?;
-        answer
-            .await
-            .map_err(|_| SinkError::Stopped { sink: SINK_NAME })?
+        self.batcher.submit(batch).await
     }
 }
 
@@ -129,7 +128,7 @@ impl tower::Service<Arc<SinkBatch>> for FileSink {
     type Future = BoxFuture<'static, Result<(), SinkError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SinkError>> {
-        // Back-pressure is the bounded queue, awaited inside `call`.
+        // Back-pressure is the batcher's bounded queue, awaited inside `call`.
         Poll::Ready(Ok(()))
     }
 
@@ -149,10 +148,7 @@ struct ActiveFile {
 impl ActiveFile {
     fn create(dir: &Path, sequence: u64) -> std::io::Result<ActiveFile> {
         let path = dir.join(format!("{FILE_PREFIX}{sequence:08}{FILE_SUFFIX}"));
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)?;
+        let file = OpenOptions::new().append(true).create_new(true).open(&path)?;
         // The new name must survive a crash too.
         File::open(dir)?.sync_all()?;
         Ok(ActiveFile {
@@ -168,60 +164,35 @@ struct Writer {
     dir: PathBuf,
     active: ActiveFile,
     max_file_bytes: u64,
-    max_group_commit_bytes: usize,
-    health: Arc<SinkHealth>,
 }
 
 impl Writer {
-    fn run(mut self, mut receiver: mpsc::Receiver<WriteRequest>) {
-        while let Some(first) = receiver.blocking_recv() {
-            let mut group_bytes = first.batch.payload.len();
-            let mut group = vec![first];
-            while group_bytes < self.max_group_commit_bytes {
-                match receiver.try_recv() {
-                    Ok(request) => {
-                        group_bytes += request.batch.payload.len();
-                        group.push(request);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let result = self.commit(&group, group_bytes as u64);
-            match &result {
-                Ok(()) => self.health.record_success(),
-                Err(error) => {
-                    tracing::error!(%error, requests = group.len(), "file sink commit failed");
-                    metrics::counter!(metric::SINK_ERRORS, "sink" => SINK_NAME, "kind" => error.kind()).increment(1);
-                    self.health.record_failure(error);
-                }
-            }
-            for request in group {
-                // The requester may have gone; its events are durable all the same.
-                let _ = request.done.send(result.clone());
-            }
-        }
-        tracing::info!(active = %self.active.path.display(), "file sink writer stopped");
-    }
-
-    /// Appends every batch of the group, then one fdatasync. On failure the file is
-    /// cut back to where the group started, so no unacknowledged half-write stays.
-    fn commit(&mut self, group: &[WriteRequest], group_bytes: u64) -> Result<(), SinkError> {
+    /// Appends every batch of the group as NDJSON, then one fdatasync. On failure
+    /// the file is cut back to where the group started, so no unacknowledged
+    /// half-write stays.
+    fn commit(&mut self, group: &[Arc<SinkBatch>]) -> Result<(), SinkError> {
         let io_error = |e: std::io::Error| SinkError::Io {
             sink: SINK_NAME,
             message: e.to_string(),
         };
-        if self.active.bytes > 0 && self.active.bytes + group_bytes > self.max_file_bytes {
-            self.active =
-                ActiveFile::create(&self.dir, self.active.sequence + 1).map_err(io_error)?;
+        let size: usize = group.iter().map(|b| b.json_bytes() + b.events.len()).sum();
+        let mut payload = Vec::with_capacity(size);
+        for event in group.iter().flat_map(|b| &b.events) {
+            payload.extend_from_slice(&event.json);
+            payload.push(b'\n');
+        }
+        if self.active.bytes > 0 && self.active.bytes + payload.len() as u64 > self.max_file_bytes {
+            self.active = ActiveFile::create(&self.dir, self.active.sequence + 1).map_err(io_error)?;
             metrics::counter!(metric::FILE_SINK_ROTATIONS).increment(1);
             tracing::info!(active = %self.active.path.display(), "file sink rotated");
         }
         let started_at = self.active.bytes;
-        let written = group
-            .iter()
-            .try_for_each(|request| self.active.file.write_all(&request.batch.payload));
-        let synced_in = Instant::now();
-        let result = written.and_then(|()| self.active.file.sync_data());
+        let sync_started = Instant::now();
+        let result = self
+            .active
+            .file
+            .write_all(&payload)
+            .and_then(|()| self.active.file.sync_data());
         if let Err(error) = result {
             // Best effort: if even this fails, start-up repair still cuts a torn tail,
             // and dedup makes the client's retry of whole lines harmless.
@@ -229,11 +200,10 @@ impl Writer {
             let _ = self.active.file.seek(SeekFrom::End(0));
             return Err(io_error(error));
         }
-        metrics::histogram!(metric::FILE_SINK_FSYNC_DURATION)
-            .record(synced_in.elapsed().as_secs_f64());
+        metrics::histogram!(metric::FILE_SINK_FSYNC_DURATION).record(sync_started.elapsed().as_secs_f64());
         metrics::histogram!(metric::FILE_SINK_REQUESTS_PER_FSYNC).record(group.len() as f64);
-        metrics::counter!(metric::FILE_SINK_BYTES).increment(group_bytes);
-        self.active.bytes += group_bytes;
+        metrics::counter!(metric::FILE_SINK_BYTES).increment(payload.len() as u64);
+        self.active.bytes += payload.len() as u64;
         Ok(())
     }
 }
@@ -302,10 +272,7 @@ struct RecordedIds<'a> {
     received_at: std::borrow::Cow<'a, str>,
 }
 
-fn scan_events(
-    path: &Path,
-    recovered: &mut impl FnMut(RecoveredEvent<'_>),
-) -> std::io::Result<u64> {
+fn scan_events(path: &Path, recovered: &mut impl FnMut(RecoveredEvent<'_>)) -> std::io::Result<u64> {
     let mut reader = BufReader::new(File::open(path)?);
     let mut line = Vec::new();
     let mut count = 0;
@@ -338,17 +305,25 @@ fn scan_events(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use crate::intake::segment::{EventType, NormalizedEvent};
 
     fn batch(lines: &[&str]) -> Arc<SinkBatch> {
-        let mut payload = String::new();
-        for line in lines {
-            payload.push_str(line);
-            payload.push('\n');
-        }
+        let events = lines
+            .iter()
+            .map(|line| NormalizedEvent {
+                message_id: String::new(),
+                event_type: EventType::Track,
+                user_id: None,
+                anonymous_id: None,
+                event_name: String::new(),
+                timestamp_ms: 0,
+                received_at_ms: 0,
+                json: line.as_bytes().to_vec(),
+            })
+            .collect();
         Arc::new(SinkBatch {
-            events: lines.len(),
-            payload: Bytes::from(payload),
+            source: Arc::from("web"),
+            events,
         })
     }
 
@@ -363,19 +338,17 @@ mod tests {
     async fn writes_rotate_and_restart_opens_a_new_file_and_recovers_ids() {
         let dir = tempfile::tempdir().unwrap();
         let config = FileSinkConfig {
+            enabled: Some(true),
             max_file_bytes: 4096,
             max_group_commit_bytes: 1 << 20,
         };
-        let (sink, writer) =
-            FileSink::open(dir.path(), &config, Duration::from_secs(3600), |_| {}).unwrap();
+        let (sink, writer) = FileSink::open(dir.path(), &config, Duration::from_secs(3600), |_| {}).unwrap();
         let big = "x".repeat(3000);
         for i in 0..3 {
-            sink.write(batch(&[&line(&format!("{i}{big}"))]))
-                .await
-                .unwrap();
+            sink.write(batch(&[&line(&format!("{i}{big}"))])).await.unwrap();
         }
         drop(sink);
-        writer.join();
+        writer.await.unwrap();
         assert_eq!(
             list_files(dir.path()).unwrap().len(),
             3,
@@ -388,7 +361,7 @@ mod tests {
         })
         .unwrap();
         drop(sink);
-        writer.join();
+        writer.await.unwrap();
         assert_eq!(ids, ['0', '1', '2']);
         assert_eq!(
             list_files(dir.path()).unwrap().len(),
@@ -397,21 +370,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_torn_last_line_is_cut() {
+    #[tokio::test]
+    async fn a_torn_last_line_is_cut() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events-00000001.ndjson");
         std::fs::write(&path, format!("{}\n{{\"messageId\":\"tor", line("a"))).unwrap();
         let mut ids = Vec::new();
-        let (sink, writer) = FileSink::open(
-            dir.path(),
-            &FileSinkConfig::default(),
-            Duration::from_secs(60),
-            |e| ids.push(e.message_id.to_string()),
-        )
+        let (sink, writer) = FileSink::open(dir.path(), &FileSinkConfig::default(), Duration::from_secs(60), |e| {
+            ids.push(e.message_id.to_string())
+        })
         .unwrap();
         drop(sink);
-        writer.join();
+        writer.await.unwrap();
         assert_eq!(ids, ["a"]);
         assert!(std::fs::read_to_string(&path).unwrap().ends_with("}\n"));
     }

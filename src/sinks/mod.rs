@@ -2,19 +2,30 @@
 //! batch of NDJSON lines and answering only once the batch is durable there. Sinks
 //! know nothing of HTTP, dedup or sources; the pipeline calls them.
 
+pub mod batcher;
+pub mod clickhouse;
 pub mod file;
+pub mod kafka;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use bytes::Bytes;
+pub use crate::telemetry::health::DependencyHealth;
 
-/// Events to deliver together: `payload` holds one JSON object per line, each line
-/// ending in `\n`.
-#[derive(Debug, Clone)]
+use crate::intake::segment::NormalizedEvent;
+
+/// The new (not duplicate) events of one request, all from one source. Each sink
+/// encodes them its own way from the JSON and fields normalization produced once.
+#[derive(Debug)]
 pub struct SinkBatch {
-    pub events: usize,
-    pub payload: Bytes,
+    pub source: Arc<str>,
+    pub events: Vec<NormalizedEvent>,
+}
+
+impl SinkBatch {
+    /// JSON bytes of all events: the size measure batch limits use.
+    pub fn json_bytes(&self) -> usize {
+        self.events.iter().map(|e| e.json.len()).sum()
+    }
 }
 
 /// A sink failed to make a batch durable.
@@ -24,6 +35,13 @@ pub enum SinkError {
     Io { sink: &'static str, message: String },
     #[error("{sink} sink has stopped")]
     Stopped { sink: &'static str },
+    /// The backend could not be reached or was too busy; the same batch may succeed later.
+    #[error("{sink} unavailable: {message}")]
+    Unavailable { sink: &'static str, message: String },
+    /// The backend refused the data itself (schema, type, syntax); retrying the same
+    /// batch cannot succeed.
+    #[error("{sink} rejected the batch: {message}")]
+    Rejected { sink: &'static str, message: String },
 }
 
 impl SinkError {
@@ -32,14 +50,14 @@ impl SinkError {
         match self {
             SinkError::Io { .. } => "io",
             SinkError::Stopped { .. } => "stopped",
+            SinkError::Unavailable { .. } => "unavailable",
+            SinkError::Rejected { .. } => "rejected",
         }
     }
 
-    /// Whether the same batch may succeed later (the caller answers 503, not 4xx).
+    /// Whether the same batch may succeed later.
     pub fn is_retryable(&self) -> bool {
-        match self {
-            SinkError::Io { .. } | SinkError::Stopped { .. } => true,
-        }
+        !matches!(self, SinkError::Rejected { .. })
     }
 }
 
@@ -52,36 +70,5 @@ pub type SinkService = tower::util::BoxCloneSyncService<Arc<SinkBatch>, (), Sink
 pub struct NamedSink {
     pub name: &'static str,
     pub service: SinkService,
-    pub health: Arc<SinkHealth>,
-}
-
-/// Last known state of a sink, for `/health/ready`.
-#[derive(Debug, Default)]
-pub struct SinkHealth {
-    failing: AtomicBool,
-    last_error: Mutex<Option<String>>,
-}
-
-impl SinkHealth {
-    pub fn record_success(&self) {
-        if self.failing.swap(false, Ordering::Relaxed) {
-            tracing::info!("sink recovered");
-        }
-    }
-
-    pub fn record_failure(&self, error: &SinkError) {
-        self.failing.store(true, Ordering::Relaxed);
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
-    }
-
-    pub fn is_healthy(&self) -> bool {
-        !self.failing.load(Ordering::Relaxed)
-    }
-
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
+    pub health: Arc<DependencyHealth>,
 }

@@ -2,6 +2,8 @@
 //! code cannot drift apart), the Prometheus recorder and the log subscriber. Calls
 //! nothing else in the crate.
 
+pub mod health;
+
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
@@ -40,11 +42,26 @@ pub mod metric {
     pub const DEDUP_EVICTED_EARLY: &str = "breakwater_dedup_evicted_early_total";
     /// Requests that waited for another in-flight request carrying the same id (counter).
     pub const DEDUP_WAITS: &str = "breakwater_dedup_waits_total";
+    /// Redis round trips, by `operation` = claim | commit | release (counter).
+    pub const REDIS_ROUND_TRIPS: &str = "breakwater_redis_round_trips_total";
+    /// Failed Redis round trips, by `operation` (counter).
+    pub const REDIS_ERRORS: &str = "breakwater_redis_errors_total";
+    /// Requests delivered without the shared (Redis) dedup because Redis failed (counter).
+    pub const DEDUP_FAIL_OPEN: &str = "breakwater_dedup_fail_open_total";
+    /// Events per ClickHouse INSERT (histogram).
+    pub const CLICKHOUSE_EVENTS_PER_INSERT: &str = "breakwater_clickhouse_events_per_insert";
+    /// ClickHouse INSERT duration (histogram, seconds).
+    pub const CLICKHOUSE_INSERT_DURATION: &str = "breakwater_clickhouse_insert_duration_seconds";
+    /// Kafka client errors reported by librdkafka, by `code` (counter).
+    pub const KAFKA_CLIENT_ERRORS: &str = "breakwater_kafka_client_errors_total";
+    /// 1 while librdkafka reports all brokers down (gauge).
+    pub const KAFKA_ALL_BROKERS_DOWN: &str = "breakwater_kafka_all_brokers_down";
+    /// Sink delivery duration per request, by `sink` (histogram, seconds).
+    pub const SINK_DELIVERY_DURATION: &str = "breakwater_sink_delivery_duration_seconds";
     /// Refused events written to the rejected store (counter).
     pub const REJECTED_STORE_WRITTEN: &str = "breakwater_rejected_store_written_total";
     /// Rejected-store bytes discarded by rotation, oldest first (counter).
-    pub const REJECTED_STORE_DISCARDED_BYTES: &str =
-        "breakwater_rejected_store_discarded_bytes_total";
+    pub const REJECTED_STORE_DISCARDED_BYTES: &str = "breakwater_rejected_store_discarded_bytes_total";
     /// Rejected-store write failures (counter).
     pub const REJECTED_STORE_ERRORS: &str = "breakwater_rejected_store_errors_total";
     /// Always 1, with the `version` label (gauge).
@@ -56,6 +73,7 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+const EVENT_COUNT_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0];
 
 /// Installs the process-wide Prometheus recorder and returns the handle `/metrics`
 /// renders from.
@@ -66,6 +84,12 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
             b.set_buckets_for_metric(
                 Matcher::Full(metric::FILE_SINK_REQUESTS_PER_FSYNC.into()),
                 COUNT_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(metric::CLICKHOUSE_EVENTS_PER_INSERT.into()),
+                EVENT_COUNT_BUCKETS,
             )
         })
         .map_err(|e| e.to_string())?
@@ -92,10 +116,7 @@ fn describe_metrics() {
         EVENTS,
         "Events by source, transport and outcome (accepted, duplicate, rejected)."
     );
-    describe_counter!(
-        EVENTS_REJECTED,
-        "Events refused one by one, by source and reason."
-    );
+    describe_counter!(EVENTS_REJECTED, "Events refused one by one, by source and reason.");
     describe_counter!(SINK_EVENTS_SENT, "Events made durable by a sink.");
     describe_counter!(SINK_ERRORS, "Sink write failures by sink and kind.");
     describe_histogram!(
@@ -107,16 +128,9 @@ fn describe_metrics() {
         FILE_SINK_REQUESTS_PER_FSYNC,
         "Requests made durable by one fsync of the file sink."
     );
-    describe_counter!(
-        FILE_SINK_BYTES,
-        Unit::Bytes,
-        "Bytes written by the file sink."
-    );
+    describe_counter!(FILE_SINK_BYTES, Unit::Bytes, "Bytes written by the file sink.");
     describe_counter!(FILE_SINK_ROTATIONS, "File sink rotations to a new file.");
-    describe_gauge!(
-        DEDUP_ENTRIES,
-        "Message ids remembered by the embedded dedup."
-    );
+    describe_gauge!(DEDUP_ENTRIES, "Message ids remembered by the embedded dedup.");
     describe_counter!(
         DEDUP_EVICTED_EARLY,
         "Ids forgotten before their window ended because of dedup.max_entries."
@@ -125,20 +139,14 @@ fn describe_metrics() {
         DEDUP_WAITS,
         "Requests that waited for an in-flight request carrying the same id."
     );
-    describe_counter!(
-        REJECTED_STORE_WRITTEN,
-        "Refused events written to the rejected store."
-    );
+    describe_counter!(REJECTED_STORE_WRITTEN, "Refused events written to the rejected store.");
     describe_counter!(
         REJECTED_STORE_DISCARDED_BYTES,
         Unit::Bytes,
         "Rejected-store bytes discarded by rotation."
     );
     describe_counter!(REJECTED_STORE_ERRORS, "Rejected-store write failures.");
-    describe_gauge!(
-        BUILD_INFO,
-        "Always 1; the version label names the running build."
-    );
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build.");
 }
 
 /// Logs go to stderr; `RUST_LOG` (or `BREAKWATER_LOG`) picks the level, default info.

@@ -32,10 +32,7 @@ impl Server {
         let temp = Arc::new(tempfile::tempdir().expect("temp dir"));
         let config_path = temp.path().join("breakwater.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Server::spawn(temp.path().join("data"), config_path, env, temp)
     }
 
@@ -47,14 +44,7 @@ impl Server {
     ) -> Server {
         let mut command = breakwater_command();
         command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--data-dir",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
             .arg(&data_dir)
             .arg("--config")
             .arg(&config_path)
@@ -134,10 +124,7 @@ impl Server {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "breakwater did not exit after SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "breakwater did not exit after SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -174,10 +161,7 @@ impl Server {
     pub fn metric(&self, series: &str) -> f64 {
         self.metrics()
             .lines()
-            .find_map(|line| {
-                line.strip_prefix(series)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
+            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
             .unwrap_or(0.0)
     }
 }
@@ -217,8 +201,7 @@ pub fn read_ndjson(path: &Path) -> Vec<Value> {
     };
     text.lines()
         .map(|line| {
-            serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("bad line in {}: {e}: {line}", path.display()))
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("bad line in {}: {e}: {line}", path.display()))
         })
         .collect()
 }
@@ -244,8 +227,7 @@ pub fn post_json(server: &Server, path: &str, body: &Value) -> (u16, Value) {
 pub fn status_and_json(response: reqwest::blocking::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     let text = response.text().expect("body");
-    let json =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"));
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"));
     (status, json)
 }
 

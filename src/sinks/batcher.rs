@@ -1,0 +1,202 @@
+//! Group commit for any sink: requests queue their batches; one task takes what is
+//! queued (up to an event count and a byte size, waiting at most `linger` after the
+//! oldest arrived), makes it durable with one `flush`, and answers every request
+//! with the same result. One flush runs at a time; requests arriving meanwhile form
+//! the next group, so the group grows with load on its own.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{SinkBatch, SinkError};
+
+/// Bounds of one group.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    /// How long the oldest queued batch may wait for company. Zero: flush what is
+    /// queued right away.
+    pub linger: Duration,
+}
+
+struct Queued {
+    batch: Arc<SinkBatch>,
+    arrived: Instant,
+    done: oneshot::Sender<Result<(), SinkError>>,
+}
+
+/// Handle to a running batcher; cheap to clone. The task ends when every handle is
+/// dropped, after answering everything queued.
+#[derive(Clone)]
+pub struct Batcher {
+    sink: &'static str,
+    queue: mpsc::Sender<Queued>,
+}
+
+/// Batches queued per batcher before submitters wait.
+const QUEUE_BATCHES: usize = 4096;
+
+impl Batcher {
+    /// Starts the batching task. `flush` receives each group in arrival order.
+    pub fn start<F, Fut>(
+        sink: &'static str,
+        limits: BatchLimits,
+        mut flush: F,
+    ) -> (Batcher, tokio::task::JoinHandle<()>)
+    where
+        F: FnMut(Vec<Arc<SinkBatch>>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), SinkError>> + Send,
+    {
+        let (queue, mut receiver) = mpsc::channel::<Queued>(QUEUE_BATCHES);
+        let task = tokio::spawn(async move {
+            let mut carried: Option<Queued> = None;
+            loop {
+                let first = match carried.take() {
+                    Some(first) => first,
+                    None => match receiver.recv().await {
+                        Some(first) => first,
+                        None => break,
+                    },
+                };
+                let deadline = first.arrived + limits.linger;
+                let mut events = first.batch.events.len();
+                let mut bytes = first.batch.json_bytes();
+                let mut group = vec![first];
+                while events < limits.max_events && bytes < limits.max_bytes {
+                    let next = match receiver.try_recv() {
+                        Ok(next) => next,
+                        Err(_) if limits.linger.is_zero() => break,
+                        Err(_) => match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                            Ok(Some(next)) => next,
+                            Ok(None) | Err(_) => break,
+                        },
+                    };
+                    let next_events = next.batch.events.len();
+                    let next_bytes = next.batch.json_bytes();
+                    if events + next_events > limits.max_events || bytes + next_bytes > limits.max_bytes {
+                        // Too big to join: it starts the next group.
+                        carried = Some(next);
+                        break;
+                    }
+                    events += next_events;
+                    bytes += next_bytes;
+                    group.push(next);
+                }
+                let (batches, answers): (Vec<_>, Vec<_>) = group.into_iter().map(|q| (q.batch, q.done)).unzip();
+                let result = flush(batches).await;
+                for answer in answers {
+                    // The requester may have gone; the outcome stands all the same.
+                    let _ = answer.send(result.clone());
+                }
+            }
+            tracing::debug!(sink, "batcher stopped");
+        });
+        (Batcher { sink, queue }, task)
+    }
+
+    /// Queues the batch and resolves with the result of the flush that carried it.
+    pub async fn submit(&self, batch: Arc<SinkBatch>) -> Result<(), SinkError> {
+        let (done, answer) = oneshot::channel();
+        let queued = Queued {
+            batch,
+            arrived: Instant::now(),
+            done,
+        };
+        let stopped = || SinkError::Stopped { sink: self.sink };
+        self.queue.send(queued).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intake::segment::{EventType, NormalizedEvent};
+    use std::sync::Mutex;
+
+    fn batch(events: usize) -> Arc<SinkBatch> {
+        let event = NormalizedEvent {
+            message_id: "m".into(),
+            event_type: EventType::Track,
+            user_id: None,
+            anonymous_id: Some("a".into()),
+            event_name: "e".into(),
+            timestamp_ms: 0,
+            received_at_ms: 0,
+            json: vec![b'x'; 10],
+        };
+        Arc::new(SinkBatch {
+            source: Arc::from("web"),
+            events: vec![event; events],
+        })
+    }
+
+    fn recording_batcher(limits: BatchLimits) -> (Batcher, Arc<Mutex<Vec<usize>>>) {
+        let groups = Arc::new(Mutex::new(Vec::new()));
+        let seen = groups.clone();
+        let (batcher, _task) = Batcher::start("test", limits, move |group| {
+            seen.lock().unwrap().push(group.iter().map(|b| b.events.len()).sum());
+            async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(())
+            }
+        });
+        (batcher, groups)
+    }
+
+    #[tokio::test]
+    async fn concurrent_submissions_share_flushes_within_the_event_bound() {
+        let limits = BatchLimits {
+            max_events: 25,
+            max_bytes: 1 << 20,
+            linger: Duration::from_millis(5),
+        };
+        let (batcher, groups) = recording_batcher(limits);
+        let submissions: Vec<_> = (0..20)
+            .map(|_| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.submit(batch(5)).await })
+            })
+            .collect();
+        for submission in submissions {
+            submission.await.unwrap().unwrap();
+        }
+        let groups = groups.lock().unwrap().clone();
+        assert_eq!(groups.iter().sum::<usize>(), 100);
+        assert!(groups.len() < 20, "flushes were shared: {groups:?}");
+        assert!(groups.iter().all(|g| *g <= 25), "{groups:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_fails_every_request_in_it() {
+        let limits = BatchLimits {
+            max_events: 100,
+            max_bytes: 1 << 20,
+            linger: Duration::from_millis(20),
+        };
+        let (batcher, _task) = Batcher::start("test", limits, |_| async {
+            Err(SinkError::Unavailable {
+                sink: "test",
+                message: "down".into(),
+            })
+        });
+        let (a, b) = tokio::join!(batcher.submit(batch(1)), batcher.submit(batch(1)));
+        assert!(a.is_err() && b.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_batch_still_goes_through_alone() {
+        let limits = BatchLimits {
+            max_events: 3,
+            max_bytes: 1 << 20,
+            linger: Duration::ZERO,
+        };
+        let (batcher, groups) = recording_batcher(limits);
+        batcher.submit(batch(10)).await.unwrap();
+        assert_eq!(*groups.lock().unwrap(), [10]);
+    }
+}

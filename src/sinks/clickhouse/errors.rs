@@ -1,0 +1,97 @@
+//! Sorting ClickHouse failures: is the batch itself bad (retrying cannot help), or is
+//! the server unreachable, busy or misconfigured (the same batch can succeed later)?
+//! Unknown codes count as retryable: good data is never given up on a guess.
+
+use crate::sinks::SinkError;
+
+use super::SINK_NAME;
+
+/// Server exception codes that mean "this data can never be inserted as it is".
+const DATA_REJECTED_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    32,  // ATTEMPT_TO_READ_AFTER_EOF
+    33,  // CANNOT_READ_ALL_DATA
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    43,  // ILLEGAL_TYPE_OF_ARGUMENT
+    44,  // ILLEGAL_COLUMN
+    47,  // UNKNOWN_IDENTIFIER
+    53,  // TYPE_MISMATCH
+    62,  // SYNTAX_ERROR
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    349, // CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+];
+
+/// The exception code in a ClickHouse error text: `Code: 60. DB::Exception…`
+/// (current) or `Code: 60, e.displayText() = …` (older servers).
+pub fn exception_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + "Code: ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Turns a client error into a sink error that knows whether to retry.
+pub fn classify(error: clickhouse::error::Error) -> SinkError {
+    use clickhouse::error::Error;
+    match error {
+        Error::BadResponse(text) => match exception_code(&text) {
+            Some(code) if DATA_REJECTED_CODES.contains(&code) => SinkError::Rejected {
+                sink: SINK_NAME,
+                message: first_line(&text),
+            },
+            _ => SinkError::Unavailable {
+                sink: SINK_NAME,
+                message: first_line(&text),
+            },
+        },
+        other => SinkError::Unavailable {
+            sink: SINK_NAME,
+            message: other.to_string(),
+        },
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or("").chars().take(500).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clickhouse::error::Error;
+
+    #[test]
+    fn codes_are_read_from_old_and_new_formats() {
+        assert_eq!(
+            exception_code("Code: 60. DB::Exception: Table x doesn't exist"),
+            Some(60)
+        );
+        assert_eq!(
+            exception_code("Code: 16, e.displayText() = DB::Exception: No such column"),
+            Some(16)
+        );
+        assert_eq!(exception_code("no code here"), None);
+    }
+
+    #[test]
+    fn data_errors_are_permanent_and_the_rest_retryable() {
+        let permanent = classify(Error::BadResponse("Code: 53. DB::Exception: Type mismatch".into()));
+        assert!(!permanent.is_retryable(), "{permanent}");
+        for text in [
+            "Code: 252. DB::Exception: Too many parts",
+            "Code: 60. DB::Exception: Table breakwater.events doesn't exist",
+            "Code: 241. DB::Exception: Memory limit exceeded",
+            "502 Bad Gateway",
+        ] {
+            assert!(classify(Error::BadResponse(text.into())).is_retryable(), "{text}");
+        }
+        assert!(classify(Error::TimedOut).is_retryable());
+    }
+}

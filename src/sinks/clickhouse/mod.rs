@@ -1,0 +1,225 @@
+//! The ClickHouse sink: one `clickhouse::Client` for the process; requests are
+//! grouped by the `Batcher` into one RowBinary INSERT per group (bounded by events,
+//! bytes and linger), never one per event. The database and table are created on
+//! first use, so a server that is down at start-up delays nothing.
+
+mod errors;
+pub mod row_binary;
+pub mod schema;
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use sha2::{Digest, Sha256};
+
+use super::batcher::{BatchLimits, Batcher};
+use super::{DependencyHealth, SinkBatch, SinkError};
+use crate::config::{ClickHouseCompression, ClickHouseConfig, ClickHouseSchema, ConfigError};
+use crate::telemetry::metric;
+pub use errors::{classify, exception_code};
+use schema::Layout;
+
+pub const SINK_NAME: &str = "clickhouse";
+
+/// Handle to the ClickHouse sink; cheap to clone.
+#[derive(Clone)]
+pub struct ClickHouseSink {
+    batcher: Batcher,
+    health: Arc<DependencyHealth>,
+}
+
+/// Everything one INSERT needs; shared by the batcher's flushes.
+pub struct Inserter {
+    client: clickhouse::Client,
+    database: String,
+    table: String,
+    schema: ClickHouseSchema,
+    create_table: bool,
+    insert_timeout: Duration,
+    /// Layout found (and table created) on first successful use.
+    layout: tokio::sync::Mutex<Option<Layout>>,
+}
+
+impl Inserter {
+    pub fn new(config: &ClickHouseConfig) -> Result<Inserter, ConfigError> {
+        let mut client = clickhouse::Client::default()
+            .with_url(&config.url)
+            // Type validation needs RowBinaryWithNamesAndTypes, which old servers lack;
+            // our RowBinary is tested against the schema instead.
+            .with_validation(false)
+            .with_compression(match config.compression {
+                ClickHouseCompression::Lz4 => clickhouse::Compression::Lz4,
+                ClickHouseCompression::None => clickhouse::Compression::None,
+            });
+        if let Some(user) = &config.user {
+            client = client.with_user(user);
+        }
+        if let Some(password) = config.password.resolve("clickhouse.password")? {
+            client = client.with_password(password);
+        }
+        Ok(Inserter {
+            client,
+            database: config.database.clone(),
+            table: config.table.clone(),
+            schema: config.schema,
+            create_table: config.create_table,
+            insert_timeout: Duration::from_millis(config.insert_timeout_ms),
+            layout: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The layout in use, detecting it and creating the table the first time.
+    pub async fn prepare(&self) -> Result<Layout, SinkError> {
+        let mut prepared = self.layout.lock().await;
+        if let Some(layout) = *prepared {
+            return Ok(layout);
+        }
+        let version = self.server_version().await?;
+        let layout = match self.schema {
+            ClickHouseSchema::Modern => Layout::Modern,
+            ClickHouseSchema::Legacy => Layout::Legacy,
+            ClickHouseSchema::Auto => Layout::for_server_version(&version),
+        };
+        if self.create_table {
+            self.execute(&schema::create_database(&self.database)).await?;
+            self.execute(&schema::create_table(layout, &self.database, &self.table))
+                .await?;
+        }
+        tracing::info!(
+            server_version = version.trim(),
+            layout = layout.name(),
+            table = format!("{}.{}", self.database, self.table),
+            "clickhouse sink ready"
+        );
+        *prepared = Some(layout);
+        Ok(layout)
+    }
+
+    async fn server_version(&self) -> Result<String, SinkError> {
+        let bytes = self
+            .client
+            .query("SELECT version()")
+            .fetch_bytes("TSV")
+            .map_err(classify)?
+            .collect()
+            .await
+            .map_err(classify)?;
+        Ok(String::from_utf8_lossy(&bytes).trim().to_string())
+    }
+
+    async fn execute(&self, sql: &str) -> Result<(), SinkError> {
+        self.client.query(sql).execute().await.map_err(classify)
+    }
+
+    /// One INSERT of every event of the group.
+    pub async fn insert(&self, group: &[Arc<SinkBatch>]) -> Result<(), SinkError> {
+        let layout = self.prepare().await?;
+        let events: usize = group.iter().map(|b| b.events.len()).sum();
+        let mut rows = Vec::with_capacity(group.iter().map(|b| b.json_bytes() + b.events.len() * 96).sum());
+        for batch in group {
+            for event in &batch.events {
+                row_binary::encode_row(layout, &batch.source, event, &mut rows);
+            }
+        }
+        let sql = format!(
+            "INSERT INTO `{}`.`{}` ({}) FORMAT RowBinary",
+            self.database,
+            self.table,
+            schema::COLUMN_NAMES
+        );
+        let mut insert = self
+            .client
+            .insert_formatted_with(sql)
+            .with_timeouts(Some(self.insert_timeout), Some(self.insert_timeout));
+        if layout == Layout::Modern {
+            insert = insert.with_setting("insert_deduplication_token", deduplication_token(group));
+        }
+        let started = Instant::now();
+        let sent = async {
+            insert.send(Bytes::from(rows)).await?;
+            insert.end().await
+        };
+        match tokio::time::timeout(self.insert_timeout, sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(classify(error)),
+            Err(_) => {
+                return Err(SinkError::Unavailable {
+                    sink: SINK_NAME,
+                    message: format!("INSERT did not finish within {} ms", self.insert_timeout.as_millis()),
+                });
+            }
+        }
+        metrics::histogram!(metric::CLICKHOUSE_INSERT_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(metric::CLICKHOUSE_EVENTS_PER_INSERT).record(events as f64);
+        Ok(())
+    }
+}
+
+/// The same events in the same order give the same token, so the server drops a
+/// retried INSERT whole.
+fn deduplication_token(group: &[Arc<SinkBatch>]) -> String {
+    let mut hasher = Sha256::new();
+    for batch in group {
+        for event in &batch.events {
+            hasher.update(batch.source.as_bytes());
+            hasher.update([0]);
+            hasher.update(event.message_id.as_bytes());
+            hasher.update([0]);
+        }
+    }
+    format!("{:x}", hasher.finalize())
+}
+
+impl ClickHouseSink {
+    /// Builds the client and starts the batcher; connects lazily.
+    pub fn start(config: &ClickHouseConfig) -> Result<(ClickHouseSink, tokio::task::JoinHandle<()>), ConfigError> {
+        let inserter = Arc::new(Inserter::new(config)?);
+        let health = Arc::new(DependencyHealth::default());
+        let limits = BatchLimits {
+            max_events: config.batch_max_events,
+            max_bytes: config.batch_max_bytes,
+            linger: Duration::from_millis(config.linger_ms),
+        };
+        let flush_health = health.clone();
+        let (batcher, task) = Batcher::start(SINK_NAME, limits, move |group| {
+            let inserter = inserter.clone();
+            let health = flush_health.clone();
+            async move {
+                let result = inserter.insert(&group).await;
+                match &result {
+                    Ok(()) => health.record_success(SINK_NAME),
+                    Err(error) => {
+                        tracing::warn!(%error, retryable = error.is_retryable(), "clickhouse insert failed");
+                        metrics::counter!(metric::SINK_ERRORS, "sink" => SINK_NAME, "kind" => error.kind())
+                            .increment(1);
+                        health.record_failure(error);
+                    }
+                }
+                result
+            }
+        });
+        Ok((ClickHouseSink { batcher, health }, task))
+    }
+
+    pub fn health(&self) -> Arc<DependencyHealth> {
+        self.health.clone()
+    }
+}
+
+impl tower::Service<Arc<SinkBatch>> for ClickHouseSink {
+    type Response = ();
+    type Error = SinkError;
+    type Future = BoxFuture<'static, Result<(), SinkError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SinkError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, batch: Arc<SinkBatch>) -> Self::Future {
+        let batcher = self.batcher.clone();
+        Box::pin(async move { batcher.submit(batch).await })
+    }
+}
