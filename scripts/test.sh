@@ -21,6 +21,30 @@ command -v cargo-nextest >/dev/null 2>&1 || cargo install cargo-nextest --locked
 cargo --version
 cargo nextest --version | head -n 1
 
+log "backends for the integration tests (real servers, started by the tests on free loopback ports)"
+export PATH="$PATH:/usr/sbin:/sbin"
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v clickhouse-server >/dev/null 2>&1 || missing+=(clickhouse-server clickhouse-client)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing with apt: ${missing[*]}"
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+# tansu: a Kafka-protocol broker from crates.io (about 15 minutes to build, once).
+command -v tansu >/dev/null 2>&1 || cargo install tansu --version 0.6.0 --locked --features dynostore,libsql
+# chdb-core: the current ClickHouse engine in-process, to check our RowBinary and DDL.
+venv=target/test-venv
+if ! "$venv/bin/python" -c 'import chdb' >/dev/null 2>&1; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet "chdb-core==26.9.0"
+fi
+redis-server --version
+clickhouse-server --version 2>/dev/null | head -n 1 || true
+tansu --version 2>/dev/null || true
+"$venv/bin/python" -c 'import chdb; print("chdb engine", chdb.engine_version)'
+
 log "format"
 cargo fmt --all -- --check
 

@@ -109,8 +109,10 @@ impl RedisDedup {
         format!("{}:{source}:{message_id}", self.key_prefix)
     }
 
-    /// Claims `message_ids` for this request: one pipelined round trip, repeated only
-    /// for ids another request holds (waiting up to `pending_wait_ms` for it).
+    /// Claims `message_ids` for this request in one pipelined round trip. If another
+    /// request holds some of them, this releases everything it claimed (so two
+    /// requests can never hold part each and wait on each other), waits a jittered
+    /// moment and tries again, for up to `pending_wait_ms`.
     pub async fn claim(
         &self,
         source: &str,
@@ -118,41 +120,38 @@ impl RedisDedup {
     ) -> Result<(Vec<ClaimOutcome>, Claim), RedisDedupError> {
         let token = format!("p:{}:{}", self.instance, uuid::Uuid::new_v4().simple());
         let keys: Vec<String> = message_ids.iter().map(|id| self.key(source, id)).collect();
-        let mut outcomes: Vec<Option<ClaimOutcome>> = vec![None; keys.len()];
-        let mut claim = Claim {
-            token,
-            keys: Vec::new(),
-        };
         let deadline = tokio::time::Instant::now() + self.pending_wait;
+        // "Seen" is final; only the other ids are claimed again on a retry.
+        let mut seen = vec![false; keys.len()];
         loop {
-            let open: Vec<usize> = (0..keys.len()).filter(|i| outcomes[*i].is_none()).collect();
-            let answers = match self
-                .claim_round(&claim.token, open.iter().map(|i| keys[*i].as_str()))
-                .await
-            {
-                Ok(answers) => answers,
-                Err(error) => {
-                    self.release(&claim).await;
-                    return Err(error);
-                }
+            let open: Vec<usize> = (0..keys.len()).filter(|i| !seen[*i]).collect();
+            let answers = self.claim_round(&token, open.iter().map(|i| keys[*i].as_str())).await?;
+            let mut claim = Claim {
+                token: token.clone(),
+                keys: Vec::with_capacity(open.len()),
             };
+            let mut held = 0;
             for (&index, answer) in open.iter().zip(answers) {
-                outcomes[index] = answer;
-                if answer == Some(ClaimOutcome::Claimed) {
-                    claim.keys.push(keys[index].clone());
+                match answer {
+                    Some(ClaimOutcome::Claimed) => claim.keys.push(keys[index].clone()),
+                    Some(ClaimOutcome::Seen) => seen[index] = true,
+                    None => held += 1,
                 }
             }
-            let held = outcomes.iter().filter(|o| o.is_none()).count();
             if held == 0 {
-                let outcomes = outcomes.into_iter().map(|o| o.expect("all resolved")).collect();
+                let outcomes = seen
+                    .iter()
+                    .map(|s| if *s { ClaimOutcome::Seen } else { ClaimOutcome::Claimed })
+                    .collect();
                 return Ok((outcomes, claim));
             }
-            if tokio::time::Instant::now() + HELD_RECHECK > deadline {
-                self.release(&claim).await;
+            self.release(&claim).await;
+            let pause = HELD_RECHECK + Duration::from_millis(rand_millis(HELD_RECHECK.as_millis() as u64));
+            if tokio::time::Instant::now() + pause > deadline {
                 return Err(RedisDedupError::HeldElsewhere(held));
             }
             metrics::counter!(metric::DEDUP_WAITS).increment(1);
-            tokio::time::sleep(HELD_RECHECK).await;
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -241,4 +240,10 @@ impl RedisDedup {
     fn count_round_trip(&self, operation: &'static str) {
         metrics::counter!(metric::REDIS_ROUND_TRIPS, "operation" => operation).increment(1);
     }
+}
+
+/// A pseudo-random number below `bound`, for jitter (not for anything secret).
+fn rand_millis(bound: u64) -> u64 {
+    let random = uuid::Uuid::new_v4().as_u128() as u64;
+    random % bound.max(1)
 }

@@ -37,7 +37,15 @@ struct BrokerState {
 }
 
 /// Receives librdkafka's callbacks; turns AllBrokersDown into a flag sends can read.
-pub struct BrokerWatch(Arc<BrokerState>);
+pub struct BrokerWatch {
+    state: Arc<BrokerState>,
+    /// librdkafka repeats connection errors every few milliseconds while a broker is
+    /// down; at most one warning per `LOG_EVERY` reaches the log.
+    last_warning: std::sync::Mutex<Option<std::time::Instant>>,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl BrokerState {
     fn set_down(&self, down: bool) {
@@ -57,7 +65,14 @@ impl ClientContext for BrokerWatch {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
-                tracing::warn!(facility, "librdkafka: {message}")
+                let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+                if last.is_some_and(|at| at.elapsed() < LOG_EVERY) {
+                    self.suppressed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                *last = Some(std::time::Instant::now());
+                let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+                tracing::warn!(facility, suppressed_since_last = suppressed, "librdkafka: {message}")
             }
             _ => tracing::debug!(facility, "librdkafka: {message}"),
         }
@@ -70,7 +85,7 @@ impl ClientContext for BrokerWatch {
             .unwrap_or_else(|| "other".into());
         metrics::counter!(metric::KAFKA_CLIENT_ERRORS, "code" => code).increment(1);
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.0.set_down(true);
+            self.state.set_down(true);
         } else {
             tracing::debug!(%error, reason, "kafka client error");
         }
@@ -115,7 +130,11 @@ impl KafkaSink {
             down: AtomicBool::new(false),
             changed,
         });
-        let context = BrokerWatch(state.clone());
+        let context = BrokerWatch {
+            state: state.clone(),
+            last_warning: std::sync::Mutex::new(None),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        };
         let mut client_config = ClientConfig::new();
         for (key, value) in producer_settings(config) {
             client_config.set(key, value);

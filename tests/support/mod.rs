@@ -2,6 +2,8 @@
 //! own data directory, and reads what it wrote. Shared by every integration test.
 #![allow(dead_code)]
 
+pub mod backends;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,403 @@
+//! Real backends for integration tests: redis-server, clickhouse-server and tansu
+//! (a Kafka-protocol broker), each on free loopback ports with its own temp dir,
+//! killed when dropped. A missing binary fails the test loudly with how to get it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+const INSTALL_HINT: &str = "run ./scripts/test.sh once: it installs redis-server, clickhouse-server and tansu";
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn require(binary: &str) -> PathBuf {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin"), home_cargo_bin()])
+        .map(|dir| dir.join(binary))
+        .find(|path| path.is_file());
+    found.unwrap_or_else(|| panic!("`{binary}` is not installed; {INSTALL_HINT}"))
+}
+
+fn home_cargo_bin() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(|home| PathBuf::from(home).join(".cargo/bin"))
+        .unwrap_or_default()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not become ready within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}
+
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+// --- Redis -----------------------------------------------------------------------
+
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let binary = require("redis-server");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(binary)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let redis = Redis { child, port, _dir: dir };
+        wait_until("redis-server", Duration::from_secs(10), || {
+            redis.command(&["PING"]).trim() == "+PONG"
+        });
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends one inline command and returns the raw reply (enough for tests).
+    pub fn command(&self, args: &[&str]) -> String {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        if stream.write_all(request.as_bytes()).is_err() {
+            return String::new();
+        }
+        let mut reply = vec![0u8; 64 * 1024];
+        let read = stream.read(&mut reply).unwrap_or(0);
+        String::from_utf8_lossy(&reply[..read]).into_owned()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+// --- ClickHouse ------------------------------------------------------------------
+
+pub struct ClickHouse {
+    child: Child,
+    pub http_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl ClickHouse {
+    pub fn start() -> ClickHouse {
+        let binary = require("clickhouse-server");
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| {
+            let sub = dir.path().join(name);
+            std::fs::create_dir_all(&sub).unwrap();
+            format!("{}/", sub.display())
+        };
+        let http_port = free_port();
+        let child = Command::new(binary)
+            .arg("--config-file=/etc/clickhouse-server/config.xml")
+            .arg("--")
+            .arg(format!("--path={}", path("data")))
+            .arg(format!("--tmp_path={}", path("tmp")))
+            .arg(format!("--user_files_path={}", path("user_files")))
+            .arg(format!("--format_schema_path={}", path("format_schemas")))
+            .arg(format!("--logger.log={}/server.log", dir.path().display()))
+            .arg(format!("--logger.errorlog={}/server.err", dir.path().display()))
+            .arg(format!("--http_port={http_port}"))
+            .arg(format!("--tcp_port={}", free_port()))
+            .arg(format!("--interserver_http_port={}", free_port()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start clickhouse-server");
+        let clickhouse = ClickHouse { child, http_port, dir };
+        wait_until("clickhouse-server", Duration::from_secs(60), || {
+            clickhouse.try_query("SELECT 1").is_ok_and(|r| r.trim() == "1")
+        });
+        clickhouse
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn try_query(&self, sql: &str) -> Result<String, String> {
+        let response = reqwest::blocking::Client::new()
+            .post(self.url())
+            .body(sql.to_string())
+            .timeout(Duration::from_secs(30))
+            .send()
+            .map_err(|e| e.to_string())?;
+        let ok = response.status().is_success();
+        let text = response.text().map_err(|e| e.to_string())?;
+        if ok {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    }
+
+    pub fn query(&self, sql: &str) -> String {
+        self.try_query(sql)
+            .unwrap_or_else(|e| panic!("clickhouse query failed: {sql}\n{e}"))
+    }
+
+    /// Rows as JSON objects (`FORMAT JSONEachRow`).
+    pub fn rows(&self, sql: &str) -> Vec<serde_json::Value> {
+        self.query(&format!("{sql} FORMAT JSONEachRow"))
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    pub fn count(&self, table: &str) -> u64 {
+        self.query(&format!("SELECT count() FROM {table}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits until the table exists and holds `expected` rows (or panics).
+    pub fn wait_for_count(&self, table: &str, expected: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let count = self
+                .try_query(&format!("SELECT count() FROM {table}"))
+                .ok()
+                .and_then(|c| c.trim().parse::<u64>().ok());
+            if count == Some(expected) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{table}: expected {expected} rows, found {count:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for ClickHouse {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+// --- Kafka (tansu) ---------------------------------------------------------------
+
+pub struct Kafka {
+    child: Child,
+    pub port: u16,
+    storage: &'static str,
+    dir: tempfile::TempDir,
+}
+
+/// One message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct KafkaRecord {
+    pub partition: i32,
+    pub key: Option<String>,
+    pub payload: serde_json::Value,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Kafka {
+    /// In-memory storage: fast, gone when the broker stops.
+    pub fn start() -> Kafka {
+        Kafka::start_with("memory://tansu/")
+    }
+
+    /// SQLite storage in the broker's own temp dir: survives `kill -9` and restart.
+    pub fn start_persistent() -> Kafka {
+        Kafka::start_with("sqlite://tansu.db")
+    }
+
+    fn start_with(storage: &'static str) -> Kafka {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Kafka::spawn(dir.path(), port, storage);
+        Kafka {
+            child,
+            port,
+            storage,
+            dir,
+        }
+    }
+
+    fn spawn(dir: &Path, port: u16, storage: &str) -> Child {
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(require("tansu"))
+            .current_dir(dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &listener,
+                "--advertised-listener-url",
+                &listener,
+            ])
+            .args(["--storage-engine", storage])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        wait_until("tansu", Duration::from_secs(30), || port_open(port));
+        child
+    }
+
+    /// SIGKILL the broker and wait for its port to close.
+    pub fn kill9(&mut self) {
+        stop(&mut self.child);
+        wait_until("tansu port to close", Duration::from_secs(30), || !port_open(self.port));
+    }
+
+    /// Starts the broker again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.child = Kafka::spawn(self.dir.path(), self.port, self.storage);
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: u32) {
+        let output = Command::new(require("tansu"))
+            .args(["topic", "create", topic, "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .args(["--partitions", &partitions.to_string()])
+            .output()
+            .expect("run tansu topic create");
+        assert!(
+            output.status.success(),
+            "tansu topic create failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Reads every partition from the start (assign, not subscribe: consumer groups
+    /// are unreliable on this broker) until `expected` records arrived.
+    pub fn read_all(&self, topic: &str, partitions: i32, expected: usize) -> Vec<KafkaRecord> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", "breakwater-tests")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..partitions {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&assignment).expect("assign");
+        let mut records = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while records.len() < expected && Instant::now() < deadline {
+            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let message = message.expect("kafka message");
+            let headers = message
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            records.push(KafkaRecord {
+                partition: message.partition(),
+                key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: serde_json::from_slice(message.payload().unwrap_or_default()).expect("JSON payload"),
+                headers,
+            });
+        }
+        // Anything past `expected` would be a duplicate: give it a moment to show up.
+        let settle = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < settle {
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+                records.push(KafkaRecord {
+                    partition: message.partition(),
+                    key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    payload: serde_json::from_slice(message.payload().unwrap_or_default()).unwrap_or_default(),
+                    headers: BTreeMap::new(),
+                });
+            }
+        }
+        records
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Kafka {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
