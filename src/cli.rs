@@ -130,6 +130,24 @@ fn check(args: ConfigArgs) -> ExitCode {
                 "  dedup:             window {} s, at most {} ids",
                 config.dedup.window_seconds, config.dedup.max_entries
             );
+            let mut sinks = Vec::new();
+            if config.file_sink_enabled() {
+                sinks.push("file".to_string());
+            }
+            if let Some(clickhouse) = &config.clickhouse {
+                sinks.push(format!(
+                    "clickhouse ({} {}.{})",
+                    clickhouse.url, clickhouse.database, clickhouse.table
+                ));
+            }
+            if let Some(kafka) = &config.kafka {
+                sinks.push(format!("kafka ({} topic {})", kafka.brokers, kafka.topic));
+            }
+            println!("  sinks:             {}", sinks.join(", "));
+            match &config.redis {
+                Some(redis) => println!("  shared dedup:      redis ({})", crate::config::redact_url(&redis.url)),
+                None => println!("  shared dedup:      none (in-process only)"),
+            }
             let names: Vec<_> = sources.iter().map(|s| s.name.as_str()).collect();
             if names.is_empty() {
                 println!("  sources:           none (open mode: loopback listener only)");

@@ -57,3 +57,14 @@ fn the_shipped_example_config_is_valid() {
     let (code, text) = run(&["config", "check", "--config", example]);
     assert_eq!(code, 0, "{text}");
 }
+
+#[test]
+fn the_shipped_backends_example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/breakwater.backends.example.toml");
+    let (code, text) = run(&["config", "check", "--config", example]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("redis") && text.contains("clickhouse") && text.contains("kafka"),
+        "{text}"
+    );
+}

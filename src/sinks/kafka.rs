@@ -242,6 +242,20 @@ async fn watch_brokers(
     mut down: watch::Receiver<bool>,
     health: Arc<DependencyHealth>,
 ) {
+    // Warm-up: learn the topic's partitions and leaders now, so the first requests
+    // do not pay for it. A broker that is down at start-up delays nothing.
+    let warm = producer.clone();
+    let warm_topic = topic.clone();
+    let reachable = tokio::task::spawn_blocking(move || {
+        warm.client()
+            .fetch_metadata(Some(&warm_topic), Duration::from_secs(5))
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false);
+    if !reachable {
+        tracing::warn!(topic = %topic, "kafka not reachable at start-up; deliveries fail until it is");
+    }
     loop {
         if down.wait_for(|down| *down).await.is_err() {
             return;

@@ -95,3 +95,23 @@ mod tests {
         assert_eq!(Layout::for_server_version("26.1.2.3\n"), Layout::Modern);
     }
 }
+
+#[cfg(test)]
+mod docs_tests {
+    use super::*;
+
+    /// docs/backends.md shows the DDL an operator can run by hand; it must be the
+    /// DDL breakwater runs.
+    #[test]
+    fn the_documented_ddl_is_the_ddl_in_use() {
+        let docs = include_str!("../../../docs/backends.md");
+        for layout in [Layout::Modern, Layout::Legacy] {
+            let ddl = create_table(layout, "breakwater", "events");
+            assert!(
+                docs.contains(&ddl),
+                "docs/backends.md lacks the {} DDL:\n{ddl}",
+                layout.name()
+            );
+        }
+    }
+}

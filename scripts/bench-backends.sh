@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): breakwater with Redis dedup + ClickHouse + Kafka (tansu),
+# all started here on free loopback ports in a temporary directory, driven by
+# breakwater-load; everything is stopped and deleted at the end. Arguments go to
+# breakwater-load, e.g.
+#   ./scripts/bench-backends.sh --connections 32 --batch-size 100 --duration-seconds 10
+# Needs redis-server, clickhouse-server and tansu (./scripts/test.sh installs them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { for _ in $(seq 1 300); do if eval "$1" >/dev/null 2>&1; then return 0; fi; sleep 0.1; done; echo "timed out: $1" >&2; exit 1; }
+
+cargo build --release --locked --bins >&2
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+redis_port=$(free_port); ch_port=$(free_port); kafka_port=$(free_port); bw_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >/dev/null 2>&1 &
+pids+=($!)
+mkdir -p "$work"/ch/{data,tmp,uf,fs}
+clickhouse-server --config-file=/etc/clickhouse-server/config.xml -- --path="$work/ch/data/" \
+  --tmp_path="$work/ch/tmp/" --user_files_path="$work/ch/uf/" --format_schema_path="$work/ch/fs/" \
+  --logger.log="$work/ch/log" --logger.errorlog="$work/ch/err" --http_port="$ch_port" \
+  --tcp_port="$(free_port)" --interserver_http_port="$(free_port)" >/dev/null 2>&1 &
+pids+=($!)
+(cd "$work" && exec tansu broker --listener-url "tcp://127.0.0.1:$kafka_port" \
+  --advertised-listener-url "tcp://127.0.0.1:$kafka_port" --storage-engine memory://tansu/ >/dev/null 2>&1) &
+pids+=($!)
+wait_for "redis-cli -p $redis_port ping"
+wait_for "curl -sf http://127.0.0.1:$ch_port/?query=SELECT%201"
+wait_for "tansu topic create events --broker tcp://127.0.0.1:$kafka_port --partitions 3"
+
+cat > "$work/breakwater.toml" <<TOML
+[redis]
+url = "redis://127.0.0.1:$redis_port"
+[clickhouse]
+url = "http://127.0.0.1:$ch_port"
+[kafka]
+brokers = "127.0.0.1:$kafka_port"
+topic = "events"
+TOML
+./target/release/breakwater serve --config "$work/breakwater.toml" --listen "127.0.0.1:$bw_port" \
+  --data-dir "$work/data" >"$work/server.log" 2>&1 &
+pids+=($!)
+server_pid=$!
+wait_for "curl -sf http://127.0.0.1:$bw_port/health/ready"
+
+./target/release/breakwater-load --target "127.0.0.1:$bw_port" "$@"
+curl -s "http://127.0.0.1:$bw_port/metrics" | grep -E "(delivery_duration_seconds|http_request_duration_seconds|insert_duration_seconds)_bucket.*le=\"(0.5|1|2.5|\+Inf)\"" >&2
+rows=$(curl -s "http://127.0.0.1:$ch_port/?query=SELECT%20count()%20FROM%20breakwater.events")
+inserts=$(curl -s "http://127.0.0.1:$bw_port/metrics" | awk '/^breakwater_clickhouse_events_per_insert_count/ {print $2}')
+claims=$(curl -s "http://127.0.0.1:$bw_port/metrics" | awk '/^breakwater_redis_round_trips_total\{operation="claim"\}/ {print $2}')
+curl -s "http://127.0.0.1:$bw_port/metrics" | awk '
+  /^breakwater_sink_delivery_duration_seconds_sum/ { match($0, /sink="[a-z]+"/); s[substr($0, RSTART+6, RLENGTH-7)] = $2 }
+  /^breakwater_sink_delivery_duration_seconds_count/ { match($0, /sink="[a-z]+"/); n[substr($0, RSTART+6, RLENGTH-7)] = $2 }
+  /^breakwater_clickhouse_insert_duration_seconds_sum/ { ins = $2 } /^breakwater_clickhouse_insert_duration_seconds_count/ { insn = $2 }
+  END { for (k in s) printf "server: mean delivery wait %s %.1f ms\n", k, 1000*s[k]/n[k]; if (insn) printf "server: mean clickhouse INSERT %.1f ms\n", 1000*ins/insn }' >&2
+echo "server: clickhouse rows $rows in $inserts INSERTs; redis claim round trips $claims; peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$server_pid/status)" >&2
