@@ -170,7 +170,8 @@ async fn deliver_everywhere(sinks: &[NamedSink], batch: Arc<SinkBatch>) -> Resul
         match result {
             Ok(()) => metrics::counter!(metric::SINK_EVENTS_SENT, "sink" => sink.name).increment(events),
             Err(error) => {
-                tracing::warn!(sink = sink.name, %error, events, "delivery failed");
+                // Sinks log their own health transitions; per request this is detail.
+                tracing::debug!(sink = sink.name, %error, events, "delivery failed");
                 first_error.get_or_insert(error);
             }
         }

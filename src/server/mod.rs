@@ -23,10 +23,10 @@ use crate::intake::auth::WriteKeys;
 use crate::intake::error::IntakeError;
 use crate::intake::rejected_store::RejectedStore;
 use crate::pipeline::Pipeline;
-use crate::sinks::clickhouse::{self, ClickHouseSink};
-use crate::sinks::file::{self, FileSink};
-use crate::sinks::kafka::{self, KafkaSink};
-use crate::sinks::{DependencyHealth, NamedSink, SinkService};
+use crate::sinks::clickhouse::ClickHouseSink;
+use crate::sinks::file::FileSink;
+use crate::sinks::kafka::KafkaSink;
+use crate::sinks::{DependencyHealth, NamedSink};
 use crate::telemetry::{self, metric};
 
 /// Everything handlers share, built once at start-up.
@@ -147,28 +147,16 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         })
         .map_err(data_dir_error)?;
         background.push(writer);
-        sinks.push(NamedSink {
-            name: file::SINK_NAME,
-            health: file_sink.health(),
-            service: SinkService::new(file_sink),
-        });
+        sinks.push(NamedSink::from_sink(file_sink));
     }
     if let Some(clickhouse) = &config.clickhouse {
         let (sink, batcher) = ClickHouseSink::start(clickhouse)?;
         background.push(batcher);
-        sinks.push(NamedSink {
-            name: clickhouse::SINK_NAME,
-            health: sink.health(),
-            service: SinkService::new(sink),
-        });
+        sinks.push(NamedSink::from_sink(sink));
     }
     if let Some(kafka) = &config.kafka {
         let sink = KafkaSink::start(kafka).map_err(StartupError::Backend)?;
-        sinks.push(NamedSink {
-            name: kafka::SINK_NAME,
-            health: sink.health(),
-            service: SinkService::new(sink),
-        });
+        sinks.push(NamedSink::from_sink(sink));
     }
     let shared_dedup = match &config.redis {
         Some(redis) => Some(Arc::new(RedisDedup::connect(redis).map_err(StartupError::Backend)?)),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{SinkBatch, SinkError};
+use super::{record_outcome, DependencyHealth, Sink, SinkBatch, SinkError};
 
 /// Bounds of one group.
 #[derive(Debug, Clone, Copy)]
@@ -29,19 +29,21 @@ struct Queued {
     done: oneshot::Sender<Result<(), SinkError>>,
 }
 
-/// Handle to a running batcher; cheap to clone. The task ends when every handle is
-/// dropped, after answering everything queued.
+/// Handle to a running batcher, and the sink it feeds; cheap to clone. The task
+/// ends when every handle is dropped, after answering everything queued.
 #[derive(Clone)]
 pub struct Batcher {
     sink: &'static str,
     queue: mpsc::Sender<Queued>,
+    health: Arc<DependencyHealth>,
 }
 
 /// Batches queued per batcher before submitters wait.
 const QUEUE_BATCHES: usize = 4096;
 
 impl Batcher {
-    /// Starts the batching task. `flush` receives each group in arrival order.
+    /// Starts the batching task. `flush` receives each group in arrival order; each
+    /// outcome is recorded in the sink's health and metrics.
     pub fn start<F, Fut>(
         sink: &'static str,
         limits: BatchLimits,
@@ -52,6 +54,8 @@ impl Batcher {
         Fut: Future<Output = Result<(), SinkError>> + Send,
     {
         let (queue, mut receiver) = mpsc::channel::<Queued>(QUEUE_BATCHES);
+        let health = Arc::new(DependencyHealth::default());
+        let flush_health = health.clone();
         let task = tokio::spawn(async move {
             let mut carried: Option<Queued> = None;
             loop {
@@ -88,6 +92,7 @@ impl Batcher {
                 }
                 let (batches, answers): (Vec<_>, Vec<_>) = group.into_iter().map(|q| (q.batch, q.done)).unzip();
                 let result = flush(batches).await;
+                record_outcome(sink, &flush_health, &result);
                 for answer in answers {
                     // The requester may have gone; the outcome stands all the same.
                     let _ = answer.send(result.clone());
@@ -95,7 +100,7 @@ impl Batcher {
             }
             tracing::debug!(sink, "batcher stopped");
         });
-        (Batcher { sink, queue }, task)
+        (Batcher { sink, queue, health }, task)
     }
 
     /// Queues the batch and resolves with the result of the flush that carried it.
@@ -109,6 +114,20 @@ impl Batcher {
         let stopped = || SinkError::Stopped { sink: self.sink };
         self.queue.send(queued).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+}
+
+impl Sink for Batcher {
+    fn name(&self) -> &'static str {
+        self.sink
+    }
+
+    fn health(&self) -> Arc<DependencyHealth> {
+        self.health.clone()
+    }
+
+    fn deliver(&self, batch: Arc<SinkBatch>) -> impl Future<Output = Result<(), SinkError>> + Send {
+        self.submit(batch)
     }
 }
 

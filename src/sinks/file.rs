@@ -10,14 +10,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
 use super::batcher::{BatchLimits, Batcher};
-use super::{DependencyHealth, SinkBatch, SinkError};
+use super::{SinkBatch, SinkError};
 use crate::config::FileSinkConfig;
 use crate::telemetry::metric;
 
@@ -25,20 +23,15 @@ pub const SINK_NAME: &str = "file";
 const FILE_PREFIX: &str = "events-";
 const FILE_SUFFIX: &str = ".ndjson";
 
-/// Handle to the file sink; cheap to clone. Writing stops when the last handle is
-/// dropped, after everything queued was answered.
-#[derive(Clone)]
-pub struct FileSink {
-    batcher: Batcher,
-    health: Arc<DependencyHealth>,
-}
-
 /// An event found in the sink's files at start-up.
 pub struct RecoveredEvent<'a> {
     pub source: &'a str,
     pub message_id: &'a str,
     pub received_at_unix_seconds: u64,
 }
+
+/// The file sink: its batcher handle (the `Sink`) and the task to await at shutdown.
+pub struct FileSink;
 
 impl FileSink {
     /// Repairs the files in `dir`, reports the events of those modified within
@@ -49,7 +42,7 @@ impl FileSink {
         config: &FileSinkConfig,
         recover_window: Duration,
         mut recovered: impl FnMut(RecoveredEvent<'_>),
-    ) -> std::io::Result<(FileSink, tokio::task::JoinHandle<()>)> {
+    ) -> std::io::Result<(Batcher, tokio::task::JoinHandle<()>)> {
         std::fs::create_dir_all(dir)?;
         let files = list_files(dir)?;
         let mut recovered_count = 0u64;
@@ -70,7 +63,6 @@ impl FileSink {
             active = %active.path.display(),
             "file sink opened"
         );
-        let health = Arc::new(DependencyHealth::default());
         let writer = Arc::new(Mutex::new(Writer {
             dir: dir.to_path_buf(),
             active,
@@ -81,60 +73,19 @@ impl FileSink {
             max_bytes: config.max_group_commit_bytes,
             linger: Duration::ZERO,
         };
-        let flush_health = health.clone();
-        let (batcher, task) = Batcher::start(SINK_NAME, limits, move |group| {
+        Ok(Batcher::start(SINK_NAME, limits, move |group| {
             let writer = writer.clone();
-            let health = flush_health.clone();
             async move {
-                let requests = group.len();
-                let result = tokio::task::spawn_blocking(move || {
-                    writer.lock().unwrap_or_else(|p| p.into_inner()).commit(&group)
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    Err(SinkError::Io {
-                        sink: SINK_NAME,
-                        message: format!("writer task failed: {e}"),
+                tokio::task::spawn_blocking(move || writer.lock().unwrap_or_else(|p| p.into_inner()).commit(&group))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(SinkError::Io {
+                            sink: SINK_NAME,
+                            message: format!("writer task failed: {e}"),
+                        })
                     })
-                });
-                match &result {
-                    Ok(()) => health.record_success(SINK_NAME),
-                    Err(error) => {
-                        tracing::error!(%error, requests, "file sink commit failed");
-                        metrics::counter!(metric::SINK_ERRORS, "sink" => SINK_NAME, "kind" => error.kind())
-                            .increment(1);
-                        health.record_failure(error);
-                    }
-                }
-                result
             }
-        });
-        Ok((FileSink { batcher, health }, task))
-    }
-
-    pub fn health(&self) -> Arc<DependencyHealth> {
-        self.health.clone()
-    }
-
-    /// Writes the batch and resolves once it is fsynced.
-    pub async fn write(&self, batch: Arc<SinkBatch>) -> Result<(), SinkError> {
-        self.batcher.submit(batch).await
-    }
-}
-
-impl tower::Service<Arc<SinkBatch>> for FileSink {
-    type Response = ();
-    type Error = SinkError;
-    type Future = BoxFuture<'static, Result<(), SinkError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SinkError>> {
-        // Back-pressure is the batcher's bounded queue, awaited inside `call`.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Arc<SinkBatch>) -> Self::Future {
-        let sink = self.clone();
-        Box::pin(async move { sink.write(batch).await })
+        }))
     }
 }
 
@@ -345,7 +296,7 @@ mod tests {
         let (sink, writer) = FileSink::open(dir.path(), &config, Duration::from_secs(3600), |_| {}).unwrap();
         let big = "x".repeat(3000);
         for i in 0..3 {
-            sink.write(batch(&[&line(&format!("{i}{big}"))])).await.unwrap();
+            sink.submit(batch(&[&line(&format!("{i}{big}"))])).await.unwrap();
         }
         drop(sink);
         writer.await.unwrap();

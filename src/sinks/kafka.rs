@@ -10,10 +10,9 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::{join_all, BoxFuture};
+use futures_util::future::join_all;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -21,7 +20,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tokio::sync::watch;
 
-use super::{DependencyHealth, SinkBatch, SinkError};
+use super::{record_outcome, DependencyHealth, Sink, SinkBatch, SinkError};
 use crate::config::{KafkaConfig, KafkaKey};
 use crate::telemetry::metric;
 
@@ -160,10 +159,6 @@ impl KafkaSink {
         Ok(sink)
     }
 
-    pub fn health(&self) -> Arc<DependencyHealth> {
-        self.health.clone()
-    }
-
     fn brokers_down(&self) -> SinkError {
         SinkError::Unavailable {
             sink: SINK_NAME,
@@ -172,7 +167,7 @@ impl KafkaSink {
     }
 
     /// Produces every event and waits for every acknowledgement.
-    pub async fn deliver(&self, batch: Arc<SinkBatch>) -> Result<(), SinkError> {
+    async fn produce(&self, batch: Arc<SinkBatch>) -> Result<(), SinkError> {
         if *self.down.borrow() {
             return Err(self.brokers_down());
         }
@@ -204,7 +199,7 @@ impl KafkaSink {
             }
             match self.producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
-                Err((error, _)) => return Err(self.failed(classify(error))),
+                Err((error, _)) => return Err(classify(error)),
             }
         }
         let mut down = self.down.clone();
@@ -217,19 +212,7 @@ impl KafkaSink {
             }),
             _ = down.wait_for(|down| *down) => Err(self.brokers_down()),
         };
-        match result {
-            Ok(()) => {
-                self.health.record_success(SINK_NAME);
-                Ok(())
-            }
-            Err(error) => Err(self.failed(error)),
-        }
-    }
-
-    fn failed(&self, error: SinkError) -> SinkError {
-        metrics::counter!(metric::SINK_ERRORS, "sink" => SINK_NAME, "kind" => error.kind()).increment(1);
-        self.health.record_failure(&error);
-        error
+        result
     }
 }
 
@@ -308,18 +291,22 @@ fn classify(error: KafkaError) -> SinkError {
     }
 }
 
-impl tower::Service<Arc<SinkBatch>> for KafkaSink {
-    type Response = ();
-    type Error = SinkError;
-    type Future = BoxFuture<'static, Result<(), SinkError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SinkError>> {
-        Poll::Ready(Ok(()))
+impl Sink for KafkaSink {
+    fn name(&self) -> &'static str {
+        SINK_NAME
     }
 
-    fn call(&mut self, batch: Arc<SinkBatch>) -> Self::Future {
+    fn health(&self) -> Arc<DependencyHealth> {
+        self.health.clone()
+    }
+
+    fn deliver(&self, batch: Arc<SinkBatch>) -> impl std::future::Future<Output = Result<(), SinkError>> + Send {
         let sink = self.clone();
-        Box::pin(async move { sink.deliver(batch).await })
+        async move {
+            let result = sink.produce(batch).await;
+            record_outcome(SINK_NAME, &sink.health, &result);
+            result
+        }
     }
 }
 

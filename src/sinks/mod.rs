@@ -7,6 +7,7 @@ pub mod clickhouse;
 pub mod file;
 pub mod kafka;
 
+use std::future::Future;
 use std::sync::Arc;
 
 pub use crate::telemetry::health::DependencyHealth;
@@ -64,6 +65,29 @@ impl SinkError {
 /// Any sink, boxed so the pipeline can hold several kinds and tower layers can wrap them.
 pub type SinkService = tower::util::BoxCloneSyncService<Arc<SinkBatch>, (), SinkError>;
 
+/// What every sink offers the pipeline. Handles are cheap to clone.
+pub trait Sink: Clone + Send + Sync + 'static {
+    /// Name for metrics, logs and readiness.
+    fn name(&self) -> &'static str;
+    fn health(&self) -> Arc<DependencyHealth>;
+    /// Resolves once the batch is durable in this sink.
+    fn deliver(&self, batch: Arc<SinkBatch>) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// Records one delivery outcome: the sink's health (which logs each transition
+/// once) and the error metric. Every failure is also logged at debug level.
+pub fn record_outcome(sink: &'static str, health: &DependencyHealth, result: &Result<(), SinkError>) {
+    match result {
+        Ok(()) => health.record_success(sink),
+        Err(error) => {
+            tracing::debug!(sink, %error, retryable = error.is_retryable(), "sink delivery failed");
+            metrics::counter!(crate::telemetry::metric::SINK_ERRORS, "sink" => sink, "kind" => error.kind())
+                .increment(1);
+            health.record_failure(error);
+        }
+    }
+}
+
 /// A sink as the pipeline sees it: a name for metrics and readiness, a service and
 /// its health.
 #[derive(Clone)]
@@ -71,4 +95,17 @@ pub struct NamedSink {
     pub name: &'static str,
     pub service: SinkService,
     pub health: Arc<DependencyHealth>,
+}
+
+impl NamedSink {
+    /// Wraps a sink as a boxed tower service, ready for policy layers.
+    pub fn from_sink<S: Sink>(sink: S) -> NamedSink {
+        let name = sink.name();
+        let health = sink.health();
+        let service = SinkService::new(tower::service_fn(move |batch: Arc<SinkBatch>| {
+            let sink = sink.clone();
+            async move { sink.deliver(batch).await }
+        }));
+        NamedSink { name, service, health }
+    }
 }

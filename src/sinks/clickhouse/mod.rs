@@ -8,15 +8,13 @@ pub mod row_binary;
 pub mod schema;
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use super::batcher::{BatchLimits, Batcher};
-use super::{DependencyHealth, SinkBatch, SinkError};
+use super::{SinkBatch, SinkError};
 use crate::config::{ClickHouseCompression, ClickHouseConfig, ClickHouseSchema, ConfigError};
 use crate::telemetry::metric;
 pub use errors::{classify, exception_code};
@@ -24,12 +22,8 @@ use schema::Layout;
 
 pub const SINK_NAME: &str = "clickhouse";
 
-/// Handle to the ClickHouse sink; cheap to clone.
-#[derive(Clone)]
-pub struct ClickHouseSink {
-    batcher: Batcher,
-    health: Arc<DependencyHealth>,
-}
+/// The ClickHouse sink: a batcher whose flush is one INSERT.
+pub struct ClickHouseSink;
 
 /// Everything one INSERT needs; shared by the batcher's flushes.
 pub struct Inserter {
@@ -174,52 +168,17 @@ fn deduplication_token(group: &[Arc<SinkBatch>]) -> String {
 }
 
 impl ClickHouseSink {
-    /// Builds the client and starts the batcher; connects lazily.
-    pub fn start(config: &ClickHouseConfig) -> Result<(ClickHouseSink, tokio::task::JoinHandle<()>), ConfigError> {
+    /// Builds the client and starts the batcher (the `Sink`); connects lazily.
+    pub fn start(config: &ClickHouseConfig) -> Result<(Batcher, tokio::task::JoinHandle<()>), ConfigError> {
         let inserter = Arc::new(Inserter::new(config)?);
-        let health = Arc::new(DependencyHealth::default());
         let limits = BatchLimits {
             max_events: config.batch_max_events,
             max_bytes: config.batch_max_bytes,
             linger: Duration::from_millis(config.linger_ms),
         };
-        let flush_health = health.clone();
-        let (batcher, task) = Batcher::start(SINK_NAME, limits, move |group| {
+        Ok(Batcher::start(SINK_NAME, limits, move |group| {
             let inserter = inserter.clone();
-            let health = flush_health.clone();
-            async move {
-                let result = inserter.insert(&group).await;
-                match &result {
-                    Ok(()) => health.record_success(SINK_NAME),
-                    Err(error) => {
-                        tracing::warn!(%error, retryable = error.is_retryable(), "clickhouse insert failed");
-                        metrics::counter!(metric::SINK_ERRORS, "sink" => SINK_NAME, "kind" => error.kind())
-                            .increment(1);
-                        health.record_failure(error);
-                    }
-                }
-                result
-            }
-        });
-        Ok((ClickHouseSink { batcher, health }, task))
-    }
-
-    pub fn health(&self) -> Arc<DependencyHealth> {
-        self.health.clone()
-    }
-}
-
-impl tower::Service<Arc<SinkBatch>> for ClickHouseSink {
-    type Response = ();
-    type Error = SinkError;
-    type Future = BoxFuture<'static, Result<(), SinkError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), SinkError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, batch: Arc<SinkBatch>) -> Self::Future {
-        let batcher = self.batcher.clone();
-        Box::pin(async move { batcher.submit(batch).await })
+            async move { inserter.insert(&group).await }
+        }))
     }
 }
