@@ -9,6 +9,8 @@ pub mod config;
 pub mod dedup;
 pub mod intake;
 pub mod pipeline;
+pub mod policy;
+pub mod resilience;
 pub mod server;
 pub mod sinks;
 pub mod telemetry;

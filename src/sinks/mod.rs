@@ -39,6 +39,9 @@ pub enum SinkError {
     /// The backend could not be reached or was too busy; the same batch may succeed later.
     #[error("{sink} unavailable: {message}")]
     Unavailable { sink: &'static str, message: String },
+    /// The sink's circuit breaker is open: the call was not made.
+    #[error("{sink} circuit breaker is open")]
+    CircuitOpen { sink: &'static str },
     /// The backend refused the data itself (schema, type, syntax); retrying the same
     /// batch cannot succeed.
     #[error("{sink} rejected the batch: {message}")]
@@ -52,6 +55,7 @@ impl SinkError {
             SinkError::Io { .. } => "io",
             SinkError::Stopped { .. } => "stopped",
             SinkError::Unavailable { .. } => "unavailable",
+            SinkError::CircuitOpen { .. } => "circuit_open",
             SinkError::Rejected { .. } => "rejected",
         }
     }

@@ -58,6 +58,32 @@ pub mod metric {
     pub const KAFKA_ALL_BROKERS_DOWN: &str = "breakwater_kafka_all_brokers_down";
     /// Sink delivery duration per request, by `sink` (histogram, seconds).
     pub const SINK_DELIVERY_DURATION: &str = "breakwater_sink_delivery_duration_seconds";
+    /// Policy reloads by `result` = applied | invalid (counter).
+    pub const POLICY_RELOADS: &str = "breakwater_policy_reloads_total";
+    /// Circuit breaker state by `dependency`: 0 closed, 1 open, 2 half-open (gauge).
+    pub const CIRCUIT_BREAKER_STATE: &str = "breakwater_circuit_breaker_state";
+    /// Breaker transitions by `dependency` and `to` (counter).
+    pub const CIRCUIT_BREAKER_TRANSITIONS: &str = "breakwater_circuit_breaker_transitions_total";
+    /// Retries by `dependency` (counter).
+    pub const RETRIES: &str = "breakwater_retries_total";
+    /// Calls refused by a rate limit or a full bulkhead, by `dependency` and `by` (counter).
+    pub const CALLS_SHED: &str = "breakwater_calls_shed_total";
+    /// Events appended to a sink's spool, by `sink` (counter).
+    pub const SPOOL_APPENDED_EVENTS: &str = "breakwater_spool_appended_events_total";
+    /// Events replayed from a sink's spool and acknowledged, by `sink` (counter).
+    pub const SPOOL_REPLAYED_EVENTS: &str = "breakwater_spool_replayed_events_total";
+    /// Events waiting in a sink's spool (gauge).
+    pub const SPOOL_EVENTS: &str = "breakwater_spool_events";
+    /// Bytes held by a sink's spool (gauge).
+    pub const SPOOL_BYTES: &str = "breakwater_spool_bytes";
+    /// Age of the oldest record in a sink's spool (gauge, seconds).
+    pub const SPOOL_OLDEST_AGE: &str = "breakwater_spool_oldest_age_seconds";
+    /// Requests refused because a spool was full, by `sink` (counter).
+    pub const SPOOL_FULL: &str = "breakwater_spool_full_total";
+    /// Spool records that failed their checksum and were quarantined (counter).
+    pub const SPOOL_QUARANTINED: &str = "breakwater_spool_quarantined_records_total";
+    /// Events in the dead-letter store, by `sink` (counter of additions).
+    pub const DEAD_LETTER_EVENTS: &str = "breakwater_dead_letter_events_total";
     /// Refused events written to the rejected store (counter).
     pub const REJECTED_STORE_WRITTEN: &str = "breakwater_rejected_store_written_total";
     /// Rejected-store bytes discarded by rotation, oldest first (counter).
@@ -139,6 +165,35 @@ fn describe_metrics() {
         DEDUP_WAITS,
         "Requests that waited for an in-flight request carrying the same id."
     );
+    describe_counter!(POLICY_RELOADS, "Policy reloads by result (applied, invalid).");
+    describe_gauge!(
+        CIRCUIT_BREAKER_STATE,
+        "Circuit breaker state per dependency: 0 closed, 1 open, 2 half-open."
+    );
+    describe_counter!(
+        CIRCUIT_BREAKER_TRANSITIONS,
+        "Circuit breaker transitions per dependency and target state."
+    );
+    describe_counter!(RETRIES, "Retries per dependency.");
+    describe_counter!(CALLS_SHED, "Calls refused by a rate limit or a full bulkhead.");
+    describe_counter!(SPOOL_APPENDED_EVENTS, "Events appended to a sink's spool.");
+    describe_counter!(
+        SPOOL_REPLAYED_EVENTS,
+        "Events replayed from a sink's spool and acknowledged."
+    );
+    describe_gauge!(SPOOL_EVENTS, "Events waiting in a sink's spool.");
+    describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes held by a sink's spool.");
+    describe_gauge!(
+        SPOOL_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest record in a sink's spool."
+    );
+    describe_counter!(SPOOL_FULL, "Requests refused because a sink's spool was full.");
+    describe_counter!(
+        SPOOL_QUARANTINED,
+        "Spool records that failed their checksum and were quarantined."
+    );
+    describe_counter!(DEAD_LETTER_EVENTS, "Events added to the dead-letter store per sink.");
     describe_counter!(REJECTED_STORE_WRITTEN, "Refused events written to the rejected store.");
     describe_counter!(
         REJECTED_STORE_DISCARDED_BYTES,
