@@ -60,6 +60,10 @@ struct ServeArgs {
     /// Directory for the file sink, the rejected store and the lock file [default: ./data].
     #[arg(long, env = "BREAKWATER_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Resilience policy file, reloaded when it changes [default: the embedded
+    /// default, identical to policies/default.toml].
+    #[arg(long, env = "BREAKWATER_POLICY", value_name = "FILE")]
+    policy: Option<PathBuf>,
     /// Log format on stderr [default: text]. Level: BREAKWATER_LOG or RUST_LOG (e.g. debug).
     #[arg(long, env = "BREAKWATER_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -89,6 +93,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(data_dir) = args.data_dir {
         config.server.data_dir = data_dir;
+    }
+    if let Some(policy) = args.policy {
+        config.server.policy_file = Some(policy);
     }
     if let Some(format) = args.log_format {
         config.log.format = format;

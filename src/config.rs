@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub body_read_timeout_ms: u64,
     /// After SIGINT/SIGTERM, how long in-flight requests may take before exit.
     pub shutdown_timeout_ms: u64,
+    /// Resilience policy file (reloaded on change); none: the embedded default
+    /// (the same as `policies/default.toml`).
+    pub policy_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +60,7 @@ impl Default for ServerConfig {
             max_in_flight_requests: 1024,
             body_read_timeout_ms: 10_000,
             shutdown_timeout_ms: 30_000,
+            policy_file: None,
         }
     }
 }
@@ -104,11 +108,10 @@ impl Default for DedupConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct FileSinkConfig {
     /// On by default when neither ClickHouse nor Kafka is configured, off otherwise.
+    /// (Group-commit size and the rest of its call settings are in the policy.)
     pub enabled: Option<bool>,
     /// Start a new NDJSON file once the active one reaches this size.
     pub max_file_bytes: u64,
-    /// Most bytes one group commit writes before its fsync.
-    pub max_group_commit_bytes: usize,
 }
 
 impl Default for FileSinkConfig {
@@ -116,7 +119,6 @@ impl Default for FileSinkConfig {
         Self {
             enabled: None,
             max_file_bytes: 128 * 1024 * 1024,
-            max_group_commit_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -254,12 +256,6 @@ pub struct ClickHouseConfig {
     pub schema: ClickHouseSchema,
     /// Create the database and table when missing (on first use).
     pub create_table: bool,
-    /// One INSERT carries at most this many events…
-    pub batch_max_events: usize,
-    /// …and this many bytes of event JSON…
-    pub batch_max_bytes: usize,
-    /// …and waits at most this long for more requests to join.
-    pub linger_ms: u64,
     /// Whole INSERT deadline.
     pub insert_timeout_ms: u64,
     pub compression: ClickHouseCompression,
@@ -275,9 +271,6 @@ impl Default for ClickHouseConfig {
             password: Secret::default(),
             schema: ClickHouseSchema::Auto,
             create_table: true,
-            batch_max_events: 50_000,
-            batch_max_bytes: 32 * 1024 * 1024,
-            linger_ms: 10,
             insert_timeout_ms: 10_000,
             compression: ClickHouseCompression::Lz4,
         }
@@ -304,10 +297,6 @@ pub struct KafkaConfig {
     pub key: KafkaKey,
     /// librdkafka `compression.type`: none, gzip, snappy, lz4, zstd.
     pub compression: String,
-    /// librdkafka `linger.ms`.
-    pub linger_ms: u64,
-    /// librdkafka `batch.size`.
-    pub batch_size_bytes: usize,
     /// librdkafka `message.timeout.ms`: the longest a delivery may take.
     pub message_timeout_ms: u64,
     /// Any other librdkafka setting (e.g. `security.protocol`, `sasl.mechanism`).
@@ -322,8 +311,6 @@ impl Default for KafkaConfig {
             topic: "breakwater-events".into(),
             key: KafkaKey::User,
             compression: "lz4".into(),
-            linger_ms: 5,
-            batch_size_bytes: 1_000_000,
             message_timeout_ms: 30_000,
             librdkafka: Default::default(),
         }
@@ -485,12 +472,6 @@ impl Config {
         if self.file_sink.max_file_bytes < 4096 {
             return Err(invalid("file_sink.max_file_bytes", "must be at least 4096"));
         }
-        if self.file_sink.max_group_commit_bytes < self.limits.max_request_bytes {
-            return Err(invalid(
-                "file_sink.max_group_commit_bytes",
-                "must be at least limits.max_request_bytes so one request fits one commit",
-            ));
-        }
         self.validate_backends()?;
         if !self.file_sink_enabled() && self.clickhouse.is_none() && self.kafka.is_none() {
             return Err(invalid(
@@ -566,12 +547,6 @@ impl Config {
                         "must be letters, digits and _ (not starting with a digit)",
                     ));
                 }
-            }
-            if clickhouse.batch_max_events == 0 || clickhouse.batch_max_bytes == 0 {
-                return Err(invalid(
-                    "clickhouse.batch_max_events",
-                    "batch bounds must be greater than 0",
-                ));
             }
             clickhouse.password.resolve("clickhouse.password")?;
         }

@@ -13,4 +13,5 @@ pub mod policy;
 pub mod resilience;
 pub mod server;
 pub mod sinks;
+pub mod spool;
 pub mod telemetry;

@@ -67,6 +67,8 @@ pub enum IntakeError {
     SinkUnavailable,
     #[error("some of these messageIds are being delivered by another request; retry shortly")]
     InFlightElsewhere,
+    #[error("a sink is down and its spool is full; retry later")]
+    SpoolFull,
     #[error("server is shutting down; retry later")]
     ShuttingDown,
     #[error("no such endpoint")]
@@ -88,7 +90,9 @@ impl IntakeError {
             UnsupportedMediaType(_) | UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             MissingWriteKey | InvalidWriteKey => StatusCode::UNAUTHORIZED,
-            Overloaded | SinkUnavailable | InFlightElsewhere | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded | SinkUnavailable | SpoolFull | InFlightElsewhere | ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -116,6 +120,7 @@ impl IntakeError {
             Overloaded => "overloaded",
             SinkUnavailable => "sink_unavailable",
             InFlightElsewhere => "in_flight_elsewhere",
+            SpoolFull => "spool_full",
             ShuttingDown => "shutting_down",
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
@@ -129,6 +134,7 @@ impl IntakeError {
             IntakeError::Overloaded
                 | IntakeError::SinkUnavailable
                 | IntakeError::InFlightElsewhere
+                | IntakeError::SpoolFull
                 | IntakeError::ShuttingDown
                 | IntakeError::BodyReadTimeout(_)
         )

@@ -179,6 +179,10 @@ async fn accept(app: &AppState, kind: RouteKind, headers: &HeaderMap, body: Body
         .await
         .map_err(|error| match error {
             PipelineError::InFlightElsewhere(_) => IntakeError::InFlightElsewhere,
+            PipelineError::SpoolFull(full) => {
+                tracing::warn!(%full, "spool full: refusing the request");
+                IntakeError::SpoolFull
+            }
             error => {
                 tracing::warn!(%error, "events not made durable");
                 IntakeError::SinkUnavailable

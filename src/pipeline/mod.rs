@@ -1,19 +1,22 @@
 //! From validated events to durable ones: dedup (in-process, then Redis when
-//! configured), one batch per request to every sink at once, then the dedup commit.
-//! Calls `dedup` and `sinks`; knows nothing of HTTP. Work runs on its own task, so a
-//! client hanging up mid-request cannot interrupt it between "durable" and "seen".
+//! configured), one batch per request to every sink at once through its resilience
+//! stack, the sink's spool when the sink cannot take it now, the dead-letter table
+//! when it never will, then the dedup commit. Calls `dedup`, `resilience`, `spool`;
+//! knows nothing of HTTP. Work runs on its own task, so a client hanging up cannot
+//! interrupt it between "durable" and "seen".
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
 use crate::dedup::redis::{ClaimOutcome, RedisDedup, RedisDedupError};
 use crate::dedup::{DedupKey, LocalDedup, Verdict};
 use crate::intake::segment::NormalizedEvent;
-use crate::sinks::{NamedSink, SinkBatch, SinkError};
+use crate::resilience::ResilientSink;
+use crate::sinks::{DependencyHealth, SinkBatch, SinkError};
+use crate::spool::{SinkQueue, Spool, SpoolError};
 use crate::telemetry::metric;
 
 /// What became of a request's events.
@@ -31,6 +34,10 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     InFlightElsewhere(RedisDedupError),
+    #[error(transparent)]
+    SpoolFull(SpoolError),
+    #[error(transparent)]
+    Spool(SpoolError),
     #[error("pipeline task failed: {0}")]
     TaskFailed(String),
 }
@@ -41,32 +48,61 @@ struct Dedup {
     shared: Option<Arc<RedisDedup>>,
 }
 
+/// One sink as the pipeline uses it: its resilience stack, its spool queue, and the
+/// health of the sink itself (behind the stack).
+#[derive(Clone)]
+pub struct SinkRoute {
+    pub sink: ResilientSink,
+    pub queue: Arc<SinkQueue>,
+    pub health: Arc<DependencyHealth>,
+}
+
+/// Where one sink's copy of a request ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Delivered,
+    Spooled,
+    DeadLettered,
+}
+
 pub struct Pipeline {
     dedup: Arc<Dedup>,
-    sinks: Vec<NamedSink>,
+    routes: Vec<SinkRoute>,
+    spool: Arc<Spool>,
     tasks: TaskTracker,
 }
 
 impl Pipeline {
-    pub fn new(local: Arc<LocalDedup>, shared: Option<Arc<RedisDedup>>, sinks: Vec<NamedSink>) -> Self {
+    pub fn new(
+        local: Arc<LocalDedup>,
+        shared: Option<Arc<RedisDedup>>,
+        routes: Vec<SinkRoute>,
+        spool: Arc<Spool>,
+    ) -> Self {
         Self {
             dedup: Arc::new(Dedup { local, shared }),
-            sinks,
+            routes,
+            spool,
             tasks: TaskTracker::new(),
         }
     }
 
-    pub fn sinks(&self) -> &[NamedSink] {
-        &self.sinks
+    pub fn routes(&self) -> &[SinkRoute] {
+        &self.routes
+    }
+
+    pub fn spool(&self) -> &Arc<Spool> {
+        &self.spool
     }
 
     /// Makes the events durable in every sink, or fails leaving nothing marked seen.
     pub async fn ingest(&self, source: Arc<str>, events: Vec<NormalizedEvent>) -> Result<Ingested, PipelineError> {
         let dedup = self.dedup.clone();
-        let sinks = self.sinks.clone();
+        let routes = self.routes.clone();
+        let spool = self.spool.clone();
         let task = self
             .tasks
-            .spawn(async move { ingest_to_completion(&dedup, &sinks, source, events).await });
+            .spawn(async move { ingest_to_completion(&dedup, &routes, &spool, source, events).await });
         task.await.map_err(|e| PipelineError::TaskFailed(e.to_string()))?
     }
 
@@ -79,7 +115,8 @@ impl Pipeline {
 
 async fn ingest_to_completion(
     dedup: &Dedup,
-    sinks: &[NamedSink],
+    routes: &[SinkRoute],
+    spool: &Arc<Spool>,
     source: Arc<str>,
     events: Vec<NormalizedEvent>,
 ) -> Result<Ingested, PipelineError> {
@@ -129,13 +166,13 @@ async fn ingest_to_completion(
             source: source.clone(),
             events: new_events,
         });
-        if let Err(error) = deliver_everywhere(sinks, batch).await {
+        if let Err(error) = deliver_everywhere(routes, spool, batch).await {
             // Nothing is committed: the reservation drops, the claims are released,
             // and the client's retry is free to succeed.
             if let (Some(shared), Some(claim)) = (&dedup.shared, &claim) {
                 shared.release(claim).await;
             }
-            return Err(error.into());
+            return Err(error);
         }
     }
     if let (Some(shared), Some(claim)) = (&dedup.shared, claim) {
@@ -152,26 +189,56 @@ async fn ingest_to_completion(
     })
 }
 
-/// Sends the batch to every sink at once; succeeds only if all of them did.
-async fn deliver_everywhere(sinks: &[NamedSink], batch: Arc<SinkBatch>) -> Result<(), SinkError> {
+/// Makes the batch durable for every sink at once: delivered through the sink's
+/// stack, or else in that sink's spool (retryable failure, open breaker, timeout),
+/// or in the dead-letter table (the sink rejected the data for good). Fails only
+/// if some sink's copy could be none of these (spool full or broken).
+async fn deliver_everywhere(
+    routes: &[SinkRoute],
+    spool: &Arc<Spool>,
+    batch: Arc<SinkBatch>,
+) -> Result<(), PipelineError> {
     let events = batch.events.len() as u64;
-    let deliveries = sinks.iter().map(|sink| {
+    let deliveries = routes.iter().map(|route| {
         let batch = batch.clone();
         async move {
             let started = Instant::now();
-            let result = sink.service.clone().oneshot(batch).await;
-            metrics::histogram!(metric::SINK_DELIVERY_DURATION, "sink" => sink.name)
+            let result = route.sink.call(batch.clone()).await;
+            metrics::histogram!(metric::SINK_DELIVERY_DURATION, "sink" => route.sink.name)
                 .record(started.elapsed().as_secs_f64());
-            result
+            match result {
+                Ok(()) => Ok(Outcome::Delivered),
+                Err(error) if error.is_retryable() => {
+                    tracing::debug!(sink = route.sink.name, %error, events, "sink unavailable: spooling");
+                    match route.queue.append(batch).await {
+                        Ok(()) => Ok(Outcome::Spooled),
+                        Err(full @ SpoolError::Full { .. }) => Err(PipelineError::SpoolFull(full)),
+                        Err(other) => Err(PipelineError::Spool(other)),
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(sink = route.sink.name, %error, events, "sink rejected the batch: dead-lettering");
+                    let spool = spool.clone();
+                    let name = route.sink.name;
+                    let message = error.to_string();
+                    tokio::task::spawn_blocking(move || spool.add_dead_letter(name, &message, &batch))
+                        .await
+                        .map_err(|e| PipelineError::TaskFailed(e.to_string()))?
+                        .map(|()| Outcome::DeadLettered)
+                        .map_err(PipelineError::Spool)
+                }
+            }
         }
     });
     let mut first_error = None;
-    for (sink, result) in sinks.iter().zip(join_all(deliveries).await) {
-        match result {
-            Ok(()) => metrics::counter!(metric::SINK_EVENTS_SENT, "sink" => sink.name).increment(events),
+    for (route, outcome) in routes.iter().zip(join_all(deliveries).await) {
+        match outcome {
+            Ok(Outcome::Delivered) => {
+                metrics::counter!(metric::SINK_EVENTS_SENT, "sink" => route.sink.name).increment(events)
+            }
+            Ok(Outcome::Spooled | Outcome::DeadLettered) => {}
             Err(error) => {
-                // Sinks log their own health transitions; per request this is detail.
-                tracing::debug!(sink = sink.name, %error, events, "delivery failed");
+                tracing::debug!(sink = route.sink.name, %error, events, "not durable for this sink");
                 first_error.get_or_insert(error);
             }
         }

@@ -330,8 +330,11 @@ fn validate_calls(name: &str, calls: &CallPolicy) -> Result<(), (String, String)
     }
 }
 
+/// One policy file's check result.
+pub type FileCheck = (PathBuf, Result<LoadedPolicy, PolicyError>);
+
 /// Validates every `*.toml` in `dir`; returns each file's outcome, in name order.
-pub fn check_dir(dir: &Path) -> Result<Vec<(PathBuf, Result<LoadedPolicy, PolicyError>)>, String> {
+pub fn check_dir(dir: &Path) -> Result<Vec<FileCheck>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|entry| entry.ok().map(|e| e.path()))

@@ -23,10 +23,15 @@ use crate::intake::auth::WriteKeys;
 use crate::intake::error::IntakeError;
 use crate::intake::rejected_store::RejectedStore;
 use crate::pipeline::Pipeline;
+use crate::pipeline::SinkRoute;
+use crate::policy::{reload, BatchPolicy, CallPolicy, LoadedPolicy, Policy, PolicyError, SinkPolicy};
+use crate::resilience::{self, ResilientSink};
+use crate::sinks::batcher::BatchLimits;
 use crate::sinks::clickhouse::ClickHouseSink;
 use crate::sinks::file::FileSink;
 use crate::sinks::kafka::KafkaSink;
 use crate::sinks::{DependencyHealth, NamedSink};
+use crate::spool::{replay, Spool, SpoolError};
 use crate::telemetry::{self, metric};
 
 /// Everything handlers share, built once at start-up.
@@ -37,6 +42,8 @@ pub struct AppState {
     pub pipeline: Pipeline,
     /// Present when dedup is shared through Redis.
     pub redis_health: Option<Arc<DependencyHealth>>,
+    /// The resilience policy in force.
+    pub policy: watch::Receiver<Arc<LoadedPolicy>>,
     pub rejected_store: Arc<RejectedStore>,
     pub in_flight: InFlightLimit,
     pub metrics: PrometheusHandle,
@@ -110,6 +117,10 @@ pub enum StartupError {
     Metrics(String),
     #[error("{0}")]
     Backend(String),
+    #[error("invalid policy: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("cannot open the spool: {0}")]
+    Spool(#[from] SpoolError),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -136,36 +147,92 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         None => config.dedup.max_entries,
     };
     let dedup = Arc::new(LocalDedup::new(window, local_entries));
-    let mut sinks = Vec::new();
+
+    // The policy in force, reloaded on change when it comes from a file.
+    let loaded = match &config.server.policy_file {
+        Some(path) => LoadedPolicy::from_file(path)?,
+        None => LoadedPolicy::embedded(),
+    };
+    tracing::info!(
+        version = loaded.policy.version,
+        hash = loaded.hash,
+        file = loaded
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<embedded default>".into()),
+        "policy loaded"
+    );
+    let policy = match &config.server.policy_file {
+        Some(path) => reload::watch_file(path.clone(), loaded),
+        None => watch::channel(Arc::new(loaded)).1,
+    };
+    let current = policy.borrow().clone();
+
+    // The sinks themselves, each with its batch limits from the policy.
+    let mut inner_sinks = Vec::new();
     let mut background = Vec::new();
+    let mut batch_limits = Vec::new();
     if config.file_sink_enabled() {
-        let (file_sink, writer) = FileSink::open(&data_dir.join("events"), &config.file_sink, window, |event| {
-            dedup.restore(
-                DedupKey::new(event.source, event.message_id),
-                event.received_at_unix_seconds,
-            )
-        })
-        .map_err(data_dir_error)?;
+        let (limits_sender, limits) = watch::channel(batch_limits_of(&current.policy.file.batch));
+        let (file_sink, writer) =
+            FileSink::open(&data_dir.join("events"), &config.file_sink, limits, window, |event| {
+                dedup.restore(
+                    DedupKey::new(event.source, event.message_id),
+                    event.received_at_unix_seconds,
+                )
+            })
+            .map_err(data_dir_error)?;
         background.push(writer);
-        sinks.push(NamedSink::from_sink(file_sink));
+        batch_limits.push(("file", limits_sender));
+        inner_sinks.push(NamedSink::from_sink(file_sink));
     }
     if let Some(clickhouse) = &config.clickhouse {
-        let (sink, batcher) = ClickHouseSink::start(clickhouse)?;
+        let (limits_sender, limits) = watch::channel(batch_limits_of(&current.policy.clickhouse.batch));
+        let (sink, batcher) = ClickHouseSink::start(clickhouse, limits)?;
         background.push(batcher);
-        sinks.push(NamedSink::from_sink(sink));
+        batch_limits.push(("clickhouse", limits_sender));
+        inner_sinks.push(NamedSink::from_sink(sink));
     }
     if let Some(kafka) = &config.kafka {
-        let sink = KafkaSink::start(kafka).map_err(StartupError::Backend)?;
-        sinks.push(NamedSink::from_sink(sink));
+        let sink = KafkaSink::start(kafka, &current.policy.kafka.batch).map_err(StartupError::Backend)?;
+        inner_sinks.push(NamedSink::from_sink(sink));
     }
+
+    // One spool queue per sink, and the resilience stack in front of each sink.
+    let queue_sizes: Vec<_> = inner_sinks
+        .iter()
+        .map(|sink| (sink.name, sink_policy(&current.policy, sink.name).spool.max_bytes))
+        .collect();
+    let spool = Arc::new(Spool::open(&data_dir.join("spool"), &queue_sizes)?);
+    let mut routes = Vec::new();
+    for inner in inner_sinks {
+        let calls = calls_for(&config, &current.policy, inner.name);
+        let sink = ResilientSink::new(inner.name, inner.service, &calls).map_err(StartupError::Backend)?;
+        let queue = spool.queue(inner.name).expect("a queue per sink");
+        tokio::spawn(replay::run(spool.clone(), queue.clone(), sink.clone(), policy.clone()));
+        routes.push(SinkRoute {
+            sink,
+            queue,
+            health: inner.health,
+        });
+    }
+    tokio::spawn(apply_policy_changes(
+        config.clone(),
+        policy.clone(),
+        routes.clone(),
+        batch_limits,
+    ));
+
     let shared_dedup = match &config.redis {
         Some(redis) => Some(Arc::new(RedisDedup::connect(redis).map_err(StartupError::Backend)?)),
         None => None,
     };
     metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
     tracing::info!(
-        sinks = sinks.iter().map(|s| s.name).collect::<Vec<_>>().join(","),
+        sinks = routes.iter().map(|r| r.sink.name).collect::<Vec<_>>().join(","),
         shared_dedup = shared_dedup.is_some(),
+        spool = %spool.path().display(),
         "pipeline built"
     );
     let rejected_store =
@@ -180,7 +247,8 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
         write_keys,
         redis_health: shared_dedup.as_ref().map(|redis| redis.health()),
-        pipeline: Pipeline::new(dedup, shared_dedup, sinks),
+        pipeline: Pipeline::new(dedup, shared_dedup, routes, spool),
+        policy,
         rejected_store: Arc::new(rejected_store),
         in_flight: InFlightLimit::new(config.server.max_in_flight_requests),
         metrics,
@@ -241,6 +309,71 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     }
     tracing::info!("breakwater stopped");
     Ok(())
+}
+
+fn batch_limits_of(batch: &BatchPolicy) -> BatchLimits {
+    BatchLimits {
+        max_events: batch.max_events,
+        max_bytes: batch.max_bytes,
+        linger: Duration::from_millis(batch.linger_ms),
+    }
+}
+
+/// The policy section of a sink by name.
+pub fn sink_policy<'a>(policy: &'a Policy, sink: &str) -> &'a SinkPolicy {
+    match sink {
+        "clickhouse" => &policy.clickhouse,
+        "kafka" => &policy.kafka,
+        _ => &policy.file,
+    }
+}
+
+/// A sink's call policy. Kafka's per-attempt timeout is never shorter than the
+/// producer's own message timeout: a message given up on by us but still queued in
+/// librdkafka would otherwise be delivered behind the spool's back.
+fn calls_for(config: &Config, policy: &Policy, sink: &str) -> CallPolicy {
+    let mut calls = sink_policy(policy, sink).calls();
+    if let (Some(kafka), "kafka") = (&config.kafka, sink) {
+        calls.timeout_ms = calls.timeout_ms.max(kafka.message_timeout_ms + 1_000);
+    }
+    calls
+}
+
+/// Applies each new policy to the running stacks, spool sizes and batch limits,
+/// and keeps each breaker's state gauge fresh from its handle.
+async fn apply_policy_changes(
+    config: Config,
+    mut policy: watch::Receiver<Arc<LoadedPolicy>>,
+    routes: Vec<SinkRoute>,
+    batch_limits: Vec<(&'static str, watch::Sender<BatchLimits>)>,
+) {
+    let mut refresh = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            changed = policy.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let current = policy.borrow_and_update().clone();
+                for route in &routes {
+                    let name = route.sink.name;
+                    if let Err(error) = route.sink.apply(&calls_for(&config, &current.policy, name)) {
+                        tracing::error!(sink = name, %error, "could not apply the new policy to this sink");
+                    }
+                    route.queue.set_max_bytes(sink_policy(&current.policy, name).spool.max_bytes);
+                }
+                for (name, sender) in &batch_limits {
+                    sender.send_replace(batch_limits_of(&sink_policy(&current.policy, name).batch));
+                }
+            }
+            _ = refresh.tick() => {
+                for route in &routes {
+                    metrics::gauge!(metric::CIRCUIT_BREAKER_STATE, "dependency" => route.sink.name)
+                        .set(resilience::state_value(route.sink.breaker()));
+                }
+            }
+        }
+    }
 }
 
 /// The whole HTTP surface: intake routes, ops endpoints, JSON 404/405.

@@ -11,12 +11,15 @@ use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
 use super::AppState;
+use crate::resilience;
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/admin/policy", get(policy))
+        .route("/admin/spool", get(spool))
 }
 
 /// The process is up and answering; no dependency is consulted.
@@ -24,17 +27,25 @@ async fn live() -> Json<Value> {
     Json(json!({ "status": "live" }))
 }
 
-/// Ready unless shutting down or a sink's last write failed. 503 tells a load
-/// balancer to send elsewhere; the body says why.
+/// Ready unless shutting down or a sink's spool is full (a failing sink alone does
+/// not stop intake: its events are spooled). 503 tells a load balancer to send
+/// elsewhere; the body says why, with each sink's breaker and spool.
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
+    let shutting_down = app.shutting_down.load(Ordering::Relaxed);
+    let mut ready = !shutting_down;
     let mut sinks = Map::new();
-    let mut ready = !app.shutting_down.load(Ordering::Relaxed);
-    for sink in app.pipeline.sinks() {
-        let healthy = sink.health.is_healthy();
-        ready &= healthy;
+    for route in app.pipeline.routes() {
+        let spool_full = route.queue.is_full();
+        ready &= !spool_full;
         sinks.insert(
-            sink.name.to_string(),
-            json!({ "healthy": healthy, "lastError": sink.health.last_error() }),
+            route.sink.name.to_string(),
+            json!({
+                "healthy": route.health.is_healthy(),
+                "lastError": route.health.last_error(),
+                "circuitBreaker": resilience::state_name(route.sink.breaker()),
+                "spool": route.queue.stats(),
+                "spoolFull": spool_full,
+            }),
         );
     }
     let mut dependencies = Map::new();
@@ -52,13 +63,40 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
     };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "shuttingDown": app.shutting_down.load(Ordering::Relaxed),
+        "shuttingDown": shutting_down,
         "sinks": sinks,
         "dependencies": dependencies,
         "inFlightRequests": app.in_flight.current(),
         "maxInFlightRequests": app.in_flight.max(),
     });
     (status, Json(body)).into_response()
+}
+
+/// The policy in force: version label, content hash and file.
+async fn policy(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let loaded = app.policy.borrow().clone();
+    Json(json!({
+        "version": loaded.policy.version,
+        "hash": loaded.hash,
+        "file": loaded.path.as_ref().map(|p| p.display().to_string()),
+        "policy": loaded.policy,
+    }))
+}
+
+/// Spool queues, dead letters and quarantined records.
+async fn spool(State(app): State<Arc<AppState>>) -> Response {
+    let spool = app.pipeline.spool().clone();
+    let counts = tokio::task::spawn_blocking(move || {
+        let queues: Vec<_> = spool.queues().iter().map(|q| q.stats()).collect();
+        let dead_letters = spool.dead_letters().map(|l| l.len()).unwrap_or(0);
+        let quarantined = spool.quarantined().unwrap_or(0);
+        json!({ "queues": queues, "deadLetterRecords": dead_letters, "quarantinedRecords": quarantined })
+    })
+    .await;
+    match counts {
+        Ok(body) => Json(body).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{record_outcome, DependencyHealth, Sink, SinkBatch, SinkError};
@@ -44,9 +44,10 @@ const QUEUE_BATCHES: usize = 4096;
 impl Batcher {
     /// Starts the batching task. `flush` receives each group in arrival order; each
     /// outcome is recorded in the sink's health and metrics.
+    /// `limits` may change while running (policy reload); each group reads them anew.
     pub fn start<F, Fut>(
         sink: &'static str,
-        limits: BatchLimits,
+        limits: watch::Receiver<BatchLimits>,
         mut flush: F,
     ) -> (Batcher, tokio::task::JoinHandle<()>)
     where
@@ -66,6 +67,7 @@ impl Batcher {
                         None => break,
                     },
                 };
+                let limits = *limits.borrow();
                 let deadline = first.arrived + limits.linger;
                 let mut events = first.batch.events.len();
                 let mut bytes = first.batch.json_bytes();
@@ -89,6 +91,12 @@ impl Batcher {
                     events += next_events;
                     bytes += next_bytes;
                     group.push(next);
+                }
+                // A caller that gave up (its timeout fired) has already moved on,
+                // e.g. to the spool: do not send its events behind its back.
+                group.retain(|queued| !queued.done.is_closed());
+                if group.is_empty() {
+                    continue;
                 }
                 let (batches, answers): (Vec<_>, Vec<_>) = group.into_iter().map(|q| (q.batch, q.done)).unzip();
                 let result = flush(batches).await;
@@ -157,7 +165,7 @@ mod tests {
     fn recording_batcher(limits: BatchLimits) -> (Batcher, Arc<Mutex<Vec<usize>>>) {
         let groups = Arc::new(Mutex::new(Vec::new()));
         let seen = groups.clone();
-        let (batcher, _task) = Batcher::start("test", limits, move |group| {
+        let (batcher, _task) = Batcher::start("test", watch::channel(limits).1, move |group| {
             seen.lock().unwrap().push(group.iter().map(|b| b.events.len()).sum());
             async {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -197,7 +205,7 @@ mod tests {
             max_bytes: 1 << 20,
             linger: Duration::from_millis(20),
         };
-        let (batcher, _task) = Batcher::start("test", limits, |_| async {
+        let (batcher, _task) = Batcher::start("test", watch::channel(limits).1, |_| async {
             Err(SinkError::Unavailable {
                 sink: "test",
                 message: "down".into(),

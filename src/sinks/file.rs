@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
+use tokio::sync::watch;
 
 use super::batcher::{BatchLimits, Batcher};
 use super::{SinkBatch, SinkError};
@@ -40,6 +41,7 @@ impl FileSink {
     pub fn open(
         dir: &Path,
         config: &FileSinkConfig,
+        limits: watch::Receiver<BatchLimits>,
         recover_window: Duration,
         mut recovered: impl FnMut(RecoveredEvent<'_>),
     ) -> std::io::Result<(Batcher, tokio::task::JoinHandle<()>)> {
@@ -68,11 +70,6 @@ impl FileSink {
             active,
             max_file_bytes: config.max_file_bytes,
         }));
-        let limits = BatchLimits {
-            max_events: usize::MAX,
-            max_bytes: config.max_group_commit_bytes,
-            linger: Duration::ZERO,
-        };
         Ok(Batcher::start(SINK_NAME, limits, move |group| {
             let writer = writer.clone();
             async move {
@@ -278,6 +275,15 @@ mod tests {
         })
     }
 
+    fn test_limits() -> watch::Receiver<BatchLimits> {
+        watch::channel(BatchLimits {
+            max_events: usize::MAX,
+            max_bytes: 1 << 20,
+            linger: Duration::ZERO,
+        })
+        .1
+    }
+
     fn line(id: &str) -> String {
         format!(
             r#"{{"messageId":"{id}","sourceName":"web","receivedAt":"{}"}}"#,
@@ -291,9 +297,9 @@ mod tests {
         let config = FileSinkConfig {
             enabled: Some(true),
             max_file_bytes: 4096,
-            max_group_commit_bytes: 1 << 20,
         };
-        let (sink, writer) = FileSink::open(dir.path(), &config, Duration::from_secs(3600), |_| {}).unwrap();
+        let (sink, writer) =
+            FileSink::open(dir.path(), &config, test_limits(), Duration::from_secs(3600), |_| {}).unwrap();
         let big = "x".repeat(3000);
         for i in 0..3 {
             sink.submit(batch(&[&line(&format!("{i}{big}"))])).await.unwrap();
@@ -307,7 +313,7 @@ mod tests {
         );
 
         let mut ids = Vec::new();
-        let (sink, writer) = FileSink::open(dir.path(), &config, Duration::from_secs(3600), |e| {
+        let (sink, writer) = FileSink::open(dir.path(), &config, test_limits(), Duration::from_secs(3600), |e| {
             ids.push(e.message_id.chars().next().unwrap())
         })
         .unwrap();
@@ -327,9 +333,13 @@ mod tests {
         let path = dir.path().join("events-00000001.ndjson");
         std::fs::write(&path, format!("{}\n{{\"messageId\":\"tor", line("a"))).unwrap();
         let mut ids = Vec::new();
-        let (sink, writer) = FileSink::open(dir.path(), &FileSinkConfig::default(), Duration::from_secs(60), |e| {
-            ids.push(e.message_id.to_string())
-        })
+        let (sink, writer) = FileSink::open(
+            dir.path(),
+            &FileSinkConfig::default(),
+            test_limits(),
+            Duration::from_secs(60),
+            |e| ids.push(e.message_id.to_string()),
+        )
         .unwrap();
         drop(sink);
         writer.await.unwrap();

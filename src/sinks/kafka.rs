@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use super::{record_outcome, DependencyHealth, Sink, SinkBatch, SinkError};
 use crate::config::{KafkaConfig, KafkaKey};
+use crate::policy::BatchPolicy;
 use crate::telemetry::metric;
 
 pub const SINK_NAME: &str = "kafka";
@@ -101,16 +102,18 @@ pub struct KafkaSink {
     health: Arc<DependencyHealth>,
 }
 
-/// librdkafka settings breakwater chooses; `kafka.librdkafka` entries override them.
-pub fn producer_settings(config: &KafkaConfig) -> BTreeMap<String, String> {
+/// librdkafka settings breakwater chooses (batching from the policy, read at
+/// start-up); `kafka.librdkafka` entries override them.
+pub fn producer_settings(config: &KafkaConfig, batch: &BatchPolicy) -> BTreeMap<String, String> {
     let mut settings: BTreeMap<String, String> = [
         ("bootstrap.servers", config.brokers.clone()),
         ("client.id", "breakwater".to_string()),
         ("enable.idempotence", "true".to_string()),
         ("acks", "all".to_string()),
         ("compression.type", config.compression.clone()),
-        ("linger.ms", config.linger_ms.to_string()),
-        ("batch.size", config.batch_size_bytes.to_string()),
+        ("linger.ms", batch.linger_ms.to_string()),
+        ("batch.size", batch.max_bytes.min(i32::MAX as usize).to_string()),
+        ("batch.num.messages", batch.max_events.min(1_000_000).to_string()),
         ("message.timeout.ms", config.message_timeout_ms.to_string()),
     ]
     .into_iter()
@@ -123,7 +126,7 @@ pub fn producer_settings(config: &KafkaConfig) -> BTreeMap<String, String> {
 impl KafkaSink {
     /// Creates the one producer of the process (it connects in the background) and
     /// the task that notices brokers coming back.
-    pub fn start(config: &KafkaConfig) -> Result<KafkaSink, String> {
+    pub fn start(config: &KafkaConfig, batch: &BatchPolicy) -> Result<KafkaSink, String> {
         let (changed, down) = watch::channel(false);
         let state = Arc::new(BrokerState {
             down: AtomicBool::new(false),
@@ -135,7 +138,7 @@ impl KafkaSink {
             suppressed: std::sync::atomic::AtomicU64::new(0),
         };
         let mut client_config = ClientConfig::new();
-        for (key, value) in producer_settings(config) {
+        for (key, value) in producer_settings(config, batch) {
             client_config.set(key, value);
         }
         let producer: FutureProducer<BrokerWatch> = client_config
@@ -321,7 +324,8 @@ mod tests {
             ..KafkaConfig::default()
         };
         config.librdkafka.insert("linger.ms".into(), "50".into());
-        let settings = producer_settings(&config);
+        let batch = crate::policy::LoadedPolicy::embedded().policy.kafka.batch;
+        let settings = producer_settings(&config, &batch);
         assert_eq!(settings["enable.idempotence"], "true");
         assert_eq!(settings["acks"], "all");
         assert_eq!(settings["compression.type"], "lz4");

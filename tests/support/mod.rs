@@ -260,3 +260,27 @@ pub fn id_counts(events: &[Value]) -> std::collections::HashMap<String, usize> {
     }
     counts
 }
+
+/// Writes a policy file: the embedded default with `edits` (text replacements)
+/// applied to the named `[section]`, e.g. `("kafka.spool", "max_bytes", "1048576")`.
+pub fn policy_file(dir: &std::path::Path, name: &str, edits: &[(&str, &str, &str)]) -> std::path::PathBuf {
+    let mut text = breakwater::policy::EMBEDDED_DEFAULT.to_string();
+    for (section, key, value) in edits {
+        let header = format!("[{section}]\n");
+        let start = text
+            .find(&header)
+            .unwrap_or_else(|| panic!("no [{section}] in the default policy"))
+            + header.len();
+        let end = text[start..].find("\n[").map_or(text.len(), |i| start + i);
+        let block = &text[start..end];
+        let line_start = block
+            .lines()
+            .find(|line| line.starts_with(&format!("{key} =")))
+            .unwrap_or_else(|| panic!("no {key} in [{section}]"));
+        let replaced = block.replacen(line_start, &format!("{key} = {value}"), 1);
+        text.replace_range(start..end, &replaced);
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}

@@ -169,13 +169,11 @@ fn deduplication_token(group: &[Arc<SinkBatch>]) -> String {
 
 impl ClickHouseSink {
     /// Builds the client and starts the batcher (the `Sink`); connects lazily.
-    pub fn start(config: &ClickHouseConfig) -> Result<(Batcher, tokio::task::JoinHandle<()>), ConfigError> {
+    pub fn start(
+        config: &ClickHouseConfig,
+        limits: tokio::sync::watch::Receiver<BatchLimits>,
+    ) -> Result<(Batcher, tokio::task::JoinHandle<()>), ConfigError> {
         let inserter = Arc::new(Inserter::new(config)?);
-        let limits = BatchLimits {
-            max_events: config.batch_max_events,
-            max_bytes: config.batch_max_bytes,
-            linger: Duration::from_millis(config.linger_ms),
-        };
         Ok(Batcher::start(SINK_NAME, limits, move |group| {
             let inserter = inserter.clone();
             async move { inserter.insert(&group).await }
