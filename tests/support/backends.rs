@@ -56,6 +56,12 @@ fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
 }
 
+fn signal(pid: u32, signal: i32) {
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
 fn stop(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -136,40 +142,84 @@ impl Drop for Redis {
 pub struct ClickHouse {
     child: Child,
     pub http_port: u16,
+    tcp_port: u16,
+    interserver_port: u16,
     dir: tempfile::TempDir,
 }
 
 impl ClickHouse {
     pub fn start() -> ClickHouse {
-        let binary = require("clickhouse-server");
+        ClickHouse::start_at(free_port())
+    }
+
+    /// On a given HTTP port (e.g. one breakwater was already told about).
+    pub fn start_at(http_port: u16) -> ClickHouse {
         let dir = tempfile::tempdir().unwrap();
+        let (tcp_port, interserver_port) = (free_port(), free_port());
+        let child = ClickHouse::spawn(dir.path(), http_port, tcp_port, interserver_port);
+        let clickhouse = ClickHouse {
+            child,
+            http_port,
+            tcp_port,
+            interserver_port,
+            dir,
+        };
+        clickhouse.wait_ready();
+        clickhouse
+    }
+
+    fn spawn(dir: &Path, http_port: u16, tcp_port: u16, interserver_port: u16) -> Child {
         let path = |name: &str| {
-            let sub = dir.path().join(name);
+            let sub = dir.join(name);
             std::fs::create_dir_all(&sub).unwrap();
             format!("{}/", sub.display())
         };
-        let http_port = free_port();
-        let child = Command::new(binary)
+        Command::new(require("clickhouse-server"))
             .arg("--config-file=/etc/clickhouse-server/config.xml")
             .arg("--")
             .arg(format!("--path={}", path("data")))
             .arg(format!("--tmp_path={}", path("tmp")))
             .arg(format!("--user_files_path={}", path("user_files")))
             .arg(format!("--format_schema_path={}", path("format_schemas")))
-            .arg(format!("--logger.log={}/server.log", dir.path().display()))
-            .arg(format!("--logger.errorlog={}/server.err", dir.path().display()))
+            .arg(format!("--logger.log={}/server.log", dir.display()))
+            .arg(format!("--logger.errorlog={}/server.err", dir.display()))
             .arg(format!("--http_port={http_port}"))
-            .arg(format!("--tcp_port={}", free_port()))
-            .arg(format!("--interserver_http_port={}", free_port()))
+            .arg(format!("--tcp_port={tcp_port}"))
+            .arg(format!("--interserver_http_port={interserver_port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start clickhouse-server");
-        let clickhouse = ClickHouse { child, http_port, dir };
+            .expect("start clickhouse-server")
+    }
+
+    fn wait_ready(&self) {
         wait_until("clickhouse-server", Duration::from_secs(60), || {
-            clickhouse.try_query("SELECT 1").is_ok_and(|r| r.trim() == "1")
+            self.try_query("SELECT 1").is_ok_and(|r| r.trim() == "1")
         });
-        clickhouse
+    }
+
+    /// SIGSTOP: the server hangs with its connections open.
+    pub fn freeze(&self) {
+        signal(self.child.id(), libc::SIGSTOP);
+    }
+
+    /// SIGCONT after `freeze`.
+    pub fn thaw(&self) {
+        signal(self.child.id(), libc::SIGCONT);
+    }
+
+    /// SIGKILL and wait for the HTTP port to close.
+    pub fn kill9(&mut self) {
+        stop(&mut self.child);
+        wait_until("clickhouse port to close", Duration::from_secs(30), || {
+            !port_open(self.http_port)
+        });
+    }
+
+    /// Starts again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.child = ClickHouse::spawn(self.dir.path(), self.http_port, self.tcp_port, self.interserver_port);
+        self.wait_ready();
     }
 
     pub fn url(&self) -> String {

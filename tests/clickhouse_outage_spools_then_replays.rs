@@ -1,0 +1,163 @@
+//! ClickHouse frozen, then killed and restarted, under load: intake keeps
+//! answering 200, the spool takes what ClickHouse cannot, the breaker opens and
+//! closes again, and after recovery every acknowledged event is in ClickHouse
+//! exactly once. Also: breakwater `kill -9` with a non-empty spool, and a start-up
+//! while ClickHouse is not there at all.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::backends::{free_port, ClickHouse};
+use support::*;
+
+const DATABASE: &str = "outage";
+
+/// Quick breaker and short timeouts so the test runs in seconds.
+fn config(dir: &std::path::Path, clickhouse_port: u16) -> String {
+    let policy = policy_file(
+        dir,
+        "fast.toml",
+        &[
+            ("clickhouse", "timeout_ms", "1000"),
+            ("clickhouse.retry", "max_attempts", "2"),
+            ("clickhouse.circuit_breaker", "consecutive_failures", "2"),
+            ("clickhouse.circuit_breaker", "open_ms", "1000"),
+        ],
+    );
+    format!(
+        "[server]\npolicy_file = \"{}\"\n\n[clickhouse]\nurl = \"http://127.0.0.1:{clickhouse_port}\"\ndatabase = \"{DATABASE}\"\ninsert_timeout_ms = 3000\n",
+        policy.display()
+    )
+}
+
+fn wait_for_empty_spool(server: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while server.metric("breakwater_spool_events{sink=\"clickhouse\"}") > 0.0 {
+        assert!(Instant::now() < deadline, "the ClickHouse spool did not drain");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Every acknowledged id is in the table once (duplicates collapsed by FINAL, which
+/// is how the ReplacingMergeTree table is meant to be read), and nothing else.
+fn assert_exactly_once(clickhouse: &ClickHouse, acked: &HashSet<String>) {
+    let table = format!("{DATABASE}.events");
+    let stored: HashSet<String> = clickhouse
+        .query(&format!("SELECT message_id FROM {table} FINAL"))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let missing: Vec<_> = acked.difference(&stored).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events missing, e.g. {missing:?}",
+        acked.len() - stored.len().min(acked.len())
+    );
+    let unexpected: Vec<_> = stored.difference(acked).take(5).collect();
+    assert!(unexpected.is_empty(), "events never acknowledged: {unexpected:?}");
+    let final_count: usize = clickhouse
+        .query(&format!("SELECT count() FROM {table} FINAL"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(final_count, acked.len(), "rows (FINAL) vs acknowledged events");
+}
+
+#[test]
+fn freeze_and_kill_under_load_lose_nothing_and_double_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut clickhouse = ClickHouse::start();
+    let server = Server::start_with(&config(dir.path(), clickhouse.http_port), &[]);
+    let acked = Mutex::new(HashSet::new());
+    let stop = AtomicBool::new(false);
+    let refused = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for writer in 0..4 {
+            let (acked, stop, refused, server) = (&acked, &stop, &refused, &server);
+            scope.spawn(move || {
+                let mut request = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    request += 1;
+                    let batch: Vec<_> = (0..20).map(|i| track(&format!("w{writer}-r{request}-e{i}"))).collect();
+                    let (status, body) = post_json(server, "/v1/batch", &json!({ "batch": batch }));
+                    if status == 200 {
+                        acked
+                            .lock()
+                            .unwrap()
+                            .extend(batch.iter().map(|e| e["messageId"].as_str().unwrap().to_string()));
+                    } else {
+                        refused.lock().unwrap().push((status, body));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        clickhouse.freeze();
+        std::thread::sleep(Duration::from_secs(3));
+        clickhouse.thaw();
+        std::thread::sleep(Duration::from_secs(1));
+        clickhouse.kill9();
+        std::thread::sleep(Duration::from_secs(2));
+        clickhouse.restart();
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let refused = refused.into_inner().unwrap();
+    assert!(
+        refused.is_empty(),
+        "intake must keep answering 200 through the outage: {refused:?}"
+    );
+    assert!(
+        server.metric("breakwater_spool_appended_events_total{sink=\"clickhouse\"}") > 0.0,
+        "the spool was used"
+    );
+    assert!(
+        server.metric("breakwater_circuit_breaker_transitions_total{dependency=\"clickhouse\",to=\"open\"}") >= 1.0,
+        "the breaker opened"
+    );
+    wait_for_empty_spool(&server);
+    let acked = acked.into_inner().unwrap();
+    assert!(acked.len() > 500, "load was too light to prove much: {}", acked.len());
+    assert_exactly_once(&clickhouse, &acked);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.metric("breakwater_circuit_breaker_state{dependency=\"clickhouse\"}") != 0.0 {
+        assert!(Instant::now() < deadline, "the breaker did not close after recovery");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_spool_left_by_kill_9_is_replayed_after_restart_and_startup_needs_no_clickhouse() {
+    let dir = tempfile::tempdir().unwrap();
+    // ClickHouse is not there when breakwater starts.
+    let port = free_port();
+    let mut server = Server::start_with(&config(dir.path(), port), &[]);
+    let mut acked = HashSet::new();
+    for request in 0..30 {
+        let batch: Vec<_> = (0..10).map(|i| track(&format!("k{request}-{i}"))).collect();
+        let (status, body) = post_json(&server, "/v1/batch", &json!({ "batch": batch }));
+        assert_eq!(status, 200, "a missing ClickHouse must not stop intake: {body}");
+        acked.extend(batch.iter().map(|e| e["messageId"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(server.metric("breakwater_spool_events{sink=\"clickhouse\"}"), 300.0);
+    server.kill9();
+
+    let clickhouse = ClickHouse::start_at(port);
+    let restarted = server.restart();
+    wait_for_empty_spool(&restarted);
+    assert_exactly_once(&clickhouse, &acked);
+    // A client resending after the crash: without Redis or the file sink the
+    // in-process dedup starts empty, so the events are written again, and the
+    // ReplacingMergeTree table collapses them by messageId.
+    let again: Vec<_> = (0..10).map(|i| track(&format!("k0-{i}"))).collect();
+    let (status, _) = post_json(&restarted, "/v1/batch", &json!({ "batch": again }));
+    assert_eq!(status, 200);
+    wait_for_empty_spool(&restarted);
+    assert_exactly_once(&clickhouse, &acked);
+}
