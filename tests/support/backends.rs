@@ -72,15 +72,21 @@ fn stop(child: &mut Child) {
 pub struct Redis {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        let binary = require("redis-server");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = Command::new(binary)
+        let child = Redis::spawn(dir.path(), port);
+        let redis = Redis { child, port, dir };
+        redis.wait_ready();
+        redis
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Child {
+        Command::new(require("redis-server"))
             .args([
                 "--port",
                 &port.to_string(),
@@ -92,16 +98,29 @@ impl Redis {
                 "no",
             ])
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start redis-server");
-        let redis = Redis { child, port, _dir: dir };
+            .expect("start redis-server")
+    }
+
+    fn wait_ready(&self) {
         wait_until("redis-server", Duration::from_secs(10), || {
-            redis.command(&["PING"]).trim() == "+PONG"
+            self.command(&["PING"]).trim() == "+PONG"
         });
-        redis
+    }
+
+    /// SIGKILL; everything in it is gone (no persistence in tests).
+    pub fn kill9(&mut self) {
+        stop(&mut self.child);
+        wait_until("redis port to close", Duration::from_secs(10), || !port_open(self.port));
+    }
+
+    /// A fresh, empty Redis on the same port.
+    pub fn restart(&mut self) {
+        self.child = Redis::spawn(self.dir.path(), self.port);
+        self.wait_ready();
     }
 
     pub fn url(&self) -> String {
