@@ -94,6 +94,7 @@ pub struct SinkQueue {
     /// Woken on every append, so the replayer starts at once.
     pub appended: Notify,
     writer: Batcher,
+    writer_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// How many bytes one append commit may carry.
@@ -101,19 +102,21 @@ const APPEND_GROUP_BYTES: usize = 64 * 1024 * 1024;
 
 impl Spool {
     /// Opens (or creates) the spool under `dir` with a queue for each sink. A file
-    /// redb cannot open is moved aside and a fresh one started.
+    /// redb reports as corrupted is moved aside and a fresh one started; any other
+    /// failure (in use, I/O) is an error: data is never set aside on a guess.
     pub fn open(dir: &Path, sinks: &[(&'static str, u64)]) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(dir).map_err(storage)?;
         let path = dir.join("spool.redb");
         let db = match Database::create(&path) {
             Ok(db) => db,
-            Err(error) => {
+            Err(error @ redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))) => {
                 let aside = dir.join(format!("spool.redb.corrupt-{}", now_ms()));
                 tracing::error!(%error, moved_to = %aside.display(), "spool file unreadable: set aside, starting an empty spool");
                 metrics::counter!(metric::SPOOL_QUARANTINED).increment(1);
                 std::fs::rename(&path, &aside).map_err(storage)?;
                 Database::create(&path).map_err(storage)?
             }
+            Err(error) => return Err(SpoolError::Storage(format!("{}: {error}", path.display()))),
         };
         let db = Arc::new(db);
         let mut queues = Vec::new();
@@ -133,6 +136,18 @@ impl Spool {
 
     pub fn queues(&self) -> &[Arc<SinkQueue>] {
         &self.queues
+    }
+
+    /// Closes the spool: waits (up to 5 s) for the append writers to finish and
+    /// release the database, so it can be opened again at once.
+    pub async fn close(self) {
+        let writers: Vec<_> = self
+            .queues
+            .iter()
+            .filter_map(|q| q.writer_task.lock().unwrap_or_else(|p| p.into_inner()).take())
+            .collect();
+        drop(self);
+        let _ = tokio::time::timeout(Duration::from_secs(5), futures_util::future::join_all(writers)).await;
     }
 
     /// Keeps a batch a sink rejected for good, with the sink's error (blocking).
@@ -289,7 +304,7 @@ impl SinkQueue {
             max_bytes: APPEND_GROUP_BYTES,
             linger: Duration::ZERO,
         };
-        let (writer, _task) = Batcher::start(spool_writer_name(sink), watch::channel(limits).1, move |group| {
+        let (writer, writer_task) = Batcher::start(spool_writer_name(sink), watch::channel(limits).1, move |group| {
             let db = writer_db.clone();
             let keys = writer_keys.clone();
             async move {
@@ -320,6 +335,7 @@ impl SinkQueue {
             next_key,
             appended: Notify::new(),
             writer,
+            writer_task: std::sync::Mutex::new(Some(writer_task)),
         };
         queue.publish();
         Ok(queue)
