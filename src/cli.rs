@@ -34,6 +34,117 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Resilience policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// The local spool of events waiting for a sink (offline: stop the server first;
+    /// a running server shows it at GET /admin/spool and replays on its own).
+    #[command(subcommand)]
+    Spool(SpoolCommand),
+    /// Dead letters: batches a sink rejected for good, with its error (offline).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file, or every *.toml in a directory, and print the
+    /// effective policy; errors name the file, the key and why.
+    Check {
+        /// File or directory [default: policies].
+        #[arg(default_value = "policies")]
+        target: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Events, records, bytes and oldest age per sink; dead letters; quarantine.
+    Stats(DataArgs),
+    /// Deliver everything spooled now, through the configured sinks and policy.
+    Replay(DataArgs),
+    /// Delete spooled events (they will never be delivered).
+    Purge {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Only this sink's queue (file, clickhouse, kafka).
+        #[arg(long)]
+        sink: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Every dead letter: key, sink, events, when, error.
+    List(DataArgs),
+    /// One dead letter's error and events.
+    Show {
+        #[command(flatten)]
+        data: DataArgs,
+        key: u64,
+    },
+    /// Move dead letters (all, or the given keys) back into their sink's spool.
+    Replay {
+        #[command(flatten)]
+        data: DataArgs,
+        keys: Vec<u64>,
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Delete dead letters (all, or the given keys).
+    Purge {
+        #[command(flatten)]
+        data: DataArgs,
+        keys: Vec<u64>,
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args)]
+struct DataArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Data directory [default: from the config, else ./data].
+    #[arg(long, env = "BREAKWATER_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Policy file (for spool sizes and replay batch size).
+    #[arg(long, env = "BREAKWATER_POLICY", value_name = "FILE")]
+    policy: Option<PathBuf>,
+}
+
+impl DataArgs {
+    fn load(&self) -> Result<Config, String> {
+        let mut config = load_config(&self.config)?;
+        if let Some(dir) = &self.data_dir {
+            config.server.data_dir = dir.clone();
+        }
+        if let Some(policy) = &self.policy {
+            config.server.policy_file = Some(policy.clone());
+        }
+        Ok(config)
+    }
+}
+
+fn run_admin(data: &DataArgs, command: impl FnOnce(&Config) -> crate::admin::AdminResult) -> ExitCode {
+    let result = data.load().and_then(|config| {
+        crate::telemetry::init_logging(config.log.format);
+        command(&config)
+    });
+    finish(result)
+}
+
+fn finish(result: crate::admin::AdminResult) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -77,6 +188,20 @@ pub fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Config(ConfigCommand::Check(args)) => check(args),
+        Command::Policy(PolicyCommand::Check { target }) => finish(crate::admin::policy_check(&target)),
+        Command::Spool(SpoolCommand::Stats(data)) => run_admin(&data, crate::admin::spool_stats),
+        Command::Spool(SpoolCommand::Replay(data)) => run_admin(&data, crate::admin::spool_replay),
+        Command::Spool(SpoolCommand::Purge { data, sink, yes }) => {
+            run_admin(&data, |config| crate::admin::spool_purge(config, sink.as_deref(), yes))
+        }
+        Command::Dlq(DlqCommand::List(data)) => run_admin(&data, crate::admin::dlq_list),
+        Command::Dlq(DlqCommand::Show { data, key }) => run_admin(&data, |config| crate::admin::dlq_show(config, key)),
+        Command::Dlq(DlqCommand::Replay { data, keys, yes }) => {
+            run_admin(&data, |config| crate::admin::dlq_replay(config, &keys, yes))
+        }
+        Command::Dlq(DlqCommand::Purge { data, keys, yes }) => {
+            run_admin(&data, |config| crate::admin::dlq_purge(config, &keys, yes))
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! `dedup` → `pipeline` → `sinks`. `server` wires them at start-up; `config` and
 //! `telemetry` serve all of them. See ARCHITECTURE.md for the map.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod dedup;

@@ -6,7 +6,7 @@ mod ops;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +28,7 @@ use crate::policy::{reload, BatchPolicy, CallPolicy, LoadedPolicy, Policy, Polic
 use crate::resilience::{self, ResilientSink};
 use crate::sinks::batcher::BatchLimits;
 use crate::sinks::clickhouse::ClickHouseSink;
-use crate::sinks::file::FileSink;
+use crate::sinks::file::{self, FileSink};
 use crate::sinks::kafka::KafkaSink;
 use crate::sinks::{DependencyHealth, NamedSink};
 use crate::spool::{replay, Spool, SpoolError};
@@ -169,53 +169,24 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     };
     let current = policy.borrow().clone();
 
-    // The sinks themselves, each with its batch limits from the policy.
-    let mut inner_sinks = Vec::new();
-    let mut background = Vec::new();
-    let mut batch_limits = Vec::new();
-    if config.file_sink_enabled() {
-        let (limits_sender, limits) = watch::channel(batch_limits_of(&current.policy.file.batch));
-        let (file_sink, writer) =
-            FileSink::open(&data_dir.join("events"), &config.file_sink, limits, window, |event| {
-                dedup.restore(
-                    DedupKey::new(event.source, event.message_id),
-                    event.received_at_unix_seconds,
-                )
-            })
-            .map_err(data_dir_error)?;
-        background.push(writer);
-        batch_limits.push(("file", limits_sender));
-        inner_sinks.push(NamedSink::from_sink(file_sink));
-    }
-    if let Some(clickhouse) = &config.clickhouse {
-        let (limits_sender, limits) = watch::channel(batch_limits_of(&current.policy.clickhouse.batch));
-        let (sink, batcher) = ClickHouseSink::start(clickhouse, limits)?;
-        background.push(batcher);
-        batch_limits.push(("clickhouse", limits_sender));
-        inner_sinks.push(NamedSink::from_sink(sink));
-    }
-    if let Some(kafka) = &config.kafka {
-        let sink = KafkaSink::start(kafka, &current.policy.kafka.batch).map_err(StartupError::Backend)?;
-        inner_sinks.push(NamedSink::from_sink(sink));
-    }
-
-    // One spool queue per sink, and the resilience stack in front of each sink.
-    let queue_sizes: Vec<_> = inner_sinks
-        .iter()
-        .map(|sink| (sink.name, sink_policy(&current.policy, sink.name).spool.max_bytes))
-        .collect();
-    let spool = Arc::new(Spool::open(&data_dir.join("spool"), &queue_sizes)?);
-    let mut routes = Vec::new();
-    for inner in inner_sinks {
-        let calls = calls_for(&config, &current.policy, inner.name);
-        let sink = ResilientSink::new(inner.name, inner.service, &calls).map_err(StartupError::Backend)?;
-        let queue = spool.queue(inner.name).expect("a queue per sink");
-        tokio::spawn(replay::run(spool.clone(), queue.clone(), sink.clone(), policy.clone()));
-        routes.push(SinkRoute {
-            sink,
-            queue,
-            health: inner.health,
-        });
+    let Delivery {
+        routes,
+        spool,
+        background,
+        batch_limits,
+    } = build_delivery(&config, &current.policy, &data_dir, |event| {
+        dedup.restore(
+            DedupKey::new(event.source, event.message_id),
+            event.received_at_unix_seconds,
+        )
+    })?;
+    for route in &routes {
+        tokio::spawn(replay::run(
+            spool.clone(),
+            route.queue.clone(),
+            route.sink.clone(),
+            policy.clone(),
+        ));
     }
     tokio::spawn(apply_policy_changes(
         config.clone(),
@@ -311,6 +282,77 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     Ok(())
 }
 
+/// The sinks, each behind its resilience stack, with their spool: what the server
+/// delivers through, and what the offline `spool replay` drains with.
+pub struct Delivery {
+    pub routes: Vec<SinkRoute>,
+    pub spool: Arc<Spool>,
+    /// Batcher tasks to await at shutdown.
+    pub background: Vec<tokio::task::JoinHandle<()>>,
+    /// Where policy reloads send new batch limits.
+    pub batch_limits: Vec<(&'static str, watch::Sender<BatchLimits>)>,
+}
+
+/// Builds every configured sink, its spool queue and its stack. `recovered` sees the
+/// events the file sink finds at start-up (for dedup).
+pub fn build_delivery(
+    config: &Config,
+    policy: &Policy,
+    data_dir: &Path,
+    recovered: impl FnMut(file::RecoveredEvent<'_>),
+) -> Result<Delivery, StartupError> {
+    let data_dir_error = |source| StartupError::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    };
+    let window = Duration::from_secs(config.dedup.window_seconds);
+    let mut inner_sinks = Vec::new();
+    let mut background = Vec::new();
+    let mut batch_limits = Vec::new();
+    if config.file_sink_enabled() {
+        let (limits_sender, limits) = watch::channel(batch_limits_of(&policy.file.batch));
+        let (file_sink, writer) =
+            FileSink::open(&data_dir.join("events"), &config.file_sink, limits, window, recovered)
+                .map_err(data_dir_error)?;
+        background.push(writer);
+        batch_limits.push(("file", limits_sender));
+        inner_sinks.push(NamedSink::from_sink(file_sink));
+    }
+    if let Some(clickhouse) = &config.clickhouse {
+        let (limits_sender, limits) = watch::channel(batch_limits_of(&policy.clickhouse.batch));
+        let (sink, batcher) = ClickHouseSink::start(clickhouse, limits)?;
+        background.push(batcher);
+        batch_limits.push(("clickhouse", limits_sender));
+        inner_sinks.push(NamedSink::from_sink(sink));
+    }
+    if let Some(kafka) = &config.kafka {
+        let sink = KafkaSink::start(kafka, &policy.kafka.batch).map_err(StartupError::Backend)?;
+        inner_sinks.push(NamedSink::from_sink(sink));
+    }
+    let queue_sizes: Vec<_> = inner_sinks
+        .iter()
+        .map(|sink| (sink.name, sink_policy(policy, sink.name).spool.max_bytes))
+        .collect();
+    let spool = Arc::new(Spool::open(&data_dir.join("spool"), &queue_sizes)?);
+    let mut routes = Vec::new();
+    for inner in inner_sinks {
+        let calls = calls_for(config, policy, inner.name);
+        let sink = ResilientSink::new(inner.name, inner.service, &calls).map_err(StartupError::Backend)?;
+        let queue = spool.queue(inner.name).expect("a queue per sink");
+        routes.push(SinkRoute {
+            sink,
+            queue,
+            health: inner.health,
+        });
+    }
+    Ok(Delivery {
+        routes,
+        spool,
+        background,
+        batch_limits,
+    })
+}
+
 fn batch_limits_of(batch: &BatchPolicy) -> BatchLimits {
     BatchLimits {
         max_events: batch.max_events,
@@ -388,7 +430,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartupError> {
+/// Holds `<data_dir>/breakwater.lock` for as long as the returned file lives.
+pub fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartupError> {
     let path = data_dir.join("breakwater.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)

@@ -315,13 +315,7 @@ impl SinkQueue {
             }
         });
         if records > 0 {
-            tracing::info!(
-                sink,
-                records,
-                events,
-                bytes,
-                "spool holds records from before: replaying"
-            );
+            tracing::info!(sink, records, events, bytes, "spool holds records from before");
         }
         let queue = SinkQueue {
             sink,

@@ -1,0 +1,326 @@
+//! Offline operator tools on a data directory: spool statistics, replay and purge,
+//! and the dead-letter store (list, show, requeue, purge). They take the data
+//! directory's lock, so they refuse to run while a server uses it (a running server
+//! shows its spool at `GET /admin/spool` and replays on its own).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::Config;
+use crate::policy::LoadedPolicy;
+use crate::server::{build_delivery, lock_data_dir, sink_policy};
+use crate::spool::Spool;
+
+/// What an admin command returns to the shell.
+pub type AdminResult = Result<(), String>;
+
+/// Opens the data directory's spool for offline use (no sinks are contacted).
+fn open_spool(config: &Config) -> Result<(std::fs::File, Spool), String> {
+    let data_dir = &config.server.data_dir;
+    let lock = lock_data_dir(data_dir).map_err(|e| e.to_string())?;
+    let policy = load_policy(config)?;
+    let sinks: Vec<(&'static str, u64)> = ["file", "clickhouse", "kafka"]
+        .into_iter()
+        .map(|sink| (sink, sink_policy(&policy.policy, sink).spool.max_bytes))
+        .collect();
+    let spool = Spool::open(&data_dir.join("spool"), &sinks).map_err(|e| e.to_string())?;
+    Ok((lock, spool))
+}
+
+fn load_policy(config: &Config) -> Result<LoadedPolicy, String> {
+    match &config.server.policy_file {
+        Some(path) => LoadedPolicy::from_file(path).map_err(|e| e.to_string()),
+        None => Ok(LoadedPolicy::embedded()),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// Asks before a destructive step, unless `yes`. Without a terminal, refuses.
+fn confirm(question: &str, yes: bool) -> AdminResult {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(format!(
+            "{question}\nrefusing without a terminal to confirm; pass --yes"
+        ));
+    }
+    print!("{question} Type 'yes' to go on: ");
+    std::io::stdout().flush().ok();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| e.to_string())?;
+    if answer.trim() == "yes" {
+        Ok(())
+    } else {
+        Err("cancelled".into())
+    }
+}
+
+pub fn spool_stats(config: &Config) -> AdminResult {
+    runtime()?.block_on(async {
+        let (_lock, spool) = open_spool(config)?;
+        println!(
+            "{:<12} {:>10} {:>9} {:>14} {:>14} {:>12}",
+            "sink", "events", "records", "bytes", "max_bytes", "oldest_s"
+        );
+        for queue in spool.queues() {
+            let stats = queue.stats();
+            let oldest = stats
+                .oldest_age_seconds
+                .map(|s| format!("{s:.0}"))
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "{:<12} {:>10} {:>9} {:>14} {:>14} {:>12}",
+                stats.sink, stats.events, stats.records, stats.bytes, stats.max_bytes, oldest
+            );
+        }
+        let dead = spool.dead_letters().map_err(|e| e.to_string())?;
+        let dead_events: usize = dead.iter().map(|d| d.batch.events.len()).sum();
+        println!("dead letters: {} records, {dead_events} events", dead.len());
+        println!(
+            "quarantined records: {}",
+            spool.quarantined().map_err(|e| e.to_string())?
+        );
+        println!("spool file: {}", spool.path().display());
+        spool.close().await;
+        Ok(())
+    })
+}
+
+/// Delivers every spooled batch now, through the configured sinks and the same
+/// policy stacks the server uses, with a progress bar; stops at the first sink
+/// that is still failing.
+pub fn spool_replay(config: &Config) -> AdminResult {
+    runtime()?.block_on(async {
+        let data_dir = config.server.data_dir.clone();
+        let _lock = lock_data_dir(&data_dir).map_err(|e| e.to_string())?;
+        let policy = load_policy(config)?;
+        let delivery = build_delivery(config, &policy.policy, &data_dir, |_| {}).map_err(|e| e.to_string())?;
+        for route in &delivery.routes {
+            let total = route.queue.events();
+            if total == 0 {
+                continue;
+            }
+            let bar = progress(total, route.sink.name);
+            loop {
+                let batch_events = sink_policy(&policy.policy, route.sink.name).spool.replay_batch_events;
+                let records = route
+                    .queue
+                    .read_oldest(batch_events, usize::MAX)
+                    .map_err(|e| e.to_string())?;
+                if records.is_empty() {
+                    break;
+                }
+                let mut done = Vec::new();
+                for record in &records {
+                    match route.sink.call(record.batch.clone()).await {
+                        Ok(()) => done.push((record.key, record.stored_bytes, record.batch.events.len())),
+                        Err(error) if !error.is_retryable() => {
+                            delivery
+                                .spool
+                                .add_dead_letter(route.sink.name, &error.to_string(), &record.batch)
+                                .map_err(|e| e.to_string())?;
+                            done.push((record.key, record.stored_bytes, record.batch.events.len()));
+                        }
+                        Err(error) => {
+                            route.queue.remove_keys(&done).map_err(|e| e.to_string())?;
+                            bar.abandon_with_message(format!("stopped: {error}"));
+                            return Err(format!("{} is still failing: {error}", route.sink.name));
+                        }
+                    }
+                    bar.inc(record.batch.events.len() as u64);
+                }
+                route.queue.remove_keys(&done).map_err(|e| e.to_string())?;
+            }
+            bar.finish_with_message("replayed");
+        }
+        Ok(())
+    })
+}
+
+/// Deletes spooled events (one sink's or all). They will never be delivered.
+pub fn spool_purge(config: &Config, sink: Option<&str>, yes: bool) -> AdminResult {
+    runtime()?.block_on(async {
+        let (_lock, spool) = open_spool(config)?;
+        let queues: Vec<_> = spool
+            .queues()
+            .iter()
+            .filter(|q| sink.is_none_or(|s| s == q.sink))
+            .cloned()
+            .collect();
+        if queues.is_empty() {
+            return Err(format!("no spool queue named {}", sink.unwrap_or("-")));
+        }
+        let events: u64 = queues.iter().map(|q| q.events()).sum();
+        confirm(
+            &format!("This deletes {events} spooled events; they will never be delivered."),
+            yes,
+        )?;
+        for queue in &queues {
+            let dropped = queue.purge().map_err(|e| e.to_string())?;
+            println!("{}: purged {dropped} events", queue.sink);
+        }
+        drop(queues);
+        spool.close().await;
+        Ok(())
+    })
+}
+
+pub fn dlq_list(config: &Config) -> AdminResult {
+    runtime()?.block_on(async {
+        let (_lock, spool) = open_spool(config)?;
+        let letters = spool.dead_letters().map_err(|e| e.to_string())?;
+        println!(
+            "{:>6} {:<12} {:>7} {:<20} error",
+            "key", "sink", "events", "rejected_at"
+        );
+        for letter in &letters {
+            let at = chrono::DateTime::from_timestamp_millis(letter.created_at_ms)
+                .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .unwrap_or_default();
+            println!(
+                "{:>6} {:<12} {:>7} {:<20} {}",
+                letter.key,
+                letter.sink,
+                letter.batch.events.len(),
+                at,
+                letter.error
+            );
+        }
+        println!("{} dead-letter records", letters.len());
+        spool.close().await;
+        Ok(())
+    })
+}
+
+pub fn dlq_show(config: &Config, key: u64) -> AdminResult {
+    runtime()?.block_on(async {
+        let (_lock, spool) = open_spool(config)?;
+        let letters = spool.dead_letters().map_err(|e| e.to_string())?;
+        let letter = letters
+            .iter()
+            .find(|l| l.key == key)
+            .ok_or_else(|| format!("no dead letter with key {key}"))?;
+        println!(
+            "sink: {}\nerror: {}\nevents: {}",
+            letter.sink,
+            letter.error,
+            letter.batch.events.len()
+        );
+        for event in &letter.batch.events {
+            println!("{}", String::from_utf8_lossy(&event.json));
+        }
+        drop(letters);
+        spool.close().await;
+        Ok(())
+    })
+}
+
+/// Moves dead letters back into their sink's spool; the server delivers them
+/// (through the same stack) when it next runs.
+pub fn dlq_replay(config: &Config, keys: &[u64], yes: bool) -> AdminResult {
+    runtime()?.block_on(async {
+        let (_lock, spool) = open_spool(config)?;
+        let selection = (!keys.is_empty()).then_some(keys);
+        confirm(
+            &format!(
+                "This moves {} dead letters back into their sink's spool for another try.",
+                if keys.is_empty() {
+                    "all".to_string()
+                } else {
+                    keys.len().to_string()
+                }
+            ),
+            yes,
+        )?;
+        let moved = spool.requeue_dead_letters(selection).map_err(|e| e.to_string())?;
+        println!("requeued {moved} events; the server replays them when it runs");
+        spool.close().await;
+        Ok(())
+    })
+}
+
+pub fn dlq_purge(config: &Config, keys: &[u64], yes: bool) -> AdminResult {
+    runtime()?.block_on(async {
+        let (_lock, spool) = open_spool(config)?;
+        let selection = (!keys.is_empty()).then_some(keys);
+        confirm(
+            &format!(
+                "This deletes {} dead letters for good.",
+                if keys.is_empty() {
+                    "all".to_string()
+                } else {
+                    keys.len().to_string()
+                }
+            ),
+            yes,
+        )?;
+        let removed = spool.purge_dead_letters(selection).map_err(|e| e.to_string())?;
+        println!("deleted {removed} dead-letter records");
+        spool.close().await;
+        Ok(())
+    })
+}
+
+/// Validates a policy file or every `*.toml` in a directory and prints the
+/// effective policy of each valid file.
+pub fn policy_check(target: &Path) -> AdminResult {
+    let results: Vec<(PathBuf, Result<LoadedPolicy, crate::policy::PolicyError>)> = if target.is_dir() {
+        crate::policy::check_dir(target)?
+    } else {
+        vec![(target.to_path_buf(), LoadedPolicy::from_file(target))]
+    };
+    if results.is_empty() {
+        return Err(format!("no *.toml policy files in {}", target.display()));
+    }
+    let mut invalid = 0;
+    for (path, result) in &results {
+        match result {
+            Ok(loaded) => {
+                println!(
+                    "ok      {} (version \"{}\", hash {})",
+                    path.display(),
+                    loaded.policy.version,
+                    loaded.hash
+                );
+                let effective = toml::to_string(&loaded.policy).map_err(|e| e.to_string())?;
+                for line in effective.lines() {
+                    println!("        {line}");
+                }
+            }
+            Err(error) => {
+                invalid += 1;
+                println!("INVALID {error}");
+            }
+        }
+    }
+    if invalid > 0 {
+        Err(format!("{invalid} of {} policy files are invalid", results.len()))
+    } else {
+        Ok(())
+    }
+}
+
+fn progress(total: u64, sink: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} events {per_sec} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(sink.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
