@@ -29,6 +29,24 @@ fn intake_survives_a_redis_crash_and_shared_dedup_resumes() {
     assert!(first.metric("breakwater_dedup_fail_open_total") >= 1.0);
     let (_, body) = post_json(&first, "/v1/batch", &json!({ "batch": [track("b-1")] }));
     assert_eq!(body["duplicates"], 1, "the local cache still catches repeats: {body}");
+    // The Redis breaker opens, after which requests no longer wait for Redis.
+    for i in 0..8 {
+        let (status, _) = post_json(&first, "/v1/batch", &json!({ "batch": [track(&format!("o-{i}"))] }));
+        assert_eq!(status, 200);
+    }
+    assert!(
+        first.metric("breakwater_circuit_breaker_transitions_total{dependency=\"redis\",to=\"open\"}") >= 1.0,
+        "the redis breaker should have opened"
+    );
+    let attempts = |server: &Server| server.metric("breakwater_redis_errors_total{operation=\"claim\"}");
+    let before = attempts(&first);
+    let (status, _) = post_json(&first, "/v1/batch", &json!({ "batch": [track("while-open")] }));
+    assert_eq!(status, 200);
+    assert_eq!(
+        attempts(&first),
+        before,
+        "with the breaker open no Redis command is even tried"
+    );
 
     redis.restart();
     // Once Redis answers again, an id delivered by one instance is a duplicate at

@@ -1,6 +1,9 @@
 //! Dedup shared by every instance through Redis (fred): one pooled client for the
 //! process, one pipelined round trip per request for the check, one for the commit.
 //!
+//! Every command goes through the policy's `[redis]` stack (timeout, retry,
+//! breaker): with Redis down, the breaker opens and requests stop waiting for it.
+//!
 //! Per id, the key `<prefix>:<source>:<messageId>` holds either a claim token (a
 //! request somewhere is delivering it; expires after `pending_ttl_ms`) or `s`
 //! (delivered; expires after `ttl_seconds`). Claim is `SET NX GET PX`: one command
@@ -16,6 +19,8 @@ use fred::interfaces::{ClientLike, KeysInterface, LuaInterface};
 use fred::prelude::{Builder, Config as FredConfig, Expiration, ReconnectPolicy, SetOptions, Value};
 
 use crate::config::{redact_url, RedisConfig};
+use crate::policy::CallPolicy;
+use crate::resilience::{CallError, CallService, Resilient};
 use crate::telemetry::health::DependencyHealth;
 use crate::telemetry::metric;
 
@@ -28,12 +33,27 @@ const RELEASE_SCRIPT: &str = "local n = 0 for _, key in ipairs(KEYS) do if redis
 /// Pause between re-checks of ids another request holds.
 const HELD_RECHECK: Duration = Duration::from_millis(50);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RedisDedupError {
     #[error("redis unavailable: {0}")]
     Unavailable(String),
     #[error("{0} message ids are being delivered by another request; retry shortly")]
     HeldElsewhere(usize),
+}
+
+impl CallError for RedisDedupError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, RedisDedupError::Unavailable(_))
+    }
+    fn timed_out(_: &'static str, after: Duration) -> Self {
+        RedisDedupError::Unavailable(format!("no answer within {} ms", after.as_millis()))
+    }
+    fn circuit_open(_: &'static str) -> Self {
+        RedisDedupError::Unavailable("circuit breaker is open".into())
+    }
+    fn shed(_: &'static str, why: String) -> Self {
+        RedisDedupError::Unavailable(why)
+    }
 }
 
 /// What one id's claim found.
@@ -48,7 +68,7 @@ pub enum ClaimOutcome {
 /// The ids a request claimed, to commit after delivery or release after failure.
 #[derive(Debug)]
 pub struct Claim {
-    token: String,
+    token: Arc<str>,
     keys: Vec<String>,
 }
 
@@ -58,11 +78,32 @@ impl Claim {
     }
 }
 
-pub struct RedisDedup {
+/// One round trip, as the resilience stack sees it (cheap to clone for retries).
+#[derive(Debug, Clone)]
+pub enum RedisCommand {
+    Claim { token: Arc<str>, keys: Arc<Vec<String>> },
+    Commit { keys: Arc<Vec<String>> },
+    Release { token: Arc<str>, keys: Arc<Vec<String>> },
+}
+
+/// A claim's answer per key (`None`: another request holds it), or done.
+#[derive(Debug)]
+pub enum RedisReply {
+    Claimed(Vec<Option<ClaimOutcome>>),
+    Done,
+}
+
+/// The fred side: one pool and the key settings; runs one command per call.
+struct RedisClient {
     pool: Pool,
-    key_prefix: String,
     ttl_seconds: i64,
     pending_ttl_ms: i64,
+    health: Arc<DependencyHealth>,
+}
+
+pub struct RedisDedup {
+    guard: Resilient<RedisCommand, RedisReply, RedisDedupError>,
+    key_prefix: String,
     pending_wait: Duration,
     instance: String,
     health: Arc<DependencyHealth>,
@@ -70,8 +111,8 @@ pub struct RedisDedup {
 
 impl RedisDedup {
     /// Builds the pool and starts connecting in the background: a Redis that is down
-    /// at start-up delays nothing (commands fail after `command_timeout_ms`).
-    pub fn connect(config: &RedisConfig) -> Result<RedisDedup, String> {
+    /// at start-up delays nothing. `calls` is the policy's `[redis]` section.
+    pub fn connect(config: &RedisConfig, calls: &CallPolicy) -> Result<RedisDedup, String> {
         let mut fred_config =
             FredConfig::from_url(&config.url).map_err(|e| format!("redis.url {}: {e}", redact_url(&config.url)))?;
         fred_config.fail_fast = false;
@@ -90,15 +131,33 @@ impl RedisDedup {
             .build_pool(config.pool_size)
             .map_err(|e| format!("redis client: {e}"))?;
         let _connections = pool.connect();
-        Ok(RedisDedup {
+        let health = Arc::new(DependencyHealth::default());
+        let client = Arc::new(RedisClient {
             pool,
-            key_prefix: config.key_prefix.clone(),
             ttl_seconds: config.ttl_seconds as i64,
             pending_ttl_ms: config.pending_ttl_ms as i64,
+            health: health.clone(),
+        });
+        let inner = CallService::new(tower::service_fn(move |command: RedisCommand| {
+            let client = client.clone();
+            async move { client.execute(command).await }
+        }));
+        Ok(RedisDedup {
+            guard: Resilient::new(DEPENDENCY_NAME, inner, calls)?,
+            key_prefix: config.key_prefix.clone(),
             pending_wait: Duration::from_millis(config.pending_wait_ms),
             instance: uuid::Uuid::new_v4().simple().to_string(),
-            health: Arc::new(DependencyHealth::default()),
+            health,
         })
+    }
+
+    /// Applies a reloaded `[redis]` policy.
+    pub fn apply(&self, calls: &CallPolicy) -> Result<(), String> {
+        self.guard.apply(calls)
+    }
+
+    pub fn breaker(&self) -> tower_resilience::circuitbreaker::CircuitState {
+        self.guard.breaker()
     }
 
     pub fn health(&self) -> Arc<DependencyHealth> {
@@ -118,14 +177,21 @@ impl RedisDedup {
         source: &str,
         message_ids: &[&str],
     ) -> Result<(Vec<ClaimOutcome>, Claim), RedisDedupError> {
-        let token = format!("p:{}:{}", self.instance, uuid::Uuid::new_v4().simple());
+        let token: Arc<str> = Arc::from(format!("p:{}:{}", self.instance, uuid::Uuid::new_v4().simple()));
         let keys: Vec<String> = message_ids.iter().map(|id| self.key(source, id)).collect();
         let deadline = tokio::time::Instant::now() + self.pending_wait;
         // "Seen" is final; only the other ids are claimed again on a retry.
         let mut seen = vec![false; keys.len()];
         loop {
             let open: Vec<usize> = (0..keys.len()).filter(|i| !seen[*i]).collect();
-            let answers = self.claim_round(&token, open.iter().map(|i| keys[*i].as_str())).await?;
+            let command = RedisCommand::Claim {
+                token: token.clone(),
+                keys: Arc::new(open.iter().map(|i| keys[*i].clone()).collect()),
+            };
+            let answers = match self.guard.call(command).await? {
+                RedisReply::Claimed(answers) => answers,
+                RedisReply::Done => return Err(RedisDedupError::Unavailable("unexpected reply to a claim".into())),
+            };
             let mut claim = Claim {
                 token: token.clone(),
                 keys: Vec::with_capacity(open.len()),
@@ -146,7 +212,8 @@ impl RedisDedup {
                 return Ok((outcomes, claim));
             }
             self.release(&claim).await;
-            let pause = HELD_RECHECK + Duration::from_millis(rand_millis(HELD_RECHECK.as_millis() as u64));
+            let pause =
+                HELD_RECHECK + Duration::from_millis(crate::resilience::random_below(HELD_RECHECK.as_millis() as u64));
             if tokio::time::Instant::now() + pause > deadline {
                 return Err(RedisDedupError::HeldElsewhere(held));
             }
@@ -155,59 +222,17 @@ impl RedisDedup {
         }
     }
 
-    /// One pipelined `SET key token NX GET PX pending_ttl` per key. `None`: another
-    /// request holds the key.
-    async fn claim_round<'a>(
-        &self,
-        token: &str,
-        keys: impl Iterator<Item = &'a str>,
-    ) -> Result<Vec<Option<ClaimOutcome>>, RedisDedupError> {
-        let pipeline = self.pool.next_connected().pipeline();
-        for key in keys {
-            let _: () = pipeline
-                .set(
-                    key,
-                    token,
-                    Some(Expiration::PX(self.pending_ttl_ms)),
-                    Some(SetOptions::NX),
-                    true,
-                )
-                .await
-                .map_err(|e| self.unavailable("claim", e))?;
-        }
-        let replies = pipeline.try_all::<Value>().await;
-        self.count_round_trip("claim");
-        let mut outcomes = Vec::with_capacity(replies.len());
-        for reply in replies {
-            let value = reply.map_err(|e| self.unavailable("claim", e))?;
-            outcomes.push(match value {
-                Value::Null => Some(ClaimOutcome::Claimed),
-                other if other.as_str().as_deref() == Some(SEEN) => Some(ClaimOutcome::Seen),
-                _ => None,
-            });
-        }
-        self.health.record_success(DEPENDENCY_NAME);
-        Ok(outcomes)
-    }
-
     /// Marks the claimed ids delivered. Call only once their events are durable.
     pub async fn commit(&self, claim: Claim) -> Result<(), RedisDedupError> {
         if claim.is_empty() {
             return Ok(());
         }
-        let pipeline = self.pool.next_connected().pipeline();
-        for key in &claim.keys {
-            let _: () = pipeline
-                .set(key.as_str(), SEEN, Some(Expiration::EX(self.ttl_seconds)), None, false)
-                .await
-                .map_err(|e| self.unavailable("commit", e))?;
-        }
-        let replies = pipeline.try_all::<Value>().await;
-        self.count_round_trip("commit");
-        for reply in replies {
-            reply.map_err(|e| self.unavailable("commit", e))?;
-        }
-        Ok(())
+        self.guard
+            .call(RedisCommand::Commit {
+                keys: Arc::new(claim.keys),
+            })
+            .await
+            .map(|_| ())
     }
 
     /// Frees this request's claims (best effort: unreleased claims expire after
@@ -216,34 +241,94 @@ impl RedisDedup {
         if claim.is_empty() {
             return;
         }
-        // One script call: one round trip. (All keys in one call: standalone Redis or
-        // a single-shard setup, not Redis Cluster.)
-        let released: Result<Value, _> = self
-            .pool
-            .next_connected()
-            .eval(RELEASE_SCRIPT, claim.keys.clone(), claim.token.as_str())
-            .await;
-        self.count_round_trip("release");
-        if let Err(error) = released {
-            let error = self.unavailable("release", error);
-            tracing::warn!(%error, keys = claim.keys.len(), "claims not released; they expire on their own");
+        let command = RedisCommand::Release {
+            token: claim.token.clone(),
+            keys: Arc::new(claim.keys.clone()),
+        };
+        if let Err(error) = self.guard.call(command).await {
+            tracing::debug!(%error, keys = claim.keys.len(), "claims not released; they expire on their own");
         }
-    }
-
-    fn unavailable(&self, operation: &'static str, error: fred::error::Error) -> RedisDedupError {
-        metrics::counter!(metric::REDIS_ERRORS, "operation" => operation).increment(1);
-        let error = RedisDedupError::Unavailable(error.to_string());
-        self.health.record_failure(&error);
-        error
-    }
-
-    fn count_round_trip(&self, operation: &'static str) {
-        metrics::counter!(metric::REDIS_ROUND_TRIPS, "operation" => operation).increment(1);
     }
 }
 
-/// A pseudo-random number below `bound`, for jitter (not for anything secret).
-fn rand_millis(bound: u64) -> u64 {
-    let random = uuid::Uuid::new_v4().as_u128() as u64;
-    random % bound.max(1)
+impl RedisClient {
+    async fn execute(&self, command: RedisCommand) -> Result<RedisReply, RedisDedupError> {
+        let result = match command {
+            RedisCommand::Claim { token, keys } => self.claim_round(&token, &keys).await.map(RedisReply::Claimed),
+            RedisCommand::Commit { keys } => self.commit_round(&keys).await.map(|()| RedisReply::Done),
+            RedisCommand::Release { token, keys } => self.release_round(&token, &keys).await.map(|()| RedisReply::Done),
+        };
+        match &result {
+            Ok(_) => self.health.record_success(DEPENDENCY_NAME),
+            Err(error) => self.health.record_failure(error),
+        }
+        result
+    }
+
+    /// One pipelined `SET key token NX GET PX pending_ttl` per key. `None`: another
+    /// request holds the key.
+    async fn claim_round(&self, token: &str, keys: &[String]) -> Result<Vec<Option<ClaimOutcome>>, RedisDedupError> {
+        let pipeline = self.pool.next_connected().pipeline();
+        for key in keys {
+            let _: () = pipeline
+                .set(
+                    key.as_str(),
+                    token,
+                    Some(Expiration::PX(self.pending_ttl_ms)),
+                    Some(SetOptions::NX),
+                    true,
+                )
+                .await
+                .map_err(|e| unavailable("claim", e))?;
+        }
+        let replies = pipeline.try_all::<Value>().await;
+        count_round_trip("claim");
+        let mut outcomes = Vec::with_capacity(replies.len());
+        for reply in replies {
+            let value = reply.map_err(|e| unavailable("claim", e))?;
+            outcomes.push(match value {
+                Value::Null => Some(ClaimOutcome::Claimed),
+                other if other.as_str().as_deref() == Some(SEEN) => Some(ClaimOutcome::Seen),
+                _ => None,
+            });
+        }
+        Ok(outcomes)
+    }
+
+    async fn commit_round(&self, keys: &[String]) -> Result<(), RedisDedupError> {
+        let pipeline = self.pool.next_connected().pipeline();
+        for key in keys {
+            let _: () = pipeline
+                .set(key.as_str(), SEEN, Some(Expiration::EX(self.ttl_seconds)), None, false)
+                .await
+                .map_err(|e| unavailable("commit", e))?;
+        }
+        let replies = pipeline.try_all::<Value>().await;
+        count_round_trip("commit");
+        for reply in replies {
+            reply.map_err(|e| unavailable("commit", e))?;
+        }
+        Ok(())
+    }
+
+    /// One script call: one round trip. (All keys in one call: standalone Redis or
+    /// a single-shard setup, not Redis Cluster.)
+    async fn release_round(&self, token: &str, keys: &[String]) -> Result<(), RedisDedupError> {
+        let released: Result<Value, _> = self
+            .pool
+            .next_connected()
+            .eval(RELEASE_SCRIPT, keys.to_vec(), token)
+            .await;
+        count_round_trip("release");
+        released.map(|_| ()).map_err(|e| unavailable("release", e))
+    }
+}
+
+fn unavailable(operation: &'static str, error: fred::error::Error) -> RedisDedupError {
+    metrics::counter!(metric::REDIS_ERRORS, "operation" => operation).increment(1);
+    RedisDedupError::Unavailable(error.to_string())
+}
+
+fn count_round_trip(operation: &'static str) {
+    metrics::counter!(metric::REDIS_ROUND_TRIPS, "operation" => operation).increment(1);
 }

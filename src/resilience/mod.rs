@@ -5,7 +5,8 @@
 //!
 //! Rate limit, bulkhead and breaker are tower-resilience's; retry and timeout are
 //! small services here. Only retryable errors are retried or counted by the breaker.
-//! Owns no I/O of its own; calls only the service it wraps.
+//! Generic over the call (sinks take batches, Redis takes dedup commands), so every
+//! dependency gets the same stack. Owns no I/O of its own; calls only what it wraps.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -16,9 +17,42 @@ use tower_resilience::bulkhead::{BulkheadLayer, BulkheadServiceError};
 use tower_resilience::circuitbreaker::{CircuitBreakerError, CircuitBreakerHandle, CircuitBreakerLayer, CircuitState};
 use tower_resilience::ratelimiter::{RateLimiterLayer, RateLimiterServiceError};
 
+use tower::util::BoxCloneSyncService;
+
 use crate::policy::{CallPolicy, Jitter, RetryPolicy, Trip};
-use crate::sinks::{SinkBatch, SinkError, SinkService};
+use crate::sinks::{SinkBatch, SinkError};
 use crate::telemetry::metric;
+
+/// What the stack needs to know about a dependency's errors.
+pub trait CallError: std::fmt::Display + Send + Sync + 'static {
+    /// May the same call succeed later? Only these are retried and counted by the breaker.
+    fn is_retryable(&self) -> bool;
+    fn timed_out(dependency: &'static str, after: Duration) -> Self;
+    fn circuit_open(dependency: &'static str) -> Self;
+    /// Refused by the rate limit or the bulkhead.
+    fn shed(dependency: &'static str, why: String) -> Self;
+}
+
+impl CallError for SinkError {
+    fn is_retryable(&self) -> bool {
+        SinkError::is_retryable(self)
+    }
+    fn timed_out(sink: &'static str, after: Duration) -> Self {
+        SinkError::Unavailable {
+            sink,
+            message: format!("no answer within {} ms", after.as_millis()),
+        }
+    }
+    fn circuit_open(sink: &'static str) -> Self {
+        SinkError::CircuitOpen { sink }
+    }
+    fn shed(sink: &'static str, message: String) -> Self {
+        SinkError::Unavailable { sink, message }
+    }
+}
+
+/// A dependency's call, boxed.
+pub type CallService<Req, Res, E> = BoxCloneSyncService<Req, Res, E>;
 
 /// Breaker state as exported: 0 closed, 1 open, 2 half-open.
 pub fn state_value(state: CircuitState) -> f64 {
@@ -44,19 +78,39 @@ fn breaker_state<C: Send + Sync + 'static>(handle: CircuitBreakerHandle<C>) -> B
     Arc::new(move || handle.state())
 }
 
-/// A sink wrapped in its policy stack; the stack is rebuilt when the policy
+/// A built stack with its breaker's state reader.
+type Built<Req, Res, E> = (CallService<Req, Res, E>, BreakerState);
+
+/// A dependency wrapped in its policy stack; the stack is rebuilt when the policy
 /// changes, and callers always use the latest.
-#[derive(Clone)]
-pub struct ResilientSink {
+pub struct Resilient<Req, Res, E> {
     pub name: &'static str,
-    inner: SinkService,
-    current: Arc<RwLock<(SinkService, BreakerState)>>,
+    inner: CallService<Req, Res, E>,
+    current: Arc<RwLock<Built<Req, Res, E>>>,
 }
 
-impl ResilientSink {
-    pub fn new(name: &'static str, inner: SinkService, calls: &CallPolicy) -> Result<ResilientSink, String> {
+impl<Req, Res, E> Clone for Resilient<Req, Res, E> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name,
+            inner: self.inner.clone(),
+            current: self.current.clone(),
+        }
+    }
+}
+
+/// A sink behind its stack.
+pub type ResilientSink = Resilient<Arc<SinkBatch>, (), SinkError>;
+
+impl<Req, Res, E> Resilient<Req, Res, E>
+where
+    Req: Clone + Send + Sync + 'static,
+    Res: Send + 'static,
+    E: CallError,
+{
+    pub fn new(name: &'static str, inner: CallService<Req, Res, E>, calls: &CallPolicy) -> Result<Self, String> {
         let built = build_stack(name, inner.clone(), calls)?;
-        Ok(ResilientSink {
+        Ok(Resilient {
             name,
             inner,
             current: Arc::new(RwLock::new(built)),
@@ -72,9 +126,9 @@ impl ResilientSink {
     }
 
     /// One call through the whole stack.
-    pub async fn call(&self, batch: Arc<SinkBatch>) -> Result<(), SinkError> {
+    pub async fn call(&self, request: Req) -> Result<Res, E> {
         let service = self.current.read().unwrap_or_else(|p| p.into_inner()).0.clone();
-        service.oneshot(batch).await
+        service.oneshot(request).await
     }
 
     pub fn breaker(&self) -> CircuitState {
@@ -83,22 +137,24 @@ impl ResilientSink {
 }
 
 /// Builds the stack around `inner` and returns it with its breaker's state reader.
-pub fn build_stack(
+pub fn build_stack<Req, Res, E>(
     name: &'static str,
-    inner: SinkService,
+    inner: CallService<Req, Res, E>,
     calls: &CallPolicy,
-) -> Result<(SinkService, BreakerState), String> {
+) -> Result<Built<Req, Res, E>, String>
+where
+    Req: Clone + Send + Sync + 'static,
+    Res: Send + 'static,
+    E: CallError,
+{
     // Innermost: one attempt, bounded in time.
     let attempt_timeout = Duration::from_millis(calls.timeout_ms);
-    let timed = SinkService::new(tower::service_fn(move |batch: Arc<SinkBatch>| {
+    let timed = CallService::new(tower::service_fn(move |request: Req| {
         let inner = inner.clone();
         async move {
-            match tokio::time::timeout(attempt_timeout, inner.oneshot(batch)).await {
+            match tokio::time::timeout(attempt_timeout, inner.oneshot(request)).await {
                 Ok(result) => result,
-                Err(_) => Err(SinkError::Unavailable {
-                    sink: name,
-                    message: format!("no answer within {} ms", attempt_timeout.as_millis()),
-                }),
+                Err(_) => Err(E::timed_out(name, attempt_timeout)),
             }
         }
     }));
@@ -110,11 +166,11 @@ pub fn build_stack(
         1,
         retry.budget_percent as f32 / 100.0,
     ));
-    let retried = SinkService::new(tower::service_fn(move |batch: Arc<SinkBatch>| {
+    let retried = CallService::new(tower::service_fn(move |request: Req| {
         let timed = timed.clone();
         let retry = retry.clone();
         let budget = budget.clone();
-        async move { call_with_retries(name, &timed, batch, &retry, &budget).await }
+        async move { call_with_retries(name, &timed, request, &retry, &budget).await }
     }));
 
     // Circuit breaker: only retryable failures count.
@@ -148,12 +204,12 @@ pub fn build_stack(
                 ),
             }
         })
-        .failure_classifier(|result: &Result<(), SinkError>| matches!(result, Err(error) if error.is_retryable()))
+        .failure_classifier(|result: &Result<Res, E>| matches!(result, Err(error) if error.is_retryable()))
         .build_with_handle()
         .map_err(|e| format!("{name} circuit breaker: {e}"))?;
     let state = breaker_state(handle);
-    let broken = SinkService::new(breaker_layer.layer(retried).map_err(move |error| match error {
-        CircuitBreakerError::OpenCircuit => SinkError::CircuitOpen { sink: name },
+    let broken = CallService::new(breaker_layer.layer(retried).map_err(move |error| match error {
+        CircuitBreakerError::OpenCircuit => E::circuit_open(name),
         CircuitBreakerError::Inner(inner) => inner,
     }));
 
@@ -165,14 +221,11 @@ pub fn build_stack(
             .max_wait_duration(Duration::from_millis(calls.bulkhead.max_wait_ms))
             .build()
             .map_err(|e| format!("{name} bulkhead: {e}"))?;
-        SinkService::new(layer.layer(broken).map_err(move |error| match error {
+        CallService::new(layer.layer(broken).map_err(move |error| match error {
             BulkheadServiceError::Inner(inner) => inner,
             BulkheadServiceError::Bulkhead(reason) => {
                 metrics::counter!(metric::CALLS_SHED, "dependency" => name, "by" => "bulkhead").increment(1);
-                SinkError::Unavailable {
-                    sink: name,
-                    message: reason.to_string(),
-                }
+                E::shed(name, reason.to_string())
             }
         }))
     } else {
@@ -189,14 +242,11 @@ pub fn build_stack(
             .timeout_duration(Duration::from_secs(1))
             .build()
             .map_err(|e| format!("{name} rate limit: {e}"))?;
-        SinkService::new(layer.layer(bulkheaded).map_err(move |error| match error {
+        CallService::new(layer.layer(bulkheaded).map_err(move |error| match error {
             RateLimiterServiceError::Inner(inner) => inner,
             RateLimiterServiceError::RateLimited => {
                 metrics::counter!(metric::CALLS_SHED, "dependency" => name, "by" => "rate_limit").increment(1);
-                SinkError::Unavailable {
-                    sink: name,
-                    message: "rate limit: no permit within 1 s".into(),
-                }
+                E::shed(name, "rate limit: no permit within 1 s".into())
             }
         }))
     } else {
@@ -206,19 +256,23 @@ pub fn build_stack(
     Ok((limited, state))
 }
 
-async fn call_with_retries(
+async fn call_with_retries<Req, Res, E>(
     name: &'static str,
-    service: &SinkService,
-    batch: Arc<SinkBatch>,
+    service: &CallService<Req, Res, E>,
+    request: Req,
     retry: &RetryPolicy,
     budget: &TpsBudget,
-) -> Result<(), SinkError> {
+) -> Result<Res, E>
+where
+    Req: Clone + Send + 'static,
+    E: CallError,
+{
     budget.deposit();
     let mut attempt = 1;
     loop {
-        let result = service.clone().oneshot(batch.clone()).await;
+        let result = service.clone().oneshot(request.clone()).await;
         let error = match result {
-            Ok(()) => return Ok(()),
+            Ok(response) => return Ok(response),
             Err(error) => error,
         };
         if !error.is_retryable() || attempt >= retry.max_attempts || !budget.withdraw() {
@@ -255,10 +309,10 @@ mod tests {
     }
 
     /// A sink that fails its first `failures` calls with `error`, then succeeds.
-    fn flaky(failures: usize, error: SinkError) -> (SinkService, Arc<AtomicUsize>) {
+    fn flaky(failures: usize, error: SinkError) -> (crate::sinks::SinkService, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
         let seen = calls.clone();
-        let service = SinkService::new(tower::service_fn(move |_batch: Arc<SinkBatch>| {
+        let service = crate::sinks::SinkService::new(tower::service_fn(move |_batch: Arc<SinkBatch>| {
             let n = seen.fetch_add(1, Ordering::SeqCst);
             let error = error.clone();
             async move {
@@ -332,7 +386,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_attempt_times_out_as_retryable() {
-        let slow = SinkService::new(tower::service_fn(|_batch: Arc<SinkBatch>| async {
+        let slow = crate::sinks::SinkService::new(tower::service_fn(|_batch: Arc<SinkBatch>| async {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok::<(), SinkError>(())
         }));

@@ -188,17 +188,20 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
             policy.clone(),
         ));
     }
+
+    let shared_dedup = match &config.redis {
+        Some(redis) => Some(Arc::new(
+            RedisDedup::connect(redis, &current.policy.redis).map_err(StartupError::Backend)?,
+        )),
+        None => None,
+    };
     tokio::spawn(apply_policy_changes(
         config.clone(),
         policy.clone(),
         routes.clone(),
+        shared_dedup.clone(),
         batch_limits,
     ));
-
-    let shared_dedup = match &config.redis {
-        Some(redis) => Some(Arc::new(RedisDedup::connect(redis).map_err(StartupError::Backend)?)),
-        None => None,
-    };
     metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
     tracing::info!(
         sinks = routes.iter().map(|r| r.sink.name).collect::<Vec<_>>().join(","),
@@ -387,6 +390,7 @@ async fn apply_policy_changes(
     config: Config,
     mut policy: watch::Receiver<Arc<LoadedPolicy>>,
     routes: Vec<SinkRoute>,
+    redis: Option<Arc<RedisDedup>>,
     batch_limits: Vec<(&'static str, watch::Sender<BatchLimits>)>,
 ) {
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
@@ -407,11 +411,20 @@ async fn apply_policy_changes(
                 for (name, sender) in &batch_limits {
                     sender.send_replace(batch_limits_of(&sink_policy(&current.policy, name).batch));
                 }
+                if let Some(redis) = &redis {
+                    if let Err(error) = redis.apply(&current.policy.redis) {
+                        tracing::error!(%error, "could not apply the new policy to redis");
+                    }
+                }
             }
             _ = refresh.tick() => {
                 for route in &routes {
                     metrics::gauge!(metric::CIRCUIT_BREAKER_STATE, "dependency" => route.sink.name)
                         .set(resilience::state_value(route.sink.breaker()));
+                }
+                if let Some(redis) = &redis {
+                    metrics::gauge!(metric::CIRCUIT_BREAKER_STATE, "dependency" => crate::dedup::redis::DEPENDENCY_NAME)
+                        .set(resilience::state_value(redis.breaker()));
                 }
             }
         }
