@@ -4,13 +4,20 @@
 # prints the load report (JSON on stdout, one-line summary on stderr), then stops
 # the server and removes the data. Extra arguments go to breakwater-load, e.g.
 #   ./scripts/bench.sh --connections 32 --batch-size 100 --duration-seconds 10
+# BENCH_SINK_DOWN=1 adds a ClickHouse sink that is down (nothing listens on its
+# port): every event is then written to the file sink and to ClickHouse's spool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 port="${BENCH_PORT:-18631}"
 cargo build --release --locked --bins >&2
 data_dir="$(mktemp -d)"
-./target/release/breakwater serve --listen "127.0.0.1:${port}" --data-dir "$data_dir" \
+config=/dev/null
+if [ "${BENCH_SINK_DOWN:-0}" = 1 ]; then
+  config="$data_dir/breakwater.toml"
+  printf '[file_sink]\nenabled = true\n[clickhouse]\nurl = "http://127.0.0.1:9"\n' >"$config"
+fi
+./target/release/breakwater serve --listen "127.0.0.1:${port}" --data-dir "$data_dir" --config "$config" \
   >"$data_dir/server.log" 2>&1 &
 server_pid=$!
 cleanup() {
@@ -30,4 +37,5 @@ echo "server: $(curl -s "http://127.0.0.1:${port}/metrics" | awk '
   /^breakwater_file_sink_requests_per_fsync_sum/ {r=$2}
   /^breakwater_file_sink_requests_per_fsync_count/ {n=$2}
   /^breakwater_file_sink_fsync_duration_seconds_sum/ {s=$2}
-  END { if (n > 0) printf "%d fsyncs, %.1f requests per fsync, mean fsync %.2f ms", n, r/n, 1000*s/n }'); peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$server_pid/status)" >&2
+  /^breakwater_spool_appended_events_total/ {sp+=$2}
+  END { if (n > 0) printf "%d fsyncs, %.1f requests per fsync, mean fsync %.2f ms, %d events spooled", n, r/n, 1000*s/n, sp }'); peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$server_pid/status)" >&2

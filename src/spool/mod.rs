@@ -26,6 +26,8 @@ use crate::sinks::{SinkBatch, SinkError};
 use crate::telemetry::metric;
 
 const DEAD_LETTER: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letter");
+/// redb's page cache (its default is 1 GiB): spooled data lives on disk, not in RAM.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 
 /// The queue table of a sink. Only the sinks breakwater has get one.
@@ -107,14 +109,17 @@ impl Spool {
     pub fn open(dir: &Path, sinks: &[(&'static str, u64)]) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(dir).map_err(storage)?;
         let path = dir.join("spool.redb");
-        let db = match Database::create(&path) {
+        let db = match Database::builder().set_cache_size(CACHE_BYTES).create(&path) {
             Ok(db) => db,
             Err(error @ redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))) => {
                 let aside = dir.join(format!("spool.redb.corrupt-{}", now_ms()));
                 tracing::error!(%error, moved_to = %aside.display(), "spool file unreadable: set aside, starting an empty spool");
                 metrics::counter!(metric::SPOOL_QUARANTINED).increment(1);
                 std::fs::rename(&path, &aside).map_err(storage)?;
-                Database::create(&path).map_err(storage)?
+                Database::builder()
+                    .set_cache_size(CACHE_BYTES)
+                    .create(&path)
+                    .map_err(storage)?
             }
             Err(error) => return Err(SpoolError::Storage(format!("{}: {error}", path.display()))),
         };
