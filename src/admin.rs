@@ -228,47 +228,42 @@ pub fn dlq_show(config: &Config, key: u64) -> AdminResult {
     })
 }
 
-/// Moves dead letters back into their sink's spool; the server delivers them
-/// (through the same stack) when it next runs.
-pub fn dlq_replay(config: &Config, keys: &[u64], yes: bool) -> AdminResult {
-    runtime()?.block_on(async {
-        let (_lock, spool) = open_spool(config)?;
-        let selection = (!keys.is_empty()).then_some(keys);
-        confirm(
-            &format!(
-                "This moves {} dead letters back into their sink's spool for another try.",
-                if keys.is_empty() {
-                    "all".to_string()
-                } else {
-                    keys.len().to_string()
-                }
-            ),
-            yes,
-        )?;
-        let moved = spool.requeue_dead_letters(selection).map_err(|e| e.to_string())?;
-        println!("requeued {moved} events; the server replays them when it runs");
-        spool.close().await;
-        Ok(())
-    })
+/// What to do with selected dead letters.
+#[derive(Debug, Clone, Copy)]
+pub enum DeadLetterAction {
+    /// Move back into the sink's spool; the server delivers them when it next runs.
+    Requeue,
+    /// Delete for good.
+    Purge,
 }
 
-pub fn dlq_purge(config: &Config, keys: &[u64], yes: bool) -> AdminResult {
+/// Applies `action` to the dead letters in `keys` (all when empty), after asking.
+pub fn dlq_apply(config: &Config, keys: &[u64], action: DeadLetterAction, yes: bool) -> AdminResult {
     runtime()?.block_on(async {
         let (_lock, spool) = open_spool(config)?;
         let selection = (!keys.is_empty()).then_some(keys);
-        confirm(
-            &format!(
-                "This deletes {} dead letters for good.",
-                if keys.is_empty() {
-                    "all".to_string()
-                } else {
-                    keys.len().to_string()
-                }
-            ),
-            yes,
-        )?;
-        let removed = spool.purge_dead_letters(selection).map_err(|e| e.to_string())?;
-        println!("deleted {removed} dead-letter records");
+        let which = if keys.is_empty() {
+            "all".to_string()
+        } else {
+            keys.len().to_string()
+        };
+        let question = match action {
+            DeadLetterAction::Requeue => {
+                format!("This moves {which} dead letters back into their sink's spool for another try.")
+            }
+            DeadLetterAction::Purge => format!("This deletes {which} dead letters for good."),
+        };
+        confirm(&question, yes)?;
+        match action {
+            DeadLetterAction::Requeue => {
+                let moved = spool.requeue_dead_letters(selection).map_err(|e| e.to_string())?;
+                println!("requeued {moved} events; the server replays them when it runs");
+            }
+            DeadLetterAction::Purge => {
+                let removed = spool.purge_dead_letters(selection).map_err(|e| e.to_string())?;
+                println!("deleted {removed} dead-letter records");
+            }
+        }
         spool.close().await;
         Ok(())
     })

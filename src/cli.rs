@@ -196,12 +196,12 @@ pub fn main() -> ExitCode {
         }
         Command::Dlq(DlqCommand::List(data)) => run_admin(&data, crate::admin::dlq_list),
         Command::Dlq(DlqCommand::Show { data, key }) => run_admin(&data, |config| crate::admin::dlq_show(config, key)),
-        Command::Dlq(DlqCommand::Replay { data, keys, yes }) => {
-            run_admin(&data, |config| crate::admin::dlq_replay(config, &keys, yes))
-        }
-        Command::Dlq(DlqCommand::Purge { data, keys, yes }) => {
-            run_admin(&data, |config| crate::admin::dlq_purge(config, &keys, yes))
-        }
+        Command::Dlq(DlqCommand::Replay { data, keys, yes }) => run_admin(&data, |config| {
+            crate::admin::dlq_apply(config, &keys, crate::admin::DeadLetterAction::Requeue, yes)
+        }),
+        Command::Dlq(DlqCommand::Purge { data, keys, yes }) => run_admin(&data, |config| {
+            crate::admin::dlq_apply(config, &keys, crate::admin::DeadLetterAction::Purge, yes)
+        }),
     }
 }
 

@@ -41,7 +41,9 @@ pub struct CallPolicy {
     pub bulkhead: BulkheadPolicy,
 }
 
-/// A sink's calls plus its batching and its spool.
+/// A sink's calls plus its batching and its spool. (The call fields repeat
+/// `CallPolicy`'s because serde cannot combine `flatten` with `deny_unknown_fields`,
+/// and a misspelt key must be an error.)
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkPolicy {

@@ -385,7 +385,8 @@ fn calls_for(config: &Config, policy: &Policy, sink: &str) -> CallPolicy {
 }
 
 /// Applies each new policy to the running stacks, spool sizes and batch limits,
-/// and keeps each breaker's state gauge fresh from its handle.
+/// and every second refreshes each breaker's state gauge (from its handle) and the
+/// age of each spool's oldest record.
 async fn apply_policy_changes(
     config: Config,
     mut policy: watch::Receiver<Arc<LoadedPolicy>>,
@@ -421,6 +422,15 @@ async fn apply_policy_changes(
                 for route in &routes {
                     metrics::gauge!(metric::CIRCUIT_BREAKER_STATE, "dependency" => route.sink.name)
                         .set(resilience::state_value(route.sink.breaker()));
+                }
+                let queues: Vec<_> = routes.iter().map(|route| route.queue.clone()).collect();
+                let ages = tokio::task::spawn_blocking(move || {
+                    queues.iter().map(|q| (q.sink, q.stats().oldest_age_seconds.unwrap_or(0.0))).collect::<Vec<_>>()
+                });
+                if let Ok(ages) = ages.await {
+                    for (sink, age) in ages {
+                        metrics::gauge!(metric::SPOOL_OLDEST_AGE, "sink" => sink).set(age);
+                    }
                 }
                 if let Some(redis) = &redis {
                     metrics::gauge!(metric::CIRCUIT_BREAKER_STATE, "dependency" => crate::dedup::redis::DEPENDENCY_NAME)
