@@ -25,6 +25,7 @@ pub struct Config {
     pub file_sink: FileSinkConfig,
     pub rejected_store: RejectedStoreConfig,
     pub log: LogConfig,
+    pub websocket: WebSocketConfig,
     /// Shared dedup in Redis; absent: dedup stays in-process.
     pub redis: Option<RedisConfig>,
     /// ClickHouse sink; absent: off.
@@ -317,6 +318,41 @@ impl Default for KafkaConfig {
     }
 }
 
+/// The WebSocket gateway (`GET /v1/ws`); see docs/websocket.md.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Open connections at once; past it an upgrade gets 503 with Retry-After.
+    pub max_connections: usize,
+    /// Frames read but not yet answered, per connection; at the limit the server
+    /// stops reading, so TCP pushes back on the client.
+    pub max_unacked_frames: usize,
+    /// Largest frame (and message); a larger one closes the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Frames per second per connection; past it reading is paced. 0 = unlimited.
+    pub max_frames_per_second: u32,
+    /// A connection that sends nothing (not even a pong) for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// How often the server pings.
+    pub ping_interval_ms: u64,
+    /// A client that does not take an answer within this is disconnected.
+    pub write_timeout_ms: u64,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_unacked_frames: 64,
+            max_frame_bytes: 500 * 1024,
+            max_frames_per_second: 0,
+            idle_timeout_ms: 60_000,
+            ping_interval_ms: 20_000,
+            write_timeout_ms: 30_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RejectedStoreConfig {
@@ -473,6 +509,19 @@ impl Config {
             return Err(invalid("file_sink.max_file_bytes", "must be at least 4096"));
         }
         self.validate_backends()?;
+        let ws = &self.websocket;
+        for (key, value) in [
+            ("websocket.max_connections", ws.max_connections as u64),
+            ("websocket.max_unacked_frames", ws.max_unacked_frames as u64),
+            ("websocket.max_frame_bytes", ws.max_frame_bytes as u64),
+            ("websocket.idle_timeout_ms", ws.idle_timeout_ms),
+            ("websocket.ping_interval_ms", ws.ping_interval_ms),
+            ("websocket.write_timeout_ms", ws.write_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
         if !self.file_sink_enabled() && self.clickhouse.is_none() && self.kafka.is_none() {
             return Err(invalid(
                 "file_sink.enabled",

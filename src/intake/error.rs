@@ -69,6 +69,8 @@ pub enum IntakeError {
     InFlightElsewhere,
     #[error("a sink is down and its spool is full; retry later")]
     SpoolFull,
+    #[error("too many WebSocket connections; retry later")]
+    TooManyConnections,
     #[error("server is shutting down; retry later")]
     ShuttingDown,
     #[error("no such endpoint")]
@@ -90,7 +92,7 @@ impl IntakeError {
             UnsupportedMediaType(_) | UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             MissingWriteKey | InvalidWriteKey => StatusCode::UNAUTHORIZED,
-            Overloaded | SinkUnavailable | SpoolFull | InFlightElsewhere | ShuttingDown => {
+            Overloaded | SinkUnavailable | SpoolFull | InFlightElsewhere | TooManyConnections | ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             NotFound => StatusCode::NOT_FOUND,
@@ -121,6 +123,7 @@ impl IntakeError {
             SinkUnavailable => "sink_unavailable",
             InFlightElsewhere => "in_flight_elsewhere",
             SpoolFull => "spool_full",
+            TooManyConnections => "too_many_connections",
             ShuttingDown => "shutting_down",
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
@@ -135,6 +138,7 @@ impl IntakeError {
                 | IntakeError::SinkUnavailable
                 | IntakeError::InFlightElsewhere
                 | IntakeError::SpoolFull
+                | IntakeError::TooManyConnections
                 | IntakeError::ShuttingDown
                 | IntakeError::BodyReadTimeout(_)
         )

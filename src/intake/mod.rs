@@ -7,6 +7,7 @@ pub mod decode;
 pub mod error;
 pub mod rejected_store;
 pub mod segment;
+pub mod websocket;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,7 +16,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
@@ -29,11 +30,13 @@ use segment::{EventType, RequestContext};
 /// Transport label on event metrics.
 const TRANSPORT: &str = "http";
 
-/// What a route expects in its body.
+/// What a route (or a WebSocket frame) carries.
 #[derive(Debug, Clone, Copy)]
-enum RouteKind {
+pub(crate) enum RouteKind {
     /// One event of a fixed type (`/v1/track`, `/v1/t`, …).
     Single(EventType),
+    /// One event whose `type` field says what it is (a WebSocket frame).
+    Event,
     /// `{"batch": [...]}` (`/v1/batch`, `/v1/import`, `/v1/b`).
     Batch,
 }
@@ -58,7 +61,7 @@ const ROUTES: &[(&str, RouteKind)] = &[
 ];
 
 pub fn routes() -> Router<Arc<AppState>> {
-    let mut router = Router::new();
+    let mut router = Router::new().route("/v1/ws", get(websocket::upgrade));
     for &(path, kind) in ROUTES {
         router = router.route(
             path,
@@ -75,12 +78,12 @@ pub fn routes() -> Router<Arc<AppState>> {
 /// The 200 body. Segment clients need only the status; `rejected` lists the batch
 /// items refused on their own, `duplicates` how many were already seen.
 #[derive(Debug, Serialize)]
-struct Accepted {
-    success: bool,
+pub(crate) struct Accepted {
+    pub success: bool,
     #[serde(skip_serializing_if = "is_zero")]
-    duplicates: usize,
+    pub duplicates: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    rejected: Vec<RejectedEvent>,
+    pub rejected: Vec<RejectedEvent>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -124,12 +127,34 @@ async fn accept(app: &AppState, kind: RouteKind, headers: &HeaderMap, body: Body
 
     let raw = decode::read_body(body, limits.max_request_bytes, app.body_read_timeout).await?;
     let json = decode::decompress(raw, encoding, limits.max_request_bytes)?;
+    let ingested = ingest_json(app, kind, &json, early_source, TRANSPORT).await?;
+    Ok(ingested.accepted)
+}
+
+/// A request's outcome with the ids of its accepted events (for WebSocket acks).
+pub(crate) struct IngestedRequest {
+    pub accepted: Accepted,
+    pub message_ids: Vec<String>,
+}
+
+/// From JSON bytes to durable events, the same for every transport: parse, find the
+/// source (pre-authenticated, or by the body's `writeKey`), validate and normalize
+/// each event, keep refusals, and hand the rest to the pipeline.
+pub(crate) async fn ingest_json(
+    app: &AppState,
+    kind: RouteKind,
+    json: &[u8],
+    authenticated: Option<Arc<str>>,
+    transport: &'static str,
+) -> Result<IngestedRequest, IntakeError> {
+    let limits = &app.limits;
     let received_at = chrono::Utc::now();
     let (parsed, route_type) = match kind {
-        RouteKind::Single(event_type) => (segment::parse_single(&json, limits)?, Some(event_type)),
-        RouteKind::Batch => (segment::parse_batch(&json, limits)?, None),
+        RouteKind::Single(event_type) => (segment::parse_single(json, limits)?, Some(event_type)),
+        RouteKind::Event => (segment::parse_single(json, limits)?, None),
+        RouteKind::Batch => (segment::parse_batch(json, limits)?, None),
     };
-    let source = match early_source {
+    let source = match authenticated {
         Some(source) => source,
         None => app.write_keys.authenticate(parsed.write_key.as_deref())?,
     };
@@ -164,15 +189,16 @@ async fn accept(app: &AppState, kind: RouteKind, headers: &HeaderMap, body: Body
             }
         }
     }
-    count_events(&source, "rejected", rejected.len());
+    count_events(&source, transport, "rejected", rejected.len());
     app.rejected_store.record(records).await;
     if events.is_empty() {
         return Err(match kind {
-            RouteKind::Single(_) => IntakeError::InvalidEvent(rejected.swap_remove(0).reason),
+            RouteKind::Single(_) | RouteKind::Event => IntakeError::InvalidEvent(rejected.swap_remove(0).reason),
             RouteKind::Batch => IntakeError::InvalidBatch(rejected),
         });
     }
 
+    let message_ids: Vec<String> = events.iter().map(|e| e.message_id.clone()).collect();
     let ingested = app
         .pipeline
         .ingest(source.clone(), events)
@@ -188,18 +214,21 @@ async fn accept(app: &AppState, kind: RouteKind, headers: &HeaderMap, body: Body
                 IntakeError::SinkUnavailable
             }
         })?;
-    count_events(&source, "accepted", ingested.accepted);
-    count_events(&source, "duplicate", ingested.duplicates);
-    Ok(Accepted {
-        success: true,
-        duplicates: ingested.duplicates,
-        rejected,
+    count_events(&source, transport, "accepted", ingested.accepted);
+    count_events(&source, transport, "duplicate", ingested.duplicates);
+    Ok(IngestedRequest {
+        accepted: Accepted {
+            success: true,
+            duplicates: ingested.duplicates,
+            rejected,
+        },
+        message_ids,
     })
 }
 
-fn count_events(source: &str, outcome: &'static str, count: usize) {
+fn count_events(source: &str, transport: &'static str, outcome: &'static str, count: usize) {
     if count > 0 {
-        metrics::counter!(metric::EVENTS, "source" => source.to_string(), "transport" => TRANSPORT, "outcome" => outcome)
+        metrics::counter!(metric::EVENTS, "source" => source.to_string(), "transport" => transport, "outcome" => outcome)
             .increment(count as u64);
     }
 }

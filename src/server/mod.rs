@@ -16,12 +16,13 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
-use crate::config::{Config, ConfigError, LimitsConfig, WRITE_KEYS_ENV};
+use crate::config::{Config, ConfigError, LimitsConfig, WebSocketConfig, WRITE_KEYS_ENV};
 use crate::dedup::redis::RedisDedup;
 use crate::dedup::{DedupKey, LocalDedup};
 use crate::intake::auth::WriteKeys;
 use crate::intake::error::IntakeError;
 use crate::intake::rejected_store::RejectedStore;
+use crate::intake::websocket::ConnectionRegistry;
 use crate::pipeline::Pipeline;
 use crate::pipeline::SinkRoute;
 use crate::policy::{reload, BatchPolicy, CallPolicy, LoadedPolicy, Policy, PolicyError, SinkPolicy};
@@ -46,6 +47,9 @@ pub struct AppState {
     pub policy: watch::Receiver<Arc<LoadedPolicy>>,
     pub rejected_store: Arc<RejectedStore>,
     pub in_flight: InFlightLimit,
+    pub websocket: WebSocketConfig,
+    /// Live WebSocket connections.
+    pub websockets: Arc<ConnectionRegistry>,
     pub metrics: PrometheusHandle,
     pub shutting_down: AtomicBool,
 }
@@ -225,6 +229,8 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         policy,
         rejected_store: Arc::new(rejected_store),
         in_flight: InFlightLimit::new(config.server.max_in_flight_requests),
+        websocket: config.websocket.clone(),
+        websockets: ConnectionRegistry::new(config.websocket.max_connections),
         metrics,
         shutting_down: AtomicBool::new(false),
     });
@@ -247,6 +253,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         tokio::spawn(async move {
             wait_for_stop_signal().await;
             state.shutting_down.store(true, Ordering::Relaxed);
+            state.websockets.begin_shutdown();
             tracing::info!("shutdown requested: no new connections; finishing in-flight requests");
             let _ = stop_sender.send(true);
         });
@@ -271,6 +278,12 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         () = deadline => tracing::warn!(timeout_ms = shutdown_timeout.as_millis() as u64, "shutdown timeout: closing connections still open"),
     }
 
+    if !state.websockets.wait_until_empty(shutdown_timeout).await {
+        tracing::warn!(
+            open = state.websockets.len(),
+            "shutdown timeout: WebSocket connections still open"
+        );
+    }
     if !state.pipeline.drain(shutdown_timeout).await {
         tracing::warn!("shutdown timeout: some deliveries did not finish (their requests were not acknowledged)");
     }

@@ -84,6 +84,16 @@ pub mod metric {
     pub const SPOOL_QUARANTINED: &str = "breakwater_spool_quarantined_records_total";
     /// Events in the dead-letter store, by `sink` (counter of additions).
     pub const DEAD_LETTER_EVENTS: &str = "breakwater_dead_letter_events_total";
+    /// Open WebSocket connections (gauge).
+    pub const WS_CONNECTIONS: &str = "breakwater_websocket_connections";
+    /// WebSocket upgrades refused, by `reason` (counter).
+    pub const WS_REFUSED: &str = "breakwater_websocket_connections_refused_total";
+    /// WebSocket connections closed, by `reason` (counter).
+    pub const WS_CLOSED: &str = "breakwater_websocket_connections_closed_total";
+    /// WebSocket frames answered, by `outcome` = ack | nack (counter).
+    pub const WS_FRAMES: &str = "breakwater_websocket_frames_total";
+    /// Time from reading a frame to sending its answer (histogram, seconds).
+    pub const WS_ACK_DURATION: &str = "breakwater_websocket_ack_duration_seconds";
     /// Refused events written to the rejected store (counter).
     pub const REJECTED_STORE_WRITTEN: &str = "breakwater_rejected_store_written_total";
     /// Rejected-store bytes discarded by rotation, oldest first (counter).
@@ -194,6 +204,15 @@ fn describe_metrics() {
         "Spool records that failed their checksum and were quarantined."
     );
     describe_counter!(DEAD_LETTER_EVENTS, "Events added to the dead-letter store per sink.");
+    describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections.");
+    describe_counter!(WS_REFUSED, "WebSocket upgrades refused, by reason.");
+    describe_counter!(WS_CLOSED, "WebSocket connections closed, by reason.");
+    describe_counter!(WS_FRAMES, "WebSocket frames answered, by outcome (ack, nack).");
+    describe_histogram!(
+        WS_ACK_DURATION,
+        Unit::Seconds,
+        "Time from reading a WebSocket frame to sending its answer."
+    );
     describe_counter!(REJECTED_STORE_WRITTEN, "Refused events written to the rejected store.");
     describe_counter!(
         REJECTED_STORE_DISCARDED_BYTES,

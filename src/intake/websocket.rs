@@ -1,0 +1,444 @@
+//! The WebSocket gateway (`GET /v1/ws`): persistent connections carrying the same
+//! events as HTTP, under the same contract: a frame's ack is sent only once its
+//! events are durable. Owns the protocol (docs/websocket.md), per-connection flow
+//! control and limits, and the registry of live connections; hands frames to the
+//! same `ingest_json` as HTTP.
+//!
+//! Invariants: a connection is in the registry exactly while its task runs (an RAII
+//! guard removes it on every exit path); at most `max_unacked_frames` frames are in
+//! flight per connection, and the reader does not read while that many are.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+
+use super::error::IntakeError;
+use super::{auth, ingest_json, RouteKind};
+use crate::config::WebSocketConfig;
+use crate::server::AppState;
+use crate::telemetry::metric;
+
+/// Transport label on event metrics.
+const TRANSPORT: &str = "websocket";
+/// While shutting down, a connection quiet for this long is closed.
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+/// How long a Close frame waits for the client's answering Close.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
+
+/// Close codes (RFC 6455), as documented in docs/websocket.md.
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// The live connections, and the signal that tells them to wind down.
+pub struct ConnectionRegistry {
+    live: Mutex<HashMap<u64, ConnectionInfo>>,
+    next_id: AtomicU64,
+    max: usize,
+    shutdown: watch::Sender<bool>,
+    emptied: Notify,
+}
+
+/// What the registry knows of one connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub source: Option<Arc<str>>,
+    pub opened_at: Instant,
+}
+
+/// Keeps a connection registered; dropping it (on any exit) unregisters it.
+pub struct ConnectionGuard {
+    registry: Arc<ConnectionRegistry>,
+    id: u64,
+}
+
+impl ConnectionRegistry {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            live: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            max,
+            shutdown: watch::channel(false).0,
+            emptied: Notify::new(),
+        })
+    }
+
+    /// Registers a connection, or `None` at the limit.
+    fn register(self: &Arc<Self>, source: Option<Arc<str>>) -> Option<ConnectionGuard> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.len() >= self.max {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        live.insert(
+            id,
+            ConnectionInfo {
+                source,
+                opened_at: Instant::now(),
+            },
+        );
+        metrics::gauge!(metric::WS_CONNECTIONS).set(live.len() as f64);
+        Some(ConnectionGuard {
+            registry: self.clone(),
+            id,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tells every connection to stop reading, answer what it has, and close (1001).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Waits until every connection has closed, at most `timeout`.
+    pub async fn wait_until_empty(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let emptied = self.emptied.notified();
+            if self.is_empty() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, emptied).await.is_err() {
+                return self.is_empty();
+            }
+        }
+    }
+}
+
+impl ConnectionGuard {
+    fn set_source(&self, source: Arc<str>) {
+        if let Some(info) = self
+            .registry
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&self.id)
+        {
+            info.source = Some(source);
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let mut live = self.registry.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.remove(&self.id);
+        metrics::gauge!(metric::WS_CONNECTIONS).set(live.len() as f64);
+        if live.is_empty() {
+            self.registry.emptied.notify_waiters();
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct UpgradeQuery {
+    #[serde(rename = "writeKey")]
+    write_key: Option<String>,
+}
+
+/// `GET /v1/ws`: authenticates what it can before the upgrade (HTTP Basic or
+/// `?writeKey=`), refuses past the connection limit, then hands the socket over.
+pub async fn upgrade(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<UpgradeQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let presented = auth::write_key_from_headers(&headers).or(query.write_key);
+    let source = if app.write_keys.is_open() || presented.is_some() {
+        match app.write_keys.authenticate(presented.as_deref()) {
+            Ok(source) => Some(source),
+            Err(error) => {
+                metrics::counter!(metric::WS_REFUSED, "reason" => error.code()).increment(1);
+                return error.into_response();
+            }
+        }
+    } else {
+        // No key yet: the first frame must be a `hello` carrying it.
+        None
+    };
+    if app.shutting_down.load(Ordering::Relaxed) {
+        metrics::counter!(metric::WS_REFUSED, "reason" => "shutting_down").increment(1);
+        return IntakeError::ShuttingDown.into_response();
+    }
+    let Some(guard) = app.websockets.register(source.clone()) else {
+        metrics::counter!(metric::WS_REFUSED, "reason" => "too_many_connections").increment(1);
+        return IntakeError::TooManyConnections.into_response();
+    };
+    let settings = app.websocket.clone();
+    upgrade
+        .max_message_size(settings.max_frame_bytes)
+        .max_frame_size(settings.max_frame_bytes)
+        .on_upgrade(move |socket| serve_connection(app, socket, source, guard))
+}
+
+/// Why a connection ended (the `reason` label, and what the client is told).
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    ClientClosed,
+    ClientGone,
+    Idle,
+    ShuttingDown,
+    TooBig,
+    Binary,
+    Unauthorized,
+    WriteStalled,
+}
+
+impl Ending {
+    fn label(self) -> &'static str {
+        match self {
+            Ending::ClientClosed => "client_closed",
+            Ending::ClientGone => "client_gone",
+            Ending::Idle => "idle_timeout",
+            Ending::ShuttingDown => "shutdown",
+            Ending::TooBig => "frame_too_large",
+            Ending::Binary => "binary_frame",
+            Ending::Unauthorized => "unauthorized",
+            Ending::WriteStalled => "write_stalled",
+        }
+    }
+
+    /// The close frame to send, if the client is still there to receive one.
+    fn close_frame(self) -> Option<CloseFrame> {
+        let (code, reason) = match self {
+            Ending::ClientClosed | Ending::ClientGone | Ending::WriteStalled => return None,
+            Ending::Idle => (close_code::NORMAL, "idle timeout"),
+            Ending::ShuttingDown => (close_code::GOING_AWAY, "server shutting down"),
+            Ending::TooBig => (close_code::TOO_BIG, "frame too large"),
+            Ending::Binary => (close_code::UNSUPPORTED_DATA, "text frames only"),
+            Ending::Unauthorized => (close_code::POLICY_VIOLATION, "missing or invalid write key"),
+        };
+        Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        })
+    }
+}
+
+async fn serve_connection(app: Arc<AppState>, socket: WebSocket, mut source: Option<Arc<str>>, guard: ConnectionGuard) {
+    let settings: WebSocketConfig = app.websocket.clone();
+    let (mut outgoing, mut incoming) = socket.split();
+    // Answers go through one writer task; a client that stops reading them fills
+    // this channel, which holds up frame tasks, which holds up reading.
+    let (answers, mut to_write) = mpsc::channel::<Message>(settings.max_unacked_frames + 4);
+    let write_timeout = Duration::from_millis(settings.write_timeout_ms);
+    let stalled = Arc::new(Notify::new());
+    let writer = {
+        let stalled = stalled.clone();
+        tokio::spawn(async move {
+            while let Some(message) = to_write.recv().await {
+                let closing = matches!(message, Message::Close(_));
+                match tokio::time::timeout(write_timeout, outgoing.send(message)).await {
+                    Ok(Ok(())) if !closing => {}
+                    Ok(Ok(())) => break,
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        stalled.notify_one();
+                        break;
+                    }
+                }
+            }
+            let _ = outgoing.close().await;
+        })
+    };
+
+    let in_flight = Arc::new(Semaphore::new(settings.max_unacked_frames));
+    let mut shutdown = app.websockets.shutdown.subscribe();
+    let mut ping = tokio::time::interval(Duration::from_millis(settings.ping_interval_ms));
+    ping.tick().await;
+    let idle_timeout = Duration::from_millis(settings.idle_timeout_ms);
+    let mut last_heard = Instant::now();
+    let min_gap = (settings.max_frames_per_second > 0)
+        .then(|| Duration::from_secs_f64(1.0 / settings.max_frames_per_second as f64));
+    let mut last_frame = Instant::now() - Duration::from_secs(1);
+
+    let ending = loop {
+        // Shutting down: frames the client already sent are still read and answered
+        // until the line has been quiet for a moment; then the connection closes.
+        let draining = *shutdown.borrow();
+        // Flow control: no permit, no read.
+        let permit = tokio::select! {
+            permit = in_flight.clone().acquire_owned() => permit.expect("semaphore never closed"),
+            () = stalled.notified() => break Ending::WriteStalled,
+        };
+        let frame = if draining {
+            match tokio::time::timeout(DRAIN_QUIET, incoming.next()).await {
+                Ok(frame) => frame,
+                Err(_) => break Ending::ShuttingDown,
+            }
+        } else {
+            tokio::select! {
+                frame = incoming.next() => frame,
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > idle_timeout {
+                        break Ending::Idle;
+                    }
+                    let _ = answers.try_send(Message::Ping(Default::default()));
+                    continue;
+                }
+                _ = shutdown.changed() => continue,
+                () = stalled.notified() => break Ending::WriteStalled,
+            }
+        };
+        let text = match frame {
+            None => break Ending::ClientGone,
+            Some(Err(error)) => {
+                let too_big = error.to_string().to_ascii_lowercase().contains("too long")
+                    || error.to_string().to_ascii_lowercase().contains("size");
+                break if too_big { Ending::TooBig } else { Ending::ClientGone };
+            }
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Binary(_))) => break Ending::Binary,
+            Some(Ok(Message::Close(_))) => break Ending::ClientClosed,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                last_heard = Instant::now();
+                continue;
+            }
+        };
+        last_heard = Instant::now();
+        if let Some(gap) = min_gap {
+            let since = last_frame.elapsed();
+            if since < gap {
+                tokio::time::sleep(gap - since).await;
+            }
+            last_frame = Instant::now();
+        }
+        let Some(authenticated) = source.clone() else {
+            // Before anything else: `{"type":"hello","writeKey":"…"}`.
+            match hello(&app, &text) {
+                Ok(found) => {
+                    guard.set_source(found.clone());
+                    let _ = answers
+                        .send(json_message(&json!({ "type": "ready", "source": &*found })))
+                        .await;
+                    source = Some(found);
+                    continue;
+                }
+                Err(_) => break Ending::Unauthorized,
+            }
+        };
+        let app = app.clone();
+        let answers = answers.clone();
+        tokio::spawn(async move {
+            let read_at = Instant::now();
+            let answer = answer_frame(&app, text.as_str(), authenticated).await;
+            let _ = answers.send(answer).await;
+            metrics::histogram!(metric::WS_ACK_DURATION).record(read_at.elapsed().as_secs_f64());
+            drop(permit);
+        });
+    };
+
+    // Answer every frame already read before closing (bounded by the write timeout).
+    let _ = tokio::time::timeout(
+        write_timeout,
+        in_flight.acquire_many(settings.max_unacked_frames as u32),
+    )
+    .await;
+    if let Some(close) = ending.close_frame() {
+        let _ = answers.send(Message::Close(Some(close))).await;
+    }
+    let sent_close = ending.close_frame().is_some();
+    drop(answers);
+    let _ = tokio::time::timeout(write_timeout, writer).await;
+    if sent_close {
+        // Closing handshake: give the client a moment to answer our Close before
+        // the TCP connection goes, so it reads the close code rather than a reset.
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+            while let Some(Ok(message)) = incoming.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    metrics::counter!(metric::WS_CLOSED, "reason" => ending.label()).increment(1);
+    drop(guard);
+}
+
+/// A `hello` frame's write key, authenticated.
+fn hello(app: &AppState, text: &str) -> Result<Arc<str>, IntakeError> {
+    #[derive(Deserialize)]
+    struct Hello {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(rename = "writeKey")]
+        write_key: Option<String>,
+    }
+    let hello: Hello = serde_json::from_str(text).map_err(|_| IntakeError::MissingWriteKey)?;
+    if hello.kind != "hello" {
+        return Err(IntakeError::MissingWriteKey);
+    }
+    app.write_keys.authenticate(hello.write_key.as_deref())
+}
+
+/// Ingests one frame and builds its answer: `ack` once durable, else `nack`.
+async fn answer_frame(app: &AppState, text: &str, source: Arc<str>) -> Message {
+    #[derive(Deserialize)]
+    struct Head {
+        id: Option<Value>,
+        batch: Option<serde::de::IgnoredAny>,
+    }
+    let head = serde_json::from_str::<Head>(text).ok();
+    let id = head.as_ref().and_then(|h| h.id.clone()).unwrap_or(Value::Null);
+    let kind = match head.as_ref().map(|h| h.batch.is_some()) {
+        Some(true) => RouteKind::Batch,
+        _ => RouteKind::Event,
+    };
+    let answer = match ingest_json(app, kind, text.as_bytes(), Some(source), TRANSPORT).await {
+        Ok(ingested) => {
+            metrics::counter!(metric::WS_FRAMES, "outcome" => "ack").increment(1);
+            json!({
+                "type": "ack",
+                "id": id,
+                "messageIds": ingested.message_ids,
+                "duplicates": ingested.accepted.duplicates,
+                "rejected": ingested.accepted.rejected,
+            })
+        }
+        Err(error) => {
+            metrics::counter!(metric::WS_FRAMES, "outcome" => "nack").increment(1);
+            let rejected = match &error {
+                IntakeError::InvalidBatch(rejected) => json!(rejected),
+                IntakeError::InvalidEvent(reason) => {
+                    json!([{ "index": 0, "code": reason.code, "message": reason.message }])
+                }
+                _ => json!([]),
+            };
+            json!({
+                "type": "nack",
+                "id": id,
+                "retryable": error.is_retryable(),
+                "error": { "code": error.code(), "message": error.to_string() },
+                "rejected": rejected,
+            })
+        }
+    };
+    json_message(&answer)
+}
+
+fn json_message(value: &Value) -> Message {
+    Message::Text(Utf8Bytes::from(value.to_string()))
+}
