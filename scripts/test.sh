@@ -27,6 +27,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v clickhouse-server >/dev/null 2>&1 || missing+=(clickhouse-server clickhouse-client)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the WebSocket browser test
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing with apt: ${missing[*]}"
   apt-get update
@@ -43,6 +44,7 @@ fi
 redis-server --version
 clickhouse-server --version 2>/dev/null | head -n 1 || true
 tansu --version 2>/dev/null || true
+chromium --version 2>/dev/null || true
 "$venv/bin/python" -c 'import chdb; print("chdb engine", chdb.engine_version)'
 
 log "format"

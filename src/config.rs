@@ -337,6 +337,9 @@ pub struct WebSocketConfig {
     pub ping_interval_ms: u64,
     /// A client that does not take an answer within this is disconnected.
     pub write_timeout_ms: u64,
+    /// Serve `examples/websocket.html` at `/examples/websocket` (a browser client
+    /// for trying the gateway). Off by default.
+    pub serve_example_page: bool,
 }
 
 impl Default for WebSocketConfig {
@@ -349,6 +352,7 @@ impl Default for WebSocketConfig {
             idle_timeout_ms: 60_000,
             ping_interval_ms: 20_000,
             write_timeout_ms: 30_000,
+            serve_example_page: false,
         }
     }
 }

@@ -61,7 +61,9 @@ const ROUTES: &[(&str, RouteKind)] = &[
 ];
 
 pub fn routes() -> Router<Arc<AppState>> {
-    let mut router = Router::new().route("/v1/ws", get(websocket::upgrade));
+    let mut router = Router::new()
+        .route("/v1/ws", get(websocket::upgrade))
+        .route("/examples/websocket", get(websocket::example_page));
     for &(path, kind) in ROUTES {
         router = router.route(
             path,

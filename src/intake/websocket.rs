@@ -193,6 +193,14 @@ pub async fn upgrade(
         .on_upgrade(move |socket| serve_connection(app, socket, source, guard))
 }
 
+/// The browser example (`examples/websocket.html`), when enabled in the config.
+pub async fn example_page(State(app): State<Arc<AppState>>) -> Response {
+    if !app.websocket.serve_example_page {
+        return IntakeError::NotFound.into_response();
+    }
+    axum::response::Html(include_str!("../../examples/websocket.html")).into_response()
+}
+
 /// Why a connection ended (the `reason` label, and what the client is told).
 #[derive(Debug, Clone, Copy)]
 enum Ending {
