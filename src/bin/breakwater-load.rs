@@ -1,7 +1,8 @@
 //! breakwater-load: a bounded load generator for benchmarks (not tests). Sends
-//! Segment `/v1/batch` requests of realistic ~400-byte track events with unique
-//! messageIds over N keep-alive connections for a fixed time, then reports acked
-//! events/s, latency percentiles and every non-200. Loopback targets only.
+//! realistic ~400-byte track events with unique messageIds over N connections for a
+//! fixed time — HTTP `/v1/batch` requests on keep-alive connections, or WebSocket
+//! frames on `/v1/ws` — then reports acked events/s (and frames/s), ack latency
+//! percentiles and every refusal. Loopback targets only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +38,9 @@ struct Args {
     /// Write key sent as HTTP Basic, if the server needs one.
     #[arg(long)]
     write_key: Option<String>,
+    /// `http` (POST /v1/batch) or `ws` (frames on /v1/ws, one unacked frame each).
+    #[arg(long, default_value = "http")]
+    transport: String,
 }
 
 #[derive(Default)]
@@ -70,7 +74,81 @@ fn push_event(body: &mut String, run_id: &str, worker: usize, sequence: u64) {
     );
 }
 
+fn batch_body(args: &Args, run_id: &str, index: usize, sequence: &mut u64, frame_id: Option<u64>) -> String {
+    let mut body = String::with_capacity(args.batch_size * 450 + 32);
+    match frame_id {
+        Some(id) => body.push_str(&format!(r#"{{"id":{id},"batch":["#)),
+        None => body.push_str(r#"{"batch":["#),
+    }
+    for i in 0..args.batch_size {
+        if i > 0 {
+            body.push(',');
+        }
+        *sequence += 1;
+        push_event(&mut body, run_id, index, *sequence);
+    }
+    body.push_str("]}");
+    body
+}
+
+/// One WebSocket connection: a frame, wait for its answer, repeat.
+async fn ws_worker(args: Arc<Args>, index: usize, run_id: String, deadline: Instant) -> WorkerResult {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut result = WorkerResult::default();
+    let query = args
+        .write_key
+        .as_ref()
+        .map(|key| format!("?writeKey={key}"))
+        .unwrap_or_default();
+    let url = format!("ws://{}/v1/ws{query}", args.target);
+    let mut socket = match tokio_tungstenite::connect_async(url).await {
+        Ok((socket, _)) => socket,
+        Err(error) => {
+            eprintln!("connection {index}: {error}");
+            result.errors += 1;
+            return result;
+        }
+    };
+    let mut sequence = 0u64;
+    let mut frame = 0u64;
+    while Instant::now() < deadline {
+        frame += 1;
+        let body = batch_body(&args, &run_id, index, &mut sequence, Some(frame));
+        let started = Instant::now();
+        if socket.send(Message::text(body)).await.is_err() {
+            result.errors += 1;
+            break;
+        }
+        let answer = loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => break Some(text),
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+                Some(Ok(_)) => continue,
+            }
+        };
+        let Some(answer) = answer else {
+            result.errors += 1;
+            break;
+        };
+        result
+            .latencies_micros
+            .push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        if answer.as_str().contains(r#""type":"ack""#) {
+            result.ok_requests += 1;
+        } else {
+            // Refusals are counted by a pseudo-status: 0 for a nack.
+            *result.statuses.entry(0).or_default() += 1;
+        }
+    }
+    let _ = socket.close(None).await;
+    result
+}
+
 async fn worker(args: Arc<Args>, index: usize, run_id: String, deadline: Instant) -> WorkerResult {
+    if args.transport == "ws" {
+        return ws_worker(args, index, run_id, deadline).await;
+    }
     let mut result = WorkerResult::default();
     let stream = match tokio::net::TcpStream::connect(args.target).await {
         Ok(stream) => stream,
@@ -100,17 +178,7 @@ async fn worker(args: Arc<Args>, index: usize, run_id: String, deadline: Instant
     let host = args.target.to_string();
     let mut sequence = 0u64;
     while Instant::now() < deadline {
-        let mut body = String::with_capacity(args.batch_size * 450 + 16);
-        body.push_str(r#"{"batch":["#);
-        for i in 0..args.batch_size {
-            if i > 0 {
-                body.push(',');
-            }
-            sequence += 1;
-            push_event(&mut body, &run_id, index, sequence);
-        }
-        body.push_str("]}");
-        let body = Bytes::from(body);
+        let body = Bytes::from(batch_body(&args, &run_id, index, &mut sequence, None));
         let mut request = Request::post("/v1/batch")
             .header(HOST, &host)
             .header(CONTENT_TYPE, "application/json");
@@ -157,6 +225,10 @@ async fn main() -> std::process::ExitCode {
         eprintln!("error: breakwater-load only targets loopback addresses (127.0.0.0/8, ::1)");
         return std::process::ExitCode::from(2);
     }
+    if args.transport != "http" && args.transport != "ws" {
+        eprintln!("error: --transport must be http or ws");
+        return std::process::ExitCode::from(2);
+    }
     if args.connections == 0 || args.batch_size == 0 || args.duration_seconds == 0 {
         eprintln!("error: --connections, --batch-size and --duration-seconds must be positive");
         return std::process::ExitCode::from(2);
@@ -185,6 +257,8 @@ async fn main() -> std::process::ExitCode {
     let acked_events = total.ok_requests * args.batch_size as u64;
     let report = json!({
         "target": args.target.to_string(),
+        "transport": args.transport,
+        "acked_frames_per_second": total.ok_requests as f64 / elapsed,
         "connections": args.connections,
         "batch_size": args.batch_size,
         "duration_seconds": elapsed,
@@ -202,7 +276,8 @@ async fn main() -> std::process::ExitCode {
     });
     println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
     eprintln!(
-        "{:.0} events/s acked ({} requests x {} events in {:.1} s, {} connections); latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; non-200: {:?}; connection errors: {}",
+        "{} {:.0} events/s acked ({} requests x {} events in {:.1} s, {} connections); latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; non-200: {:?}; connection errors: {}",
+        args.transport,
         acked_events as f64 / elapsed,
         total.ok_requests,
         args.batch_size,
