@@ -312,28 +312,65 @@ fn ten_thousand_connections_opened_and_closed_leave_nothing_behind() {
 }
 
 #[test]
-fn the_connection_limit_refuses_with_503_and_idle_connections_are_closed() {
+fn the_connection_limit_refuses_with_503_and_only_silent_connections_time_out() {
     let server = Server::start_with(
         "[websocket]\nmax_connections = 2\nidle_timeout_ms = 400\nping_interval_ms = 100\n",
         &[],
     );
     let runtime = runtime();
     runtime.block_on(async {
-        let mut first = connect(&server, "").await;
-        let _second = connect(&server, "").await;
+        let mut silent = connect(&server, "").await;
+        let mut alive = connect(&server, "").await;
         let refused = try_connect(&server, "", None).await.unwrap_err();
         assert!(refused.contains("503"), "{refused}");
-        // Not reading means not answering pings: closed as idle.
+        // `alive` keeps reading, so its client answers the server's pings;
+        // `silent` does not read at all.
+        let keepalive = tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + Duration::from_millis(1200);
+            while let Ok(Some(Ok(_))) = tokio::time::timeout_at(until, alive.next()).await {}
+            alive
+        });
         tokio::time::sleep(Duration::from_millis(1200)).await;
+        let mut alive = keepalive.await.unwrap();
+        alive
+            .send(Message::text(track("still-alive").to_string()))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_answer(&mut alive).await.unwrap()["type"],
+            "ack",
+            "pongs keep a connection alive"
+        );
         assert!(
-            next_answer(&mut first).await.is_err(),
-            "the idle connection must be closed"
+            next_answer(&mut silent).await.is_err(),
+            "the silent connection must be closed"
         );
     });
     assert_eq!(
         server.metric("breakwater_websocket_connections_closed_total{reason=\"idle_timeout\"}"),
-        2.0,
-        "both idle connections"
+        1.0
+    );
+}
+
+#[test]
+fn a_per_connection_frame_rate_paces_reading() {
+    let server = Server::start_with("[websocket]\nmax_frames_per_second = 10\n", &[]);
+    let runtime = runtime();
+    let elapsed = runtime.block_on(async {
+        let mut socket = connect(&server, "").await;
+        let started = std::time::Instant::now();
+        for f in 0..21 {
+            socket.send(frame(f, vec![track(&format!("rate-{f}"))])).await.unwrap();
+        }
+        for _ in 0..21 {
+            assert_eq!(next_answer(&mut socket).await.unwrap()["type"], "ack");
+        }
+        started.elapsed()
+    });
+    // 21 frames at 10 per second cannot all be read in less than 2 s.
+    assert!(
+        elapsed >= Duration::from_millis(1900),
+        "21 frames answered in {elapsed:?}: not paced"
     );
 }
 

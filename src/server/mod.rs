@@ -184,13 +184,15 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
             event.received_at_unix_seconds,
         )
     })?;
+    // Background work that runs until shutdown: replayers and the policy applier.
+    let mut maintenance = Vec::new();
     for route in &routes {
-        tokio::spawn(replay::run(
+        maintenance.push(tokio::spawn(replay::run(
             spool.clone(),
             route.queue.clone(),
             route.sink.clone(),
             policy.clone(),
-        ));
+        )));
     }
 
     let shared_dedup = match &config.redis {
@@ -199,13 +201,13 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         )),
         None => None,
     };
-    tokio::spawn(apply_policy_changes(
+    maintenance.push(tokio::spawn(apply_policy_changes(
         config.clone(),
         policy.clone(),
         routes.clone(),
         shared_dedup.clone(),
         batch_limits,
-    ));
+    )));
     metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
     tracing::info!(
         sinks = routes.iter().map(|r| r.sink.name).collect::<Vec<_>>().join(","),
@@ -286,6 +288,14 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     }
     if !state.pipeline.drain(shutdown_timeout).await {
         tracing::warn!("shutdown timeout: some deliveries did not finish (their requests were not acknowledged)");
+    }
+    // Replay stops here; what it had not deleted yet stays spooled for the next
+    // start (a record is deleted only after its sink acknowledged it).
+    for task in &maintenance {
+        task.abort();
+    }
+    for task in maintenance {
+        let _ = task.await;
     }
     // Every acknowledged batch is already durable; waiting for the batchers just lets
     // them finish cleanly once the last handle is gone.
