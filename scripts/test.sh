@@ -28,6 +28,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v clickhouse-server >/dev/null 2>&1 || missing+=(clickhouse-server clickhouse-client)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the WebSocket browser test
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus) # dashboards, metrics lint, alert rules
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing with apt: ${missing[*]}"
   apt-get update
@@ -45,6 +46,7 @@ redis-server --version
 clickhouse-server --version 2>/dev/null | head -n 1 || true
 tansu --version 2>/dev/null || true
 chromium --version 2>/dev/null || true
+prometheus --version 2>/dev/null | head -n 1 || true
 "$venv/bin/python" -c 'import chdb; print("chdb engine", chdb.engine_version)'
 
 log "format"

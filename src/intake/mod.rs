@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::pipeline::PipelineError;
 use crate::server::AppState;
 use crate::telemetry::metric;
+use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 use error::{IntakeError, RejectedEvent};
 use rejected_store::RejectedRecord;
 use segment::{EventType, RequestContext};
@@ -99,7 +100,15 @@ async fn handle(app: &AppState, route: &'static str, kind: RouteKind, headers: &
         Err(error) => {
             metrics::counter!(metric::REQUESTS_REFUSED, "reason" => error.code()).increment(1);
             if error.status().is_server_error() {
-                tracing::warn!(route, code = error.code(), "request refused: {error}");
+                static REFUSED: Throttle = Throttle::new(WARN_EVERY);
+                if let Some(suppressed) = REFUSED.allow() {
+                    tracing::warn!(
+                        route,
+                        code = error.code(),
+                        suppressed_since_last = suppressed,
+                        "request refused: {error}"
+                    );
+                }
             } else {
                 tracing::debug!(route, code = error.code(), "request refused: {error}");
             }
@@ -208,11 +217,17 @@ pub(crate) async fn ingest_json(
         .map_err(|error| match error {
             PipelineError::InFlightElsewhere(_) => IntakeError::InFlightElsewhere,
             PipelineError::SpoolFull(full) => {
-                tracing::warn!(%full, "spool full: refusing the request");
+                static FULL: Throttle = Throttle::new(WARN_EVERY);
+                if let Some(suppressed) = FULL.allow() {
+                    tracing::warn!(%full, suppressed_since_last = suppressed, "spool full: refusing requests");
+                }
                 IntakeError::SpoolFull
             }
             error => {
-                tracing::warn!(%error, "events not made durable");
+                static NOT_DURABLE: Throttle = Throttle::new(WARN_EVERY);
+                if let Some(suppressed) = NOT_DURABLE.allow() {
+                    tracing::warn!(%error, suppressed_since_last = suppressed, "events not made durable");
+                }
                 IntakeError::SinkUnavailable
             }
         })?;

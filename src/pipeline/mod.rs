@@ -18,6 +18,7 @@ use crate::resilience::ResilientSink;
 use crate::sinks::{DependencyHealth, SinkBatch, SinkError};
 use crate::spool::{SinkQueue, Spool, SpoolError};
 use crate::telemetry::metric;
+use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
 /// What became of a request's events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +150,10 @@ async fn ingest_to_completion(
                     // that another instance already delivered may be written again;
                     // ClickHouse collapses it (ReplacingMergeTree on messageId).
                     metrics::counter!(metric::DEDUP_FAIL_OPEN).increment(1);
-                    tracing::warn!(%error, "shared dedup unavailable: delivering with local dedup only");
+                    static FAIL_OPEN: Throttle = Throttle::new(WARN_EVERY);
+                    if let Some(suppressed) = FAIL_OPEN.allow() {
+                        tracing::warn!(%error, suppressed_since_last = suppressed, "shared dedup unavailable: delivering with local dedup only");
+                    }
                 }
             }
         }
@@ -217,7 +221,10 @@ async fn deliver_everywhere(
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(sink = route.sink.name, %error, events, "sink rejected the batch: dead-lettering");
+                    static REJECTED: Throttle = Throttle::new(WARN_EVERY);
+                    if let Some(suppressed) = REJECTED.allow() {
+                        tracing::warn!(sink = route.sink.name, %error, events, suppressed_since_last = suppressed, "sink rejected the batch: dead-lettering");
+                    }
                     let spool = spool.clone();
                     let name = route.sink.name;
                     let message = error.to_string();

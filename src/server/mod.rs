@@ -43,6 +43,8 @@ pub struct AppState {
     pub pipeline: Pipeline,
     /// Present when dedup is shared through Redis.
     pub redis_health: Option<Arc<DependencyHealth>>,
+    /// Reads the Redis breaker's state, when dedup is shared through Redis.
+    pub redis_breaker: Option<resilience::BreakerState>,
     /// The resilience policy in force.
     pub policy: watch::Receiver<Arc<LoadedPolicy>>,
     pub rejected_store: Arc<RejectedStore>,
@@ -209,6 +211,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         batch_limits,
     )));
     metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
+    preregister_series(&routes, shared_dedup.is_some());
     tracing::info!(
         sinks = routes.iter().map(|r| r.sink.name).collect::<Vec<_>>().join(","),
         shared_dedup = shared_dedup.is_some(),
@@ -227,6 +230,10 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
         write_keys,
         redis_health: shared_dedup.as_ref().map(|redis| redis.health()),
+        redis_breaker: shared_dedup.as_ref().map(|redis| {
+            let redis = redis.clone();
+            Arc::new(move || redis.breaker()) as resilience::BreakerState
+        }),
         pipeline: Pipeline::new(dedup, shared_dedup, routes, spool),
         policy,
         rejected_store: Arc::new(rejected_store),
@@ -377,6 +384,45 @@ pub fn build_delivery(
         background,
         batch_limits,
     })
+}
+
+/// Creates every labelled series at zero, so dashboards and alerts see them before
+/// the first event of their kind (an absent series reads as "no data", not 0).
+fn preregister_series(routes: &[SinkRoute], redis: bool) {
+    let mut dependencies: Vec<&'static str> = routes.iter().map(|r| r.sink.name).collect();
+    if redis {
+        dependencies.push(crate::dedup::redis::DEPENDENCY_NAME);
+    }
+    for route in routes {
+        let sink = route.sink.name;
+        metrics::counter!(metric::SINK_EVENTS_SENT, "sink" => sink).increment(0);
+        metrics::counter!(metric::SPOOL_APPENDED_EVENTS, "sink" => sink).increment(0);
+        metrics::counter!(metric::SPOOL_REPLAYED_EVENTS, "sink" => sink).increment(0);
+        metrics::counter!(metric::SPOOL_FULL, "sink" => sink).increment(0);
+        metrics::counter!(metric::DEAD_LETTER_EVENTS, "sink" => sink.to_string()).increment(0);
+        metrics::gauge!(metric::SPOOL_OLDEST_AGE, "sink" => sink).set(0.0);
+        for kind in ["io", "stopped", "unavailable", "circuit_open", "rejected"] {
+            metrics::counter!(metric::SINK_ERRORS, "sink" => sink, "kind" => kind).increment(0);
+        }
+    }
+    for dependency in dependencies {
+        metrics::counter!(metric::RETRIES, "dependency" => dependency).increment(0);
+        for to in ["open", "half_open", "closed"] {
+            metrics::counter!(metric::CIRCUIT_BREAKER_TRANSITIONS, "dependency" => dependency, "to" => to).increment(0);
+        }
+        for by in ["rate_limit", "bulkhead"] {
+            metrics::counter!(metric::CALLS_SHED, "dependency" => dependency, "by" => by).increment(0);
+        }
+    }
+    for result in ["applied", "invalid"] {
+        metrics::counter!(metric::POLICY_RELOADS, "result" => result).increment(0);
+    }
+    for outcome in ["ack", "nack"] {
+        metrics::counter!(metric::WS_FRAMES, "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!(metric::WS_CONNECTIONS).set(0.0);
+    metrics::counter!(metric::SPOOL_QUARANTINED).increment(0);
+    metrics::counter!(metric::DEDUP_FAIL_OPEN).increment(0);
 }
 
 fn batch_limits_of(batch: &BatchPolicy) -> BatchLimits {

@@ -36,6 +36,8 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
     let mut sinks = Map::new();
     for route in app.pipeline.routes() {
         let spool_full = route.queue.is_full();
+        let stats = route.queue.stats();
+        let headroom = stats.max_bytes.saturating_sub(stats.bytes);
         ready &= !spool_full;
         sinks.insert(
             route.sink.name.to_string(),
@@ -43,7 +45,8 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
                 "healthy": route.health.is_healthy(),
                 "lastError": route.health.last_error(),
                 "circuitBreaker": resilience::state_name(route.sink.breaker()),
-                "spool": route.queue.stats(),
+                "spool": stats,
+                "spoolHeadroomBytes": headroom,
                 "spoolFull": spool_full,
             }),
         );
@@ -53,7 +56,11 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
         // Dedup fails open when Redis is down, so Redis does not decide readiness.
         dependencies.insert(
             "redis".into(),
-            json!({ "healthy": redis.is_healthy(), "lastError": redis.last_error() }),
+            json!({
+                "healthy": redis.is_healthy(),
+                "lastError": redis.last_error(),
+                "circuitBreaker": app.redis_breaker.as_ref().map(|state| resilience::state_name(state())),
+            }),
         );
     }
     let status = if ready {

@@ -3,6 +3,7 @@
 //! nothing else in the crate.
 
 pub mod health;
+pub mod throttle;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -141,6 +142,27 @@ fn describe_metrics() {
     use metric::*;
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status.");
+    describe_counter!(
+        REDIS_ROUND_TRIPS,
+        "Redis round trips by operation (claim, commit, release)."
+    );
+    describe_counter!(REDIS_ERRORS, "Failed Redis round trips by operation.");
+    describe_counter!(
+        DEDUP_FAIL_OPEN,
+        "Requests delivered without shared dedup because Redis failed."
+    );
+    describe_histogram!(CLICKHOUSE_EVENTS_PER_INSERT, "Events per ClickHouse INSERT.");
+    describe_histogram!(CLICKHOUSE_INSERT_DURATION, Unit::Seconds, "ClickHouse INSERT duration.");
+    describe_counter!(
+        KAFKA_CLIENT_ERRORS,
+        "Kafka client errors reported by librdkafka, by code."
+    );
+    describe_gauge!(KAFKA_ALL_BROKERS_DOWN, "1 while librdkafka reports all brokers down.");
+    describe_histogram!(
+        SINK_DELIVERY_DURATION,
+        Unit::Seconds,
+        "Time a request waits for one sink to make its events durable (delivered or spooled)."
+    );
     describe_histogram!(
         HTTP_REQUEST_DURATION,
         Unit::Seconds,
@@ -239,4 +261,35 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every metric name has a HELP text (promtool requires it; the docs rely on it).
+    #[test]
+    fn every_metric_is_described() {
+        let source = include_str!("mod.rs");
+        let mut missing = Vec::new();
+        for line in source.lines() {
+            let Some(rest) = line.trim().strip_prefix("pub const ") else {
+                continue;
+            };
+            let Some((name, value)) = rest.split_once(": &str = ") else {
+                continue;
+            };
+            if !value.starts_with("\"breakwater_") {
+                continue;
+            }
+            let described = ["describe_counter!(", "describe_gauge!(", "describe_histogram!("]
+                .iter()
+                .any(|macro_call| {
+                    source.contains(&format!("{macro_call}{name},"))
+                        || source.contains(&format!("{macro_call}\n        {name},"))
+                });
+            if !described {
+                missing.push(name.to_string());
+            }
+        }
+        assert!(missing.is_empty(), "metrics without a description: {missing:?}");
+    }
 }

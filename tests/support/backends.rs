@@ -470,3 +470,60 @@ impl Drop for Kafka {
         stop(&mut self.child);
     }
 }
+
+// --- Prometheus ------------------------------------------------------------------
+
+pub struct Prometheus {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Scrapes `target` (host:port) every second.
+    pub fn start(target: std::net::SocketAddr) -> Prometheus {
+        let binary = require("prometheus");
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: breakwater\n    static_configs:\n      - targets: [\"{target}\"]\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        let prometheus = Prometheus { child, port, _dir: dir };
+        wait_until("prometheus", Duration::from_secs(30), || {
+            reqwest::blocking::get(format!("http://127.0.0.1:{port}/-/ready")).is_ok_and(|r| r.status().is_success())
+        });
+        prometheus
+    }
+
+    /// An instant query's result vector (panics on a query error).
+    pub fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let response: serde_json::Value = reqwest::blocking::Client::new()
+            .get(format!("http://127.0.0.1:{}/api/v1/query", self.port))
+            .query(&[("query", expr)])
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(response["status"], "success", "query failed: {expr}: {response}");
+        response["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
