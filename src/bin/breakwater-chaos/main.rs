@@ -1,0 +1,675 @@
+//! breakwater-chaos: runs chaos scenarios (`chaos/scenarios/*.toml`) against real
+//! backends and a real breakwater on free loopback ports. Drives load with unique
+//! messageIds (HTTP and WebSocket), records every acknowledged id, applies the fault
+//! timeline, waits for the spools to drain, then checks the oracle: every
+//! acknowledged event exactly once in each sink, nothing that was never sent.
+//! Writes a JSON and a Markdown report with an SVG timeline per scenario.
+//!
+//!   breakwater-chaos [--scale 0.4] [--out target/chaos] chaos/scenarios/*.toml
+
+#[path = "../../../tests/support/backends.rs"]
+#[allow(dead_code)]
+mod backends;
+mod report;
+mod scenario;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{json, Value};
+
+use backends::{ClickHouse, Kafka, Redis};
+use scenario::{Action, Fault, Scenario, Target};
+
+#[derive(Parser)]
+#[command(
+    name = "breakwater-chaos",
+    about = "Chaos scenarios against real backends, with a no-loss / no-duplicate oracle"
+)]
+struct Args {
+    /// Multiply every duration and fault time (0.4 for the short CI run, 10 for a soak).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Multiply the request rate.
+    #[arg(long, default_value_t = 1.0)]
+    rate_scale: f64,
+    /// Where reports go (one folder per scenario).
+    #[arg(long, default_value = "target/chaos")]
+    out: PathBuf,
+    /// Scenario files.
+    #[arg(required = true)]
+    scenarios: Vec<PathBuf>,
+}
+
+const TOPIC: &str = "events";
+const PARTITIONS: i32 = 3;
+const DATABASE: &str = "chaos";
+
+/// breakwater as a child process on a free port, restartable on the same data.
+struct Breakwater {
+    child: Child,
+    addr: SocketAddr,
+    config: PathBuf,
+    data_dir: PathBuf,
+}
+
+impl Breakwater {
+    fn start(config: &Path, data_dir: &Path) -> Result<Breakwater, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let binary = exe.with_file_name("breakwater");
+        let mut child = Command::new(&binary)
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let stderr = child.stderr.take().expect("piped");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(entry) = serde_json::from_str::<Value>(&line) {
+                    if entry["message"] == "breakwater listening" {
+                        let _ = sender.send(entry["addr"].as_str().unwrap_or("").to_string());
+                    }
+                }
+            }
+        });
+        let addr = receiver
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| "breakwater did not start".to_string())?
+            .parse()
+            .map_err(|e| format!("bad address: {e}"))?;
+        Ok(Breakwater {
+            child,
+            addr,
+            config: config.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) -> Result<(), String> {
+        *self = Breakwater::start(&self.config, &self.data_dir)?;
+        Ok(())
+    }
+}
+
+impl Drop for Breakwater {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Everything the load, the faults and the sampler share.
+struct Shared {
+    addr: Mutex<SocketAddr>,
+    acked: Mutex<HashSet<String>>,
+    sent: Mutex<HashSet<String>>,
+    requests: AtomicU64,
+    refused: AtomicU64,
+    errors: AtomicU64,
+    stop: AtomicBool,
+    started: Instant,
+}
+
+/// One sample of the timeline.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sample {
+    pub t: f64,
+    pub acked_events: u64,
+    pub refused_requests: u64,
+    pub spool_events: f64,
+    pub breakers: BTreeMap<String, f64>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut results = Vec::new();
+    for path in &args.scenarios {
+        let scenario = match Scenario::load(path) {
+            Ok(scenario) => scenario.scaled(args.scale),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(2);
+            }
+        };
+        let mut scenario = scenario;
+        scenario.load.requests_per_second =
+            ((scenario.load.requests_per_second as f64) * args.rate_scale).max(1.0) as u32;
+        eprintln!("== {}: {}", scenario.name, scenario.description);
+        let outcome = run(&scenario, &args.out.join(&scenario.name));
+        match &outcome {
+            Ok(result) => eprintln!(
+                "   {} acked {} events, refused {} requests, {}",
+                if result["passed"] == true { "PASS" } else { "FAIL" },
+                result["acked_events"],
+                result["refused_requests"],
+                result["verdict"].as_str().unwrap_or("")
+            ),
+            Err(error) => eprintln!("   ERROR {error}"),
+        }
+        results.push((scenario.name.clone(), outcome));
+    }
+    let passed = results
+        .iter()
+        .filter(|(_, r)| matches!(r, Ok(v) if v["passed"] == true))
+        .count();
+    println!("{passed} passed, {} failed", results.len() - passed);
+    if passed == results.len() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
+    std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let redis = scenario.backends.redis.then(|| Mutex::new(Redis::start()));
+    let clickhouse = scenario.backends.clickhouse.then(|| Mutex::new(ClickHouse::start()));
+    let kafka = scenario.backends.kafka.then(|| {
+        let kafka = Kafka::start_persistent();
+        kafka.create_topic(TOPIC, PARTITIONS as u32);
+        Mutex::new(kafka)
+    });
+
+    // Policy: the default with the scenario's edits.
+    let mut policy: toml::Table = breakwater::policy::EMBEDDED_DEFAULT
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    for (path, value) in &scenario.policy {
+        let keys: Vec<&str> = path.split('.').collect();
+        let (last, parents) = keys.split_last().ok_or("empty policy key")?;
+        let mut table = &mut policy;
+        for key in parents {
+            table = table
+                .get_mut(*key)
+                .and_then(toml::Value::as_table_mut)
+                .ok_or_else(|| format!("policy has no section {path}"))?;
+        }
+        table.insert(last.to_string(), value.clone());
+    }
+    let policy_path = work.path().join("policy.toml");
+    std::fs::write(&policy_path, toml::to_string(&policy).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let mut config = format!("[server]\npolicy_file = \"{}\"\n", policy_path.display());
+    if let Some(redis) = &redis {
+        config.push_str(&format!(
+            "[redis]\nurl = \"{}\"\ncommand_timeout_ms = 300\n",
+            lock(redis).url()
+        ));
+    }
+    if let Some(clickhouse) = &clickhouse {
+        config.push_str(&format!(
+            "[clickhouse]\nurl = \"{}\"\ndatabase = \"{DATABASE}\"\ninsert_timeout_ms = 3000\n",
+            lock(clickhouse).url()
+        ));
+    }
+    if let Some(kafka) = &kafka {
+        config.push_str(&format!(
+            "[kafka]\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\nmessage_timeout_ms = 10000\n",
+            lock(kafka).brokers()
+        ));
+    }
+    let config_path = work.path().join("breakwater.toml");
+    std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+    let breakwater = Mutex::new(Breakwater::start(&config_path, &work.path().join("data"))?);
+
+    let shared = Arc::new(Shared {
+        addr: Mutex::new(lock(&breakwater).addr),
+        acked: Mutex::new(HashSet::new()),
+        sent: Mutex::new(HashSet::new()),
+        requests: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        started: Instant::now(),
+    });
+    let samples = Mutex::new(Vec::<Sample>::new());
+    let fault_log = Mutex::new(Vec::<Value>::new());
+    let duration = Duration::from_secs_f64(scenario.load.duration_seconds);
+
+    std::thread::scope(|scope| {
+        for writer in 0..scenario.load.writers {
+            let shared = shared.clone();
+            scope.spawn(move || load_writer(scenario, writer, &shared));
+        }
+        scope.spawn(|| {
+            while !shared.stop.load(Ordering::Relaxed) {
+                if let Some(sample) = sample(&shared) {
+                    lock(&samples).push(sample);
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        scope.spawn(|| {
+            let mut timeline: Vec<(f64, &Fault)> = Vec::new();
+            for fault in &scenario.faults {
+                let repeats = fault.repeat.unwrap_or(1).max(1);
+                for i in 0..repeats {
+                    timeline.push((fault.at_seconds + i as f64 * fault.every_seconds.unwrap_or(0.0), fault));
+                }
+            }
+            timeline.sort_by(|a, b| a.0.total_cmp(&b.0));
+            // Each fault's end (thaw, restart, rename back) is scheduled too.
+            let mut pending: Vec<(f64, Box<dyn FnOnce() + Send + '_>)> = Vec::new();
+            for (at, fault) in timeline {
+                let end = at + fault.duration_seconds.unwrap_or(0.0);
+                let (begin, finish) = fault_steps(fault, &redis, &clickhouse, &kafka, &breakwater, &shared);
+                pending.push((at, begin));
+                if let Some(finish) = finish {
+                    pending.push((end, finish));
+                }
+                lock(&fault_log).push(json!({ "at_seconds": at, "end_seconds": end, "action": format!("{:?}", fault.action), "target": format!("{:?}", fault.target) }));
+            }
+            pending.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for (at, step) in pending {
+                let when = shared.started + Duration::from_secs_f64(at);
+                if let Some(wait) = when.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                step();
+            }
+        });
+        std::thread::sleep(duration);
+        shared.stop.store(true, Ordering::Relaxed);
+    });
+    let load_ended = shared.started.elapsed().as_secs_f64();
+
+    // Drain: every spool empty (replay done).
+    let drain_deadline = Instant::now() + Duration::from_secs(180);
+    let mut drained_at = None;
+    let mut post = Vec::new();
+    while Instant::now() < drain_deadline {
+        if let Some(sample) = sample(&shared) {
+            let empty = sample.spool_events == 0.0;
+            post.push(sample);
+            if empty {
+                drained_at = Some(shared.started.elapsed().as_secs_f64());
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    lock(&samples).extend(post);
+
+    // The oracle.
+    let acked = lock(&shared.acked).clone();
+    let sent = lock(&shared.sent).clone();
+    let mut problems = Vec::new();
+    let mut sinks = serde_json::Map::new();
+    if let Some(clickhouse) = &clickhouse {
+        let clickhouse = lock(clickhouse);
+        let raw = counts(
+            clickhouse
+                .query(&format!("SELECT message_id FROM {DATABASE}.events"))
+                .lines(),
+        );
+        let collapsed = counts(
+            clickhouse
+                .query(&format!("SELECT message_id FROM {DATABASE}.events FINAL"))
+                .lines(),
+        );
+        check_sink("clickhouse", &collapsed, &acked, &sent, &mut problems);
+        sinks.insert(
+            "clickhouse".into(),
+            json!({ "rows_final": collapsed.values().sum::<usize>(), "rows_raw": raw.values().sum::<usize>(),
+                    "raw_duplicate_ids": raw.values().filter(|n| **n > 1).count() }),
+        );
+    }
+    if let Some(kafka) = &kafka {
+        let records = lock(kafka).read_all(TOPIC, PARTITIONS, acked.len());
+        let ids = counts(records.iter().filter_map(|r| r.payload["messageId"].as_str()));
+        check_sink("kafka", &ids, &acked, &sent, &mut problems);
+        sinks.insert("kafka".into(), json!({ "records": records.len() }));
+    }
+    let refused = shared.refused.load(Ordering::Relaxed);
+    let expect = &scenario.expect;
+    if let Some(max) = expect.max_refused {
+        if refused > max {
+            problems.push(format!("{refused} requests refused; at most {max} expected"));
+        }
+    }
+    if let Some(min) = expect.min_refused {
+        if refused < min {
+            problems.push(format!(
+                "{refused} requests refused; at least {min} expected (no back-pressure seen)"
+            ));
+        }
+    }
+    let samples = samples.into_inner().unwrap_or_default();
+    let opens = breaker_opens(&samples);
+    if let Some(max) = expect.max_breaker_opens {
+        if opens > max {
+            problems.push(format!(
+                "breakers opened {opens} times; at most {max} expected (thrashing)"
+            ));
+        }
+    }
+    if drained_at.is_none() {
+        problems.push("the spools did not drain within 180 s".into());
+    }
+    if !expect.exactly_once {
+        problems.retain(|p| !p.contains("once"));
+    }
+    let last_fault_end = lock(&fault_log)
+        .iter()
+        .filter_map(|f| f["end_seconds"].as_f64())
+        .fold(0.0_f64, f64::max);
+    let passed = problems.is_empty();
+    let result = json!({
+        "scenario": scenario.name,
+        "description": scenario.description,
+        "passed": passed,
+        "verdict": if passed { "every acknowledged event exactly once, nothing unsent".to_string() } else { problems.join("; ") },
+        "problems": problems,
+        "requests": shared.requests.load(Ordering::Relaxed),
+        "acked_events": acked.len(),
+        "sent_events": sent.len(),
+        "refused_requests": refused,
+        "connection_errors": shared.errors.load(Ordering::Relaxed),
+        "load_seconds": load_ended,
+        "drained_at_seconds": drained_at,
+        "time_to_recover_seconds": drained_at.map(|d| (d - last_fault_end).max(0.0)),
+        "breaker_opens": opens,
+        "faults": fault_log.into_inner().unwrap_or_default(),
+        "sinks": sinks,
+        "load": { "requests_per_second": scenario.load.requests_per_second, "batch_size": scenario.load.batch_size,
+                  "websocket_share": scenario.load.websocket_share, "writers": scenario.load.writers },
+    });
+    report::write(out, &result, &samples).map_err(|e| e.to_string())?;
+    Ok(result)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn counts<'a>(ids: impl Iterator<Item = &'a str>) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for id in ids {
+        *counts.entry(id.trim().to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn check_sink(
+    sink: &str,
+    found: &HashMap<String, usize>,
+    acked: &HashSet<String>,
+    sent: &HashSet<String>,
+    problems: &mut Vec<String>,
+) {
+    let missing = acked.iter().filter(|id| !found.contains_key(*id)).count();
+    let doubled = acked.iter().filter(|id| found.get(*id).is_some_and(|n| *n > 1)).count();
+    let invented = found.keys().filter(|id| !sent.contains(*id)).count();
+    if missing > 0 {
+        problems.push(format!(
+            "{sink}: {missing} acknowledged events missing (must be there exactly once)"
+        ));
+    }
+    if doubled > 0 {
+        problems.push(format!(
+            "{sink}: {doubled} acknowledged events present more than once (must be exactly once)"
+        ));
+    }
+    if invented > 0 {
+        problems.push(format!("{sink}: {invented} events that were never sent"));
+    }
+}
+
+fn breaker_opens(samples: &[Sample]) -> u64 {
+    let mut opens = 0;
+    let mut previous: BTreeMap<String, f64> = BTreeMap::new();
+    for sample in samples {
+        for (dependency, state) in &sample.breakers {
+            if *state == 1.0 && previous.get(dependency).copied().unwrap_or(0.0) != 1.0 {
+                opens += 1;
+            }
+        }
+        previous = sample.breakers.clone();
+    }
+    opens
+}
+
+/// Reads breakwater's /metrics (None while it is down).
+fn sample(shared: &Shared) -> Option<Sample> {
+    let addr = *lock(&shared.addr);
+    let text = reqwest::blocking::Client::new()
+        .get(format!("http://{addr}/metrics"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .ok()?
+        .text()
+        .ok()?;
+    let mut spool_events = 0.0;
+    let mut breakers = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("breakwater_spool_events{") {
+            spool_events += rest
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        } else if let Some(rest) = line.strip_prefix("breakwater_circuit_breaker_state{dependency=\"") {
+            if let Some((name, value)) = rest.split_once("\"} ") {
+                breakers.insert(name.to_string(), value.parse().unwrap_or(0.0));
+            }
+        }
+    }
+    Some(Sample {
+        t: shared.started.elapsed().as_secs_f64(),
+        acked_events: lock(&shared.acked).len() as u64,
+        refused_requests: shared.refused.load(Ordering::Relaxed),
+        spool_events,
+        breakers,
+    })
+}
+
+type Step<'a> = Box<dyn FnOnce() + Send + 'a>;
+
+/// The start and (if it has one) the end of a fault.
+fn fault_steps<'a>(
+    fault: &Fault,
+    redis: &'a Option<Mutex<Redis>>,
+    clickhouse: &'a Option<Mutex<ClickHouse>>,
+    kafka: &'a Option<Mutex<Kafka>>,
+    breakwater: &'a Mutex<Breakwater>,
+    shared: &'a Shared,
+) -> (Step<'a>, Option<Step<'a>>) {
+    let has_end = fault.duration_seconds.is_some();
+    match (fault.target, fault.action) {
+        (Target::Clickhouse, Action::Freeze) => {
+            let ch = clickhouse.as_ref().expect("scenario without clickhouse");
+            (
+                Box::new(move || lock(ch).freeze()),
+                Some(Box::new(move || lock(ch).thaw())),
+            )
+        }
+        (Target::Clickhouse, Action::Kill) => {
+            let ch = clickhouse.as_ref().expect("scenario without clickhouse");
+            (
+                Box::new(move || lock(ch).kill9()),
+                has_end.then(|| Box::new(move || lock(ch).restart()) as Step),
+            )
+        }
+        (Target::Clickhouse, Action::Error) => {
+            let ch = clickhouse.as_ref().expect("scenario without clickhouse");
+            (
+                Box::new(move || {
+                    let _ = lock(ch).try_query(&format!("RENAME TABLE {DATABASE}.events TO {DATABASE}.events_away"));
+                }),
+                Some(Box::new(move || {
+                    let _ = lock(ch).try_query(&format!("RENAME TABLE {DATABASE}.events_away TO {DATABASE}.events"));
+                })),
+            )
+        }
+        (Target::Redis, Action::Freeze) => {
+            let redis = redis.as_ref().expect("scenario without redis");
+            (
+                Box::new(move || signal(lock(redis).pid(), libc::SIGSTOP)),
+                Some(Box::new(move || signal(lock(redis).pid(), libc::SIGCONT))),
+            )
+        }
+        (Target::Redis, Action::Kill) => {
+            let redis = redis.as_ref().expect("scenario without redis");
+            (
+                Box::new(move || lock(redis).kill9()),
+                has_end.then(|| Box::new(move || lock(redis).restart()) as Step),
+            )
+        }
+        (Target::Kafka, Action::Freeze) => {
+            let kafka = kafka.as_ref().expect("scenario without kafka");
+            (
+                Box::new(move || signal(lock(kafka).pid(), libc::SIGSTOP)),
+                Some(Box::new(move || signal(lock(kafka).pid(), libc::SIGCONT))),
+            )
+        }
+        (Target::Kafka, Action::Kill) => {
+            let kafka = kafka.as_ref().expect("scenario without kafka");
+            (
+                Box::new(move || lock(kafka).kill9()),
+                has_end.then(|| Box::new(move || lock(kafka).restart()) as Step),
+            )
+        }
+        (Target::Breakwater, Action::Kill) => (
+            Box::new(move || lock(breakwater).kill9()),
+            Some(Box::new(move || {
+                let mut breakwater = lock(breakwater);
+                if breakwater.restart().is_ok() {
+                    *lock(&shared.addr) = breakwater.addr;
+                }
+            })),
+        ),
+        (target, action) => panic!("unsupported fault: {action:?} on {target:?}"),
+    }
+}
+
+fn signal(pid: u32, signal: i32) {
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// One writer: HTTP batches and WebSocket frames at its share of the rate. A
+/// refused or failed request is retried (same ids) up to 3 times, as SDKs do.
+fn load_writer(scenario: &Scenario, writer: usize, shared: &Shared) {
+    let load = &scenario.load;
+    let interval = Duration::from_secs_f64(load.writers as f64 / load.requests_per_second.max(1) as f64);
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let mut socket: Option<(SocketAddr, WsSocket)> = None;
+    let mut request = 0u64;
+    let mut next = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        request += 1;
+        let ids: Vec<String> = (0..load.batch_size)
+            .map(|i| format!("c{writer}-r{request}-e{i}"))
+            .collect();
+        let events: Vec<Value> = ids
+            .iter()
+            .map(|id| json!({ "type": "track", "messageId": id, "userId": format!("user-{}", request % 97), "event": "Chaos Tested", "properties": { "writer": writer } }))
+            .collect();
+        lock(&shared.sent).extend(ids.iter().cloned());
+        let over_websocket = (request % 100) < (load.websocket_share * 100.0) as u64;
+        for _attempt in 0..4 {
+            shared.requests.fetch_add(1, Ordering::Relaxed);
+            let addr = *lock(&shared.addr);
+            let acked = if over_websocket {
+                send_frame(&mut socket, addr, request, &events, shared)
+            } else {
+                match client
+                    .post(format!("http://{addr}/v1/batch"))
+                    .header("content-type", "application/json")
+                    .body(json!({ "batch": events }).to_string())
+                    .send()
+                {
+                    Ok(response) if response.status().as_u16() == 200 => true,
+                    Ok(_) => {
+                        shared.refused.fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                    Err(_) => {
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                }
+            };
+            if acked {
+                lock(&shared.acked).extend(ids.iter().cloned());
+                break;
+            }
+            if shared.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        next += interval;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+type WsSocket = tokio_tungstenite::tungstenite::WebSocket<
+    tokio_tungstenite::tungstenite::stream::MaybeTlsStream<std::net::TcpStream>,
+>;
+
+fn send_frame(
+    socket: &mut Option<(SocketAddr, WsSocket)>,
+    addr: SocketAddr,
+    id: u64,
+    events: &[Value],
+    shared: &Shared,
+) -> bool {
+    use tokio_tungstenite::tungstenite::Message;
+    if socket.as_ref().is_none_or(|(a, _)| *a != addr) {
+        match tokio_tungstenite::tungstenite::connect(format!("ws://{addr}/v1/ws")) {
+            Ok((connected, _)) => *socket = Some((addr, connected)),
+            Err(_) => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        }
+    }
+    let Some((_, ws)) = socket.as_mut() else { return false };
+    let frame = json!({ "id": id, "batch": events }).to_string();
+    if ws.send(Message::text(frame)).is_err() {
+        *socket = None;
+        shared.errors.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    loop {
+        match ws.read() {
+            Ok(Message::Text(text)) => {
+                let answer: Value = serde_json::from_str(&text).unwrap_or_default();
+                if answer["type"] == "ack" {
+                    return true;
+                }
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            Ok(Message::Close(_)) | Err(_) => {
+                *socket = None;
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            Ok(_) => continue,
+        }
+    }
+}
