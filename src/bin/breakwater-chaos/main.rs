@@ -8,7 +8,6 @@
 //!   breakwater-chaos [--scale 0.4] [--out target/chaos] chaos/scenarios/*.toml
 
 #[path = "../../../tests/support/backends.rs"]
-#[allow(dead_code)]
 mod backends;
 mod report;
 mod scenario;

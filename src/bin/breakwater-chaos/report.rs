@@ -63,13 +63,16 @@ fn markdown(result: &Value) -> String {
     md
 }
 
+/// A plotted line: its label, its colour, and how to read it from a sample.
+type Series = (&'static str, &'static str, Box<dyn Fn(&Sample) -> f64>);
+
 fn svg(samples: &[Sample], result: &Value) -> String {
     let (width, height, left, bottom) = (900.0, 360.0, 60.0, 40.0);
     let plot_w = width - left - 20.0;
     let plot_h = height - bottom - 30.0;
     let t_max = samples.iter().map(|s| s.t).fold(1.0_f64, f64::max);
     let x = |t: f64| left + t / t_max * plot_w;
-    let series: [(&str, &str, Box<dyn Fn(&Sample) -> f64>); 3] = [
+    let series: [Series; 3] = [
         (
             "acknowledged events",
             "#1f77b4",
