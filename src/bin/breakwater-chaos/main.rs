@@ -9,6 +9,7 @@
 
 #[path = "../../../tests/support/backends.rs"]
 mod backends;
+mod proxy;
 mod report;
 mod scenario;
 
@@ -25,6 +26,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 use backends::{ClickHouse, Kafka, Redis};
+use proxy::{FaultProxy, ProxyFault};
 use scenario::{Action, Fault, Scenario, Target};
 
 #[derive(Parser)]
@@ -180,6 +182,13 @@ fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
     let redis = scenario.backends.redis.then(|| Mutex::new(Redis::start()));
     let clickhouse = scenario.backends.clickhouse.then(|| Mutex::new(ClickHouse::start()));
+    let clickhouse_proxy = match (&clickhouse, scenario.backends.clickhouse_proxy) {
+        (Some(clickhouse), true) => {
+            let upstream: SocketAddr = ([127, 0, 0, 1], lock(clickhouse).http_port).into();
+            Some(FaultProxy::start("clickhouse", upstream)?)
+        }
+        _ => None,
+    };
     let kafka = scenario.backends.kafka.then(|| {
         let kafka = Kafka::start_persistent();
         kafka.create_topic(TOPIC, PARTITIONS as u32);
@@ -212,9 +221,12 @@ fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
         ));
     }
     if let Some(clickhouse) = &clickhouse {
+        let url = match &clickhouse_proxy {
+            Some(proxy) => format!("http://{}", proxy.listen),
+            None => lock(clickhouse).url(),
+        };
         config.push_str(&format!(
-            "[clickhouse]\nurl = \"{}\"\ndatabase = \"{DATABASE}\"\ninsert_timeout_ms = 3000\n",
-            lock(clickhouse).url()
+            "[clickhouse]\nurl = \"{url}\"\ndatabase = \"{DATABASE}\"\ninsert_timeout_ms = 3000\n"
         ));
     }
     if let Some(kafka) = &kafka {
@@ -267,7 +279,8 @@ fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
             let mut pending: Vec<(f64, Box<dyn FnOnce() + Send + '_>)> = Vec::new();
             for (at, fault) in timeline {
                 let end = at + fault.duration_seconds.unwrap_or(0.0);
-                let (begin, finish) = fault_steps(fault, &redis, &clickhouse, &kafka, &breakwater, &shared);
+                let (begin, finish) =
+                    fault_steps(fault, &redis, &clickhouse, &clickhouse_proxy, &kafka, &breakwater, &shared);
                 pending.push((at, begin));
                 if let Some(finish) = finish {
                     pending.push((end, finish));
@@ -485,6 +498,7 @@ fn fault_steps<'a>(
     fault: &Fault,
     redis: &'a Option<Mutex<Redis>>,
     clickhouse: &'a Option<Mutex<ClickHouse>>,
+    clickhouse_proxy: &'a Option<FaultProxy>,
     kafka: &'a Option<Mutex<Kafka>>,
     breakwater: &'a Mutex<Breakwater>,
     shared: &'a Shared,
@@ -514,6 +528,20 @@ fn fault_steps<'a>(
                 Some(Box::new(move || {
                     let _ = lock(ch).try_query(&format!("RENAME TABLE {DATABASE}.events_away TO {DATABASE}.events"));
                 })),
+            )
+        }
+        (Target::Clickhouse, action @ (Action::Slow | Action::Blackhole | Action::Reset)) => {
+            let proxy = clickhouse_proxy
+                .as_ref()
+                .expect("scenario without clickhouse_proxy = true");
+            let fault = match action {
+                Action::Slow => ProxyFault::Slow,
+                Action::Blackhole => ProxyFault::Blackhole,
+                _ => ProxyFault::Reset,
+            };
+            (
+                Box::new(move || proxy.apply(fault)),
+                Some(Box::new(move || proxy.clear())),
             )
         }
         (Target::Redis, Action::Freeze) => {

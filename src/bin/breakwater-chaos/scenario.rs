@@ -27,6 +27,10 @@ pub struct Backends {
     pub clickhouse: bool,
     #[serde(default)]
     pub kafka: bool,
+    /// Put a TCP fault proxy between breakwater and ClickHouse (for slow, reset,
+    /// blackhole faults).
+    #[serde(default)]
+    pub clickhouse_proxy: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -64,6 +68,12 @@ pub enum Action {
     Kill,
     /// ClickHouse only: the table is renamed away for `duration_seconds` (server errors), then back.
     Error,
+    /// Through the fault proxy: every answer delayed (~700 ms).
+    Slow,
+    /// Through the fault proxy: no data flows; connections hang.
+    Blackhole,
+    /// Through the fault proxy: every connection closed as soon as data flows.
+    Reset,
 }
 
 #[derive(Debug, Clone, Deserialize)]
