@@ -420,10 +420,10 @@ impl Kafka {
         let mut records = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while records.len() < expected && Instant::now() < deadline {
-            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            // Transient errors (a broker just restarted) are retried until the deadline.
+            let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else {
                 continue;
             };
-            let message = message.expect("kafka message");
             let headers = message
                 .headers()
                 .map(|headers| {
