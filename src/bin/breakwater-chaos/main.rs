@@ -544,34 +544,20 @@ fn fault_steps<'a>(
                 Some(Box::new(move || proxy.clear())),
             )
         }
-        (Target::Redis, Action::Freeze) => {
-            let redis = redis.as_ref().expect("scenario without redis");
-            (
-                Box::new(move || signal(lock(redis).pid(), libc::SIGSTOP)),
-                Some(Box::new(move || signal(lock(redis).pid(), libc::SIGCONT))),
-            )
-        }
-        (Target::Redis, Action::Kill) => {
-            let redis = redis.as_ref().expect("scenario without redis");
-            (
-                Box::new(move || lock(redis).kill9()),
-                has_end.then(|| Box::new(move || lock(redis).restart()) as Step),
-            )
-        }
-        (Target::Kafka, Action::Freeze) => {
-            let kafka = kafka.as_ref().expect("scenario without kafka");
-            (
-                Box::new(move || signal(lock(kafka).pid(), libc::SIGSTOP)),
-                Some(Box::new(move || signal(lock(kafka).pid(), libc::SIGCONT))),
-            )
-        }
-        (Target::Kafka, Action::Kill) => {
-            let kafka = kafka.as_ref().expect("scenario without kafka");
-            (
-                Box::new(move || lock(kafka).kill9()),
-                has_end.then(|| Box::new(move || lock(kafka).restart()) as Step),
-            )
-        }
+        (Target::Redis, Action::Freeze) => freeze_steps(redis.as_ref().expect("scenario without redis"), Redis::pid),
+        (Target::Redis, Action::Kill) => kill_steps(
+            redis.as_ref().expect("scenario without redis"),
+            Redis::kill9,
+            Redis::restart,
+            has_end,
+        ),
+        (Target::Kafka, Action::Freeze) => freeze_steps(kafka.as_ref().expect("scenario without kafka"), Kafka::pid),
+        (Target::Kafka, Action::Kill) => kill_steps(
+            kafka.as_ref().expect("scenario without kafka"),
+            Kafka::kill9,
+            Kafka::restart,
+            has_end,
+        ),
         (Target::Breakwater, Action::Kill) => (
             Box::new(move || lock(breakwater).kill9()),
             Some(Box::new(move || {
@@ -583,6 +569,27 @@ fn fault_steps<'a>(
         ),
         (target, action) => panic!("unsupported fault: {action:?} on {target:?}"),
     }
+}
+
+/// SIGSTOP now, SIGCONT at the end.
+fn freeze_steps<'a, T: Send>(backend: &'a Mutex<T>, pid: fn(&T) -> u32) -> (Step<'a>, Option<Step<'a>>) {
+    (
+        Box::new(move || signal(pid(&lock(backend)), libc::SIGSTOP)),
+        Some(Box::new(move || signal(pid(&lock(backend)), libc::SIGCONT))),
+    )
+}
+
+/// SIGKILL now; restart at the end if the fault has one.
+fn kill_steps<'a, T: Send>(
+    backend: &'a Mutex<T>,
+    kill: fn(&mut T),
+    restart: fn(&mut T),
+    has_end: bool,
+) -> (Step<'a>, Option<Step<'a>>) {
+    (
+        Box::new(move || kill(&mut lock(backend))),
+        has_end.then(|| Box::new(move || restart(&mut lock(backend))) as Step),
+    )
 }
 
 fn signal(pid: u32, signal: i32) {
