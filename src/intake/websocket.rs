@@ -8,7 +8,7 @@
 //! guard removes it on every exit path); at most `max_unacked_frames` frames are in
 //! flight per connection, and the reader does not read while that many are.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,18 +46,11 @@ pub mod close_code {
 
 /// The live connections, and the signal that tells them to wind down.
 pub struct ConnectionRegistry {
-    live: Mutex<HashMap<u64, ConnectionInfo>>,
+    live: Mutex<HashSet<u64>>,
     next_id: AtomicU64,
     max: usize,
     shutdown: watch::Sender<bool>,
     emptied: Notify,
-}
-
-/// What the registry knows of one connection.
-#[derive(Debug, Clone)]
-pub struct ConnectionInfo {
-    pub source: Option<Arc<str>>,
-    pub opened_at: Instant,
 }
 
 /// Keeps a connection registered; dropping it (on any exit) unregisters it.
@@ -69,7 +62,7 @@ pub struct ConnectionGuard {
 impl ConnectionRegistry {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
-            live: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashSet::new()),
             next_id: AtomicU64::new(1),
             max,
             shutdown: watch::channel(false).0,
@@ -78,19 +71,13 @@ impl ConnectionRegistry {
     }
 
     /// Registers a connection, or `None` at the limit.
-    fn register(self: &Arc<Self>, source: Option<Arc<str>>) -> Option<ConnectionGuard> {
+    fn register(self: &Arc<Self>) -> Option<ConnectionGuard> {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if live.len() >= self.max {
             return None;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        live.insert(
-            id,
-            ConnectionInfo {
-                source,
-                opened_at: Instant::now(),
-            },
-        );
+        live.insert(id);
         metrics::gauge!(metric::WS_CONNECTIONS).set(live.len() as f64);
         Some(ConnectionGuard {
             registry: self.clone(),
@@ -122,20 +109,6 @@ impl ConnectionRegistry {
             if tokio::time::timeout_at(deadline, emptied).await.is_err() {
                 return self.is_empty();
             }
-        }
-    }
-}
-
-impl ConnectionGuard {
-    fn set_source(&self, source: Arc<str>) {
-        if let Some(info) = self
-            .registry
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&self.id)
-        {
-            info.source = Some(source);
         }
     }
 }
@@ -182,7 +155,7 @@ pub async fn upgrade(
         metrics::counter!(metric::WS_REFUSED, "reason" => "shutting_down").increment(1);
         return IntakeError::ShuttingDown.into_response();
     }
-    let Some(guard) = app.websockets.register(source.clone()) else {
+    let Some(guard) = app.websockets.register() else {
         metrics::counter!(metric::WS_REFUSED, "reason" => "too_many_connections").increment(1);
         return IntakeError::TooManyConnections.into_response();
     };
@@ -337,7 +310,6 @@ async fn serve_connection(app: Arc<AppState>, socket: WebSocket, mut source: Opt
             // Before anything else: `{"type":"hello","writeKey":"…"}`.
             match hello(&app, &text) {
                 Ok(found) => {
-                    guard.set_source(found.clone());
                     let _ = answers
                         .send(json_message(&json!({ "type": "ready", "source": &*found })))
                         .await;
