@@ -121,9 +121,12 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
         }
     }
     assert!(empty.is_empty(), "panels without data:\n{}", empty.join("\n"));
-    // Open, with half-open probes in between while the replayer tries it.
-    let open = prometheus.query("max_over_time(breakwater_circuit_breaker_state{dependency=\"clickhouse\"}[30s]) == 1");
-    assert!(!open.is_empty(), "the ClickHouse breaker shows open");
+    // The ClickHouse breaker opened (read from the server: Prometheus's 1 s scrapes
+    // can miss samples when the machine is saturated).
+    assert!(
+        server.metric("breakwater_circuit_breaker_transitions_total{dependency=\"clickhouse\",to=\"open\"}") >= 1.0,
+        "the ClickHouse breaker opened"
+    );
 
     // Readiness names each dependency's breaker and spool headroom; a down sink
     // whose spool has room does not make the server unready.
