@@ -22,6 +22,7 @@ use tower::util::BoxCloneSyncService;
 use crate::policy::{CallPolicy, Jitter, RetryPolicy, Trip};
 use crate::sinks::{SinkBatch, SinkError};
 use crate::telemetry::metric;
+use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
 /// What the stack needs to know about a dependency's errors.
 pub trait CallError: std::fmt::Display + Send + Sync + 'static {
@@ -187,22 +188,13 @@ where
             .sliding_window_duration(Duration::from_secs(breaker.window_seconds))
             .minimum_number_of_calls(breaker.minimum_calls as usize),
     };
+    let failed_probes = Throttle::new(WARN_EVERY);
     let (breaker_layer, handle) = builder
         .on_state_transition(move |from, to| {
             metrics::gauge!(metric::CIRCUIT_BREAKER_STATE, "dependency" => name).set(state_value(to));
             metrics::counter!(metric::CIRCUIT_BREAKER_TRANSITIONS, "dependency" => name, "to" => state_name(to))
                 .increment(1);
-            match to {
-                CircuitState::Open => {
-                    tracing::warn!(dependency = name, from = state_name(from), "circuit breaker opened")
-                }
-                _ => tracing::info!(
-                    dependency = name,
-                    from = state_name(from),
-                    to = state_name(to),
-                    "circuit breaker transition"
-                ),
-            }
+            log_breaker_transition(name, from, to, &failed_probes);
         })
         .failure_classifier(|result: &Result<Res, E>| matches!(result, Err(error) if error.is_retryable()))
         .build_with_handle()
@@ -293,6 +285,35 @@ where
 /// A pseudo-random number below `bound`, for jitter (not for anything secret).
 pub fn random_below(bound: u64) -> u64 {
     (uuid::Uuid::new_v4().as_u128() as u64) % bound.max(1)
+}
+
+/// An outage begins (closed → open) and ends (→ closed) with one line each. In
+/// between, every failed half-open probe reopens the breaker once per `open_ms`; those
+/// lines are throttled to one per `WARN_EVERY`, with the count left out.
+fn log_breaker_transition(name: &'static str, from: CircuitState, to: CircuitState, failed_probes: &Throttle) {
+    match (from, to) {
+        (CircuitState::HalfOpen, CircuitState::Open) => {
+            if let Some(suppressed) = failed_probes.allow() {
+                tracing::warn!(
+                    dependency = name,
+                    failed_probes_since_last = suppressed + 1,
+                    "circuit breaker still open: half-open probes failing"
+                )
+            }
+        }
+        (_, CircuitState::Open) => {
+            tracing::warn!(dependency = name, from = state_name(from), "circuit breaker opened")
+        }
+        (_, CircuitState::Closed) => {
+            tracing::info!(dependency = name, from = state_name(from), "circuit breaker closed")
+        }
+        _ => tracing::debug!(
+            dependency = name,
+            from = state_name(from),
+            to = state_name(to),
+            "circuit breaker transition"
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -6,11 +6,19 @@
 //! Broker loss is seen at once: librdkafka's error callback reports AllBrokersDown;
 //! from then on sends fail fast and messages still queued are purged (so nothing
 //! answered with an error is delivered later), until a metadata probe succeeds.
+//!
+//! A producer can also get stuck while the brokers answer: librdkafka may declare
+//! the idempotent producer fatally failed, or a broker that lost its producer state
+//! in a crash may refuse every batch from our producer id (tansu answers
+//! UNKNOWN_SERVER_ERROR after being killed right after our first produce). Then the
+//! producer is renewed: a new one (with a new producer id) replaces it, and the old
+//! one is purged and dropped. Nothing is lost: every refused batch was answered as
+//! failed and sits in the spool.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use rdkafka::client::ClientContext;
@@ -28,6 +36,11 @@ use crate::telemetry::metric;
 pub const SINK_NAME: &str = "kafka";
 /// How often a down producer checks whether a broker answers again.
 const RECOVERY_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the producer is checked for being stuck (fatal, or refused throughout).
+const STUCK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// A producer whose every delivery the (reachable) brokers refused for this long is
+/// renewed. Long enough that a leader election or a broker restart does not count.
+const RENEW_AFTER_REFUSED_FOR: Duration = Duration::from_secs(10);
 
 /// Whether all brokers are down, shared by librdkafka's callbacks, the sends and the
 /// recovery probe.
@@ -92,10 +105,103 @@ impl ClientContext for BrokerWatch {
     }
 }
 
+impl BrokerWatch {
+    fn new(state: Arc<BrokerState>) -> BrokerWatch {
+        BrokerWatch {
+            state,
+            last_warning: std::sync::Mutex::new(None),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+type KafkaProducer = FutureProducer<BrokerWatch>;
+
+/// The producer in use and what is needed to replace it. Each delivery takes the
+/// current one (a read lock per batch, not per event).
+struct ProducerSlot {
+    current: RwLock<Arc<KafkaProducer>>,
+    settings: ClientConfig,
+    state: Arc<BrokerState>,
+    /// Since when every delivery has been refused by a broker; `None` after any success.
+    refused_since: Mutex<Option<Instant>>,
+}
+
+impl ProducerSlot {
+    fn create(settings: ClientConfig, state: Arc<BrokerState>) -> Result<ProducerSlot, String> {
+        let producer = Self::new_producer(&settings, &state)?;
+        Ok(ProducerSlot {
+            current: RwLock::new(Arc::new(producer)),
+            settings,
+            state,
+            refused_since: Mutex::new(None),
+        })
+    }
+
+    fn new_producer(settings: &ClientConfig, state: &Arc<BrokerState>) -> Result<KafkaProducer, String> {
+        settings
+            .create_with_context(BrokerWatch::new(state.clone()))
+            .map_err(|e| format!("kafka producer: {e}"))
+    }
+
+    fn current(&self) -> Arc<KafkaProducer> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn note_delivered(&self) {
+        *self.refused_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn note_refused(&self) {
+        self.refused_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Instant::now);
+    }
+
+    fn refused_for(&self) -> Duration {
+        self.refused_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
+    /// Why the current producer should be replaced, if it should.
+    fn stuck(&self, brokers_down: bool) -> Option<(&'static str, String)> {
+        renewal_reason(self.current().client().fatal_error(), brokers_down, self.refused_for())
+    }
+
+    /// Puts a new producer in place; the old one is purged and dropped off the
+    /// runtime (dropping flushes for up to 500 ms).
+    fn renew(&self, reason: &'static str, detail: &str) {
+        let fresh = match Self::new_producer(&self.settings, &self.state) {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                tracing::error!(%error, "kafka: cannot create a new producer; keeping the stuck one");
+                return;
+            }
+        };
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(fresh),
+        );
+        self.note_delivered();
+        metrics::counter!(metric::KAFKA_PRODUCER_RENEWALS, "reason" => reason).increment(1);
+        tracing::warn!(
+            reason = detail,
+            "kafka: producer renewed (new producer id); refused batches replay from the spool"
+        );
+        tokio::task::spawn_blocking(move || {
+            old.purge(PurgeConfig::default().queue().inflight());
+            drop(old);
+        });
+    }
+}
+
 /// Handle to the Kafka sink; cheap to clone.
 #[derive(Clone)]
 pub struct KafkaSink {
-    producer: Arc<FutureProducer<BrokerWatch>>,
+    slot: Arc<ProducerSlot>,
     topic: Arc<str>,
     key: KafkaKey,
     down: watch::Receiver<bool>,
@@ -132,28 +238,22 @@ impl KafkaSink {
             down: AtomicBool::new(false),
             changed,
         });
-        let context = BrokerWatch {
-            state: state.clone(),
-            last_warning: std::sync::Mutex::new(None),
-            suppressed: std::sync::atomic::AtomicU64::new(0),
-        };
         let mut client_config = ClientConfig::new();
         for (key, value) in producer_settings(config, batch) {
             client_config.set(key, value);
         }
-        let producer: FutureProducer<BrokerWatch> = client_config
-            .create_with_context(context)
-            .map_err(|e| format!("kafka producer: {e}"))?;
+        let slot = ProducerSlot::create(client_config, state.clone())?;
         metrics::gauge!(metric::KAFKA_ALL_BROKERS_DOWN).set(0.0);
         let sink = KafkaSink {
-            producer: Arc::new(producer),
+            slot: Arc::new(slot),
             topic: Arc::from(config.topic.as_str()),
             key: config.key,
             down,
             health: Arc::new(DependencyHealth::default()),
         };
+        tokio::spawn(renew_stuck_producer(sink.slot.clone(), sink.down.clone()));
         tokio::spawn(watch_brokers(
-            sink.producer.clone(),
+            sink.slot.clone(),
             state,
             sink.topic.clone(),
             sink.down.clone(),
@@ -174,6 +274,7 @@ impl KafkaSink {
         if *self.down.borrow() {
             return Err(self.brokers_down());
         }
+        let producer = self.slot.current();
         let mut deliveries = Vec::with_capacity(batch.events.len());
         for event in &batch.events {
             let headers = OwnedHeaders::new_with_capacity(3)
@@ -200,7 +301,7 @@ impl KafkaSink {
             if let Some(key) = key {
                 record = record.key(key);
             }
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((error, _)) => return Err(classify(error)),
             }
@@ -208,11 +309,22 @@ impl KafkaSink {
         let mut down = self.down.clone();
         let acknowledged = join_all(deliveries);
         let result = tokio::select! {
-            results = acknowledged => results.into_iter().try_for_each(|result| match result {
-                Ok(Ok(_delivery)) => Ok(()),
-                Ok(Err((error, _message))) => Err(classify(error)),
-                Err(_cancelled) => Err(SinkError::Stopped { sink: SINK_NAME }),
-            }),
+            results = acknowledged => {
+                let outcome = results.into_iter().try_for_each(|result| match result {
+                    Ok(Ok(_delivery)) => Ok(()),
+                    Ok(Err((error, _message))) => {
+                        if refused_by_broker(&error) {
+                            self.slot.note_refused();
+                        }
+                        Err(classify(error))
+                    }
+                    Err(_cancelled) => Err(SinkError::Stopped { sink: SINK_NAME }),
+                });
+                if outcome.is_ok() {
+                    self.slot.note_delivered();
+                }
+                outcome
+            }
             _ = down.wait_for(|down| *down) => Err(self.brokers_down()),
         };
         result
@@ -222,7 +334,7 @@ impl KafkaSink {
 /// While brokers are down: purge what is still queued (it was or will be answered
 /// as failed, so it must not be delivered later), then probe until one answers.
 async fn watch_brokers(
-    producer: Arc<FutureProducer<BrokerWatch>>,
+    slot: Arc<ProducerSlot>,
     state: Arc<BrokerState>,
     topic: Arc<str>,
     mut down: watch::Receiver<bool>,
@@ -230,7 +342,7 @@ async fn watch_brokers(
 ) {
     // Warm-up: learn the topic's partitions and leaders now, so the first requests
     // do not pay for it. A broker that is down at start-up delays nothing.
-    let warm = producer.clone();
+    let warm = slot.current();
     let warm_topic = topic.clone();
     let reachable = tokio::task::spawn_blocking(move || {
         warm.client()
@@ -247,10 +359,10 @@ async fn watch_brokers(
             return;
         }
         health.record_failure(&"all Kafka brokers are down");
-        producer.purge(PurgeConfig::default().queue());
+        slot.current().purge(PurgeConfig::default().queue());
         loop {
             tokio::time::sleep(RECOVERY_PROBE_INTERVAL).await;
-            let probe = producer.clone();
+            let probe = slot.current();
             let topic = topic.clone();
             let answered = tokio::task::spawn_blocking(move || {
                 probe
@@ -269,18 +381,60 @@ async fn watch_brokers(
     }
 }
 
+/// Whether a producer must be replaced, and why: librdkafka declared it fatally
+/// failed (it will never send again), or the brokers answer but have refused every
+/// delivery for `RENEW_AFTER_REFUSED_FOR`. While all brokers are down, refusals are
+/// not the producer's fault.
+fn renewal_reason(
+    fatal_error: Option<(RDKafkaErrorCode, String)>,
+    brokers_down: bool,
+    refused_for: Duration,
+) -> Option<(&'static str, String)> {
+    if let Some((code, reason)) = fatal_error {
+        return Some(("fatal", format!("librdkafka fatal error {code:?}: {reason}")));
+    }
+    (!brokers_down && refused_for >= RENEW_AFTER_REFUSED_FOR).then(|| {
+        (
+            "refused",
+            format!("the brokers refused every delivery for {} s", refused_for.as_secs()),
+        )
+    })
+}
+
+/// Checks every `STUCK_CHECK_INTERVAL` whether the producer must be renewed.
+async fn renew_stuck_producer(slot: Arc<ProducerSlot>, down: watch::Receiver<bool>) {
+    loop {
+        tokio::time::sleep(STUCK_CHECK_INTERVAL).await;
+        if down.has_changed().is_err() {
+            return; // the sink is gone
+        }
+        if let Some((reason, detail)) = slot.stuck(*down.borrow()) {
+            slot.renew(reason, &detail);
+        }
+    }
+}
+
+/// A retryable error a broker answered with (librdkafka's own errors, such as
+/// timeouts, queue full or transport failures, are codes -200..-100). Permanent
+/// errors concern one message and say nothing about the producer.
+fn refused_by_broker(error: &KafkaError) -> bool {
+    error
+        .rdkafka_error_code()
+        .is_some_and(|code| code as i32 > RDKafkaErrorCode::End as i32 && !PERMANENT.contains(&code))
+}
+
+/// Errors that concern the data, not the producer: the broker will never take it.
+const PERMANENT: [RDKafkaErrorCode; 4] = [
+    RDKafkaErrorCode::MessageSizeTooLarge,
+    RDKafkaErrorCode::InvalidMessage,
+    RDKafkaErrorCode::InvalidMessageSize,
+    RDKafkaErrorCode::InvalidRecord,
+];
+
 /// Data the broker will never take as it is (too large, invalid) is permanent;
 /// everything else (timeouts, leaders moving, brokers down, queue full) is not.
 fn classify(error: KafkaError) -> SinkError {
-    let permanent = matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessage
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidRecord
-        )
-    );
+    let permanent = error.rdkafka_error_code().is_some_and(|code| PERMANENT.contains(&code));
     if permanent {
         SinkError::Rejected {
             sink: SINK_NAME,
@@ -330,6 +484,42 @@ mod tests {
         assert_eq!(settings["acks"], "all");
         assert_eq!(settings["compression.type"], "lz4");
         assert_eq!(settings["linger.ms"], "50");
+    }
+
+    #[test]
+    fn only_retryable_broker_answers_count_as_refusals() {
+        let broker_unknown = KafkaError::MessageProduction(RDKafkaErrorCode::Unknown);
+        assert!(refused_by_broker(&broker_unknown));
+        let out_of_order = KafkaError::MessageProduction(RDKafkaErrorCode::OutOfOrderSequenceNumber);
+        assert!(refused_by_broker(&out_of_order));
+        // librdkafka's own errors say nothing about what the broker thinks of us.
+        for local in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::QueueFull,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::PurgeQueue,
+        ] {
+            assert!(!refused_by_broker(&KafkaError::MessageProduction(local)), "{local:?}");
+        }
+        // A message too large is that message's problem, not the producer's.
+        let too_big = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert!(!refused_by_broker(&too_big));
+    }
+
+    #[test]
+    fn a_producer_is_renewed_when_fatal_or_refused_throughout_while_brokers_answer() {
+        let fatal = Some((RDKafkaErrorCode::OutOfOrderSequenceNumber, "gap".to_string()));
+        assert_eq!(renewal_reason(fatal.clone(), false, Duration::ZERO).unwrap().0, "fatal");
+        assert_eq!(renewal_reason(fatal, true, Duration::ZERO).unwrap().0, "fatal");
+        let long = RENEW_AFTER_REFUSED_FOR;
+        assert_eq!(renewal_reason(None, false, long).unwrap().0, "refused");
+        assert!(
+            renewal_reason(None, true, long).is_none(),
+            "brokers down: not the producer's fault"
+        );
+        assert!(renewal_reason(None, false, long - Duration::from_millis(1)).is_none());
+        assert!(renewal_reason(None, false, Duration::ZERO).is_none());
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub mod metric {
     pub const CLICKHOUSE_INSERT_DURATION: &str = "breakwater_clickhouse_insert_duration_seconds";
     /// Kafka client errors reported by librdkafka, by `code` (counter).
     pub const KAFKA_CLIENT_ERRORS: &str = "breakwater_kafka_client_errors_total";
+    /// Kafka producers replaced because they were stuck, by `reason` = fatal | refused (counter).
+    pub const KAFKA_PRODUCER_RENEWALS: &str = "breakwater_kafka_producer_renewals_total";
     /// 1 while librdkafka reports all brokers down (gauge).
     pub const KAFKA_ALL_BROKERS_DOWN: &str = "breakwater_kafka_all_brokers_down";
     /// Sink delivery duration per request, by `sink` (histogram, seconds).
@@ -158,6 +160,10 @@ fn describe_metrics() {
         "Kafka client errors reported by librdkafka, by code."
     );
     describe_gauge!(KAFKA_ALL_BROKERS_DOWN, "1 while librdkafka reports all brokers down.");
+    describe_counter!(
+        KAFKA_PRODUCER_RENEWALS,
+        "Kafka producers replaced because they were stuck, by reason (fatal error, or every delivery refused)."
+    );
     describe_histogram!(
         SINK_DELIVERY_DURATION,
         Unit::Seconds,

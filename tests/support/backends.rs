@@ -365,11 +365,24 @@ impl Kafka {
             ])
             .args(["--storage-engine", storage])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Kafka::log_file(dir))
             .spawn()
             .expect("start tansu");
         wait_until("tansu", Duration::from_secs(30), || port_open(port));
         child
+    }
+
+    /// The broker's log, kept across restarts (the chaos runner copies it into its report).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("tansu.log")
+    }
+
+    fn log_file(dir: &Path) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("tansu.log"))
+            .expect("open tansu.log")
     }
 
     /// SIGKILL the broker and wait for its port to close.

@@ -14,7 +14,7 @@ mod report;
 mod scenario;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -59,10 +59,18 @@ struct Breakwater {
     addr: SocketAddr,
     config: PathBuf,
     data_dir: PathBuf,
+    log: PathBuf,
 }
 
 impl Breakwater {
-    fn start(config: &Path, data_dir: &Path) -> Result<Breakwater, String> {
+    /// Starts breakwater and appends its log (JSON lines) to `log`, across restarts,
+    /// so a failed scenario can be read afterwards.
+    fn start(config: &Path, data_dir: &Path, log: &Path) -> Result<Breakwater, String> {
+        let mut log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let binary = exe.with_file_name("breakwater");
         let mut child = Command::new(&binary)
@@ -78,6 +86,7 @@ impl Breakwater {
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(log_file, "{line}");
                 if let Ok(entry) = serde_json::from_str::<Value>(&line) {
                     if entry["message"] == "breakwater listening" {
                         let _ = sender.send(entry["addr"].as_str().unwrap_or("").to_string());
@@ -95,6 +104,7 @@ impl Breakwater {
             addr,
             config: config.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
+            log: log.to_path_buf(),
         })
     }
 
@@ -104,7 +114,7 @@ impl Breakwater {
     }
 
     fn restart(&mut self) -> Result<(), String> {
-        *self = Breakwater::start(&self.config, &self.data_dir)?;
+        *self = Breakwater::start(&self.config, &self.data_dir, &self.log)?;
         Ok(())
     }
 }
@@ -135,6 +145,9 @@ pub struct Sample {
     pub refused_requests: u64,
     pub spool_events: f64,
     pub breakers: BTreeMap<String, f64>,
+    /// breakwater's own count of transitions to open, all dependencies (restarts from
+    /// 0 when breakwater does).
+    pub breaker_openings: f64,
 }
 
 fn main() -> ExitCode {
@@ -237,7 +250,9 @@ fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
     }
     let config_path = work.path().join("breakwater.toml");
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
-    let breakwater = Mutex::new(Breakwater::start(&config_path, &work.path().join("data"))?);
+    let log = out.join("breakwater.log");
+    let _ = std::fs::remove_file(&log);
+    let breakwater = Mutex::new(Breakwater::start(&config_path, &work.path().join("data"), &log)?);
 
     let shared = Arc::new(Shared {
         addr: Mutex::new(lock(&breakwater).addr),
@@ -374,6 +389,11 @@ fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
     if drained_at.is_none() {
         problems.push("the spools did not drain within 180 s".into());
     }
+    if let Some(kafka) = &kafka {
+        if let Some(panic) = backend_panic(&lock(kafka).log_path()) {
+            problems.push(format!("the Kafka broker (tansu) panicked, see tansu.log: {panic}"));
+        }
+    }
     if !expect.exactly_once {
         problems.retain(|p| !p.contains("once"));
     }
@@ -403,6 +423,9 @@ fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
                   "websocket_share": scenario.load.websocket_share, "writers": scenario.load.writers },
     });
     report::write(out, &result, &samples).map_err(|e| e.to_string())?;
+    if let Some(kafka) = &kafka {
+        let _ = std::fs::copy(lock(kafka).log_path(), out.join("tansu.log"));
+    }
     Ok(result)
 }
 
@@ -443,18 +466,31 @@ fn check_sink(
     }
 }
 
+/// The first panic message in a backend's log: a defect of the backend, not of
+/// breakwater, which the verdict should name.
+fn backend_panic(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let mut lines = text.lines();
+    let line = lines.find(|line| line.contains("panicked at "))?;
+    let place = line.split("panicked at ").nth(1).unwrap_or("").trim_end_matches(':');
+    // crate-version/src/file.rs:line:column, without the registry path before it
+    let parts: Vec<&str> = place.rsplit('/').take(3).collect();
+    let place = parts.into_iter().rev().collect::<Vec<_>>().join("/");
+    Some(format!("\"{}\" at {place}", lines.next().unwrap_or("").trim()))
+}
+
+/// Breaker openings during the run, from breakwater's transition counter (exact,
+/// unlike the 250 ms state samples). A drop means breakwater restarted: its counter
+/// began again at 0.
 fn breaker_opens(samples: &[Sample]) -> u64 {
-    let mut opens = 0;
-    let mut previous: BTreeMap<String, f64> = BTreeMap::new();
+    let mut opens = 0.0;
+    let mut previous = 0.0;
     for sample in samples {
-        for (dependency, state) in &sample.breakers {
-            if *state == 1.0 && previous.get(dependency).copied().unwrap_or(0.0) != 1.0 {
-                opens += 1;
-            }
-        }
-        previous = sample.breakers.clone();
+        let now = sample.breaker_openings;
+        opens += if now >= previous { now - previous } else { now };
+        previous = now;
     }
-    opens
+    opens as u64
 }
 
 /// Reads breakwater's /metrics (None while it is down).
@@ -468,8 +504,16 @@ fn sample(shared: &Shared) -> Option<Sample> {
         .text()
         .ok()?;
     let mut spool_events = 0.0;
+    let mut breaker_openings = 0.0;
     let mut breakers = BTreeMap::new();
     for line in text.lines() {
+        if line.starts_with("breakwater_circuit_breaker_transitions_total{") && line.contains("to=\"open\"") {
+            breaker_openings += line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
         if let Some(rest) = line.strip_prefix("breakwater_spool_events{") {
             spool_events += rest
                 .rsplit(' ')
@@ -488,6 +532,7 @@ fn sample(shared: &Shared) -> Option<Sample> {
         refused_requests: shared.refused.load(Ordering::Relaxed),
         spool_events,
         breakers,
+        breaker_openings,
     })
 }
 

@@ -2,6 +2,10 @@
 //! port of Toxiproxy): `slow` adds latency to every answer, `blackhole` stops all
 //! data (connections hang), `reset` closes every connection as soon as data flows
 //! (noxious has no reset_peer toxic; limit_data with 0 bytes is the nearest).
+//!
+//! Faults are lifted by removing each toxic by name: noxious 1.0's `RemoveAllToxics`
+//! clears only the upstream list, so a downstream toxic (the blackhole's answer side,
+//! the slow fault's latency) would stay forever.
 
 use std::net::SocketAddr;
 
@@ -15,6 +19,8 @@ pub struct FaultProxy {
     sender: bmrng::RequestSender<ToxicEvent, ToxicEventResult>,
     name: String,
     pub listen: SocketAddr,
+    /// Names of the toxics in place, so `clear` can remove each one.
+    applied: std::sync::Mutex<Vec<String>>,
     _stopper: Stopper,
     _close: Close,
 }
@@ -59,14 +65,22 @@ impl FaultProxy {
             sender,
             name: name.to_string(),
             listen,
+            applied: std::sync::Mutex::new(Vec::new()),
             _stopper: stopper,
             _close: close,
         })
     }
 
+    /// Sends one toxic change and waits until every live connection carries it.
+    /// A refused change is a broken scenario, not a fault to inject: it panics.
     fn send(&self, kind: ToxicEventKind) {
+        let described = format!("{kind:?}");
         let event = ToxicEvent::new(self.name.clone(), kind);
-        let _ = self.runtime.block_on(self.sender.send_receive(event));
+        match self.runtime.block_on(self.sender.send_receive(event)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("fault proxy {}: {described} refused: {e:?}", self.name),
+            Err(e) => panic!("fault proxy {}: {described} not delivered: {e:?}", self.name),
+        }
     }
 
     pub fn apply(&self, fault: ProxyFault) {
@@ -94,6 +108,7 @@ impl FaultProxy {
             ProxyFault::Reset => vec![("reset", ToxicKind::LimitData { bytes: 0 }, StreamDirection::Upstream)],
         };
         for (name, kind, direction) in toxics {
+            self.applied.lock().unwrap().push(name.to_string());
             self.send(ToxicEventKind::AddToxic(Toxic {
                 kind,
                 name: name.to_string(),
@@ -104,6 +119,9 @@ impl FaultProxy {
     }
 
     pub fn clear(&self) {
-        self.send(ToxicEventKind::RemoveAllToxics);
+        let names = std::mem::take(&mut *self.applied.lock().unwrap());
+        for name in names {
+            self.send(ToxicEventKind::RemoveToxic(name));
+        }
     }
 }
