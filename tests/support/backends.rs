@@ -377,6 +377,20 @@ impl Kafka {
         self.dir.path().join("tansu.log")
     }
 
+    /// The broker's first panic, as `"message" at crate/src/file.rs:line:col`. tansu
+    /// 0.6.0 on sqlite can panic after a kill -9 that lands just after a producer's
+    /// first batch (docs/chaos.md); tests name that instead of timing out vaguely.
+    pub fn broker_panic(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.log_path()).ok()?;
+        let mut lines = text.lines();
+        let line = lines.find(|line| line.contains("panicked at "))?;
+        let place = line.split("panicked at ").nth(1).unwrap_or("").trim_end_matches(':');
+        // crate-version/src/file.rs:line:column, without the registry path before it
+        let parts: Vec<&str> = place.rsplit('/').take(3).collect();
+        let place = parts.into_iter().rev().collect::<Vec<_>>().join("/");
+        Some(format!("\"{}\" at {place}", lines.next().unwrap_or("").trim()))
+    }
+
     fn log_file(dir: &Path) -> std::fs::File {
         std::fs::OpenOptions::new()
             .create(true)

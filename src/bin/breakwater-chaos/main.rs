@@ -390,7 +390,7 @@ fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
         problems.push("the spools did not drain within 180 s".into());
     }
     if let Some(kafka) = &kafka {
-        if let Some(panic) = backend_panic(&lock(kafka).log_path()) {
+        if let Some(panic) = lock(kafka).broker_panic() {
             problems.push(format!("the Kafka broker (tansu) panicked, see tansu.log: {panic}"));
         }
     }
@@ -464,19 +464,6 @@ fn check_sink(
     if invented > 0 {
         problems.push(format!("{sink}: {invented} events that were never sent"));
     }
-}
-
-/// The first panic message in a backend's log: a defect of the backend, not of
-/// breakwater, which the verdict should name.
-fn backend_panic(log: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let mut lines = text.lines();
-    let line = lines.find(|line| line.contains("panicked at "))?;
-    let place = line.split("panicked at ").nth(1).unwrap_or("").trim_end_matches(':');
-    // crate-version/src/file.rs:line:column, without the registry path before it
-    let parts: Vec<&str> = place.rsplit('/').take(3).collect();
-    let place = parts.into_iter().rev().collect::<Vec<_>>().join("/");
-    Some(format!("\"{}\" at {place}", lines.next().unwrap_or("").trim()))
 }
 
 /// Breaker openings during the run, from breakwater's transition counter (exact,
