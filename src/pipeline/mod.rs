@@ -195,15 +195,22 @@ async fn ingest_to_completion(
 
 /// Makes the batch durable for every sink at once: delivered through the sink's
 /// stack, or else in that sink's spool (retryable failure, open breaker, timeout),
-/// or in the dead-letter table (the sink rejected the data for good). Fails only
-/// if some sink's copy could be none of these (spool full or broken).
+/// or in the dead-letter table (the sink rejected the data for good). A full spool
+/// is found before any sink is called (room is held in every spool up front); after
+/// that, it fails only if a spool write itself fails.
 async fn deliver_everywhere(
     routes: &[SinkRoute],
     spool: &Arc<Spool>,
     batch: Arc<SinkBatch>,
 ) -> Result<(), PipelineError> {
     let events = batch.events.len() as u64;
-    let deliveries = routes.iter().map(|route| {
+    // Room in every spool first: if one is full, no sink sees the batch, so the
+    // client's retry cannot make a second copy where the first one landed.
+    let mut rooms = Vec::with_capacity(routes.len());
+    for route in routes {
+        rooms.push(route.queue.reserve(&batch).map_err(PipelineError::SpoolFull)?);
+    }
+    let deliveries = routes.iter().zip(rooms).map(|(route, room)| {
         let batch = batch.clone();
         async move {
             let started = Instant::now();
@@ -214,10 +221,9 @@ async fn deliver_everywhere(
                 Ok(()) => Ok(Outcome::Delivered),
                 Err(error) if error.is_retryable() => {
                     tracing::debug!(sink = route.sink.name, %error, events, "sink unavailable: spooling");
-                    match route.queue.append(batch).await {
+                    match route.queue.append_into(room, batch).await {
                         Ok(()) => Ok(Outcome::Spooled),
-                        Err(full @ SpoolError::Full { .. }) => Err(PipelineError::SpoolFull(full)),
-                        Err(other) => Err(PipelineError::Spool(other)),
+                        Err(error) => Err(PipelineError::Spool(error)),
                     }
                 }
                 Err(error) => {

@@ -81,6 +81,19 @@ pub struct Spool {
     queues: Vec<Arc<SinkQueue>>,
 }
 
+/// Room held in one sink's spool for one batch (`SinkQueue::reserve`); dropping it
+/// gives the room back.
+pub struct SpoolRoom<'a> {
+    queue: &'a SinkQueue,
+    bytes: u64,
+}
+
+impl Drop for SpoolRoom<'_> {
+    fn drop(&mut self) {
+        self.queue.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
 /// One sink's queue.
 pub struct SinkQueue {
     pub sink: &'static str,
@@ -90,6 +103,9 @@ pub struct SinkQueue {
     events: AtomicU64,
     records: AtomicU64,
     max_bytes: AtomicU64,
+    /// Room held for batches being delivered (see `reserve`), counted against
+    /// `max_bytes` with what is stored.
+    reserved: AtomicU64,
     /// Set when an append was refused for room; cleared when records leave.
     refusing: std::sync::atomic::AtomicBool,
     next_key: Arc<AtomicU64>,
@@ -330,6 +346,7 @@ impl SinkQueue {
             events: AtomicU64::new(events),
             records: AtomicU64::new(records),
             max_bytes: AtomicU64::new(max_bytes),
+            reserved: AtomicU64::new(0),
             refusing: std::sync::atomic::AtomicBool::new(false),
             next_key,
             appended: Notify::new(),
@@ -340,21 +357,43 @@ impl SinkQueue {
         Ok(queue)
     }
 
-    /// Durably appends the batch (answered after the commit's fsync).
-    pub async fn append(&self, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
-        let size = encoded_len(&batch) as u64;
+    /// Holds room for `batch`, so that appending it later cannot fail for lack of
+    /// room. The pipeline holds room in every sink's spool before any sink sees a
+    /// batch: a request refused because a spool is full (503) was then delivered
+    /// nowhere, and its retry cannot duplicate what a healthy sink already took.
+    pub fn reserve(&self, batch: &SinkBatch) -> Result<SpoolRoom<'_>, SpoolError> {
+        let size = encoded_len(batch) as u64;
         let max_bytes = self.max_bytes.load(Ordering::Relaxed);
-        let before = self.bytes.fetch_add(size, Ordering::SeqCst);
-        if before + size > max_bytes {
-            self.bytes.fetch_sub(size, Ordering::SeqCst);
+        let held = self.reserved.fetch_add(size, Ordering::SeqCst);
+        let stored = self.bytes.load(Ordering::SeqCst);
+        if stored + held + size > max_bytes {
+            self.reserved.fetch_sub(size, Ordering::SeqCst);
             self.refusing.store(true, Ordering::SeqCst);
             metrics::counter!(metric::SPOOL_FULL, "sink" => self.sink).increment(1);
             return Err(SpoolError::Full {
                 sink: self.sink,
-                bytes: before,
+                bytes: stored,
                 max_bytes,
             });
         }
+        Ok(SpoolRoom {
+            queue: self,
+            bytes: size,
+        })
+    }
+
+    /// Durably appends the batch (answered after the commit's fsync).
+    pub async fn append(&self, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
+        let room = self.reserve(&batch)?;
+        self.append_into(room, batch).await
+    }
+
+    /// Durably appends a batch into room held for it (answered after the fsync).
+    pub async fn append_into(&self, room: SpoolRoom<'_>, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
+        // Stored before the room is given back, so the bytes are never uncounted.
+        let size = room.bytes;
+        self.bytes.fetch_add(size, Ordering::SeqCst);
+        drop(room);
         let events = batch.events.len() as u64;
         match self.writer.submit(batch).await {
             Ok(()) => {
