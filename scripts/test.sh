@@ -42,6 +42,17 @@ if ! "$venv/bin/python" -c 'import chdb' >/dev/null 2>&1; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet "chdb-core==26.9.0"
 fi
+# Real analytics SDKs from PyPI, one folder each (two releases of one SDK cannot
+# share an environment); tests/real_sdks_send_unmodified.rs runs them with python3.
+for sdk in segment-analytics-python==2.2.3 segment-analytics-python==2.3.6 \
+           segment-analytics-python==2.4.0 rudder-sdk-python==2.1.9; do
+  dir="target/sdks/${sdk/==/-}"
+  if [ ! -f "$dir/.installed" ]; then
+    rm -rf "$dir"
+    "$venv/bin/pip" install --quiet --target "$dir" "$sdk"
+    touch "$dir/.installed"
+  fi
+done
 redis-server --version
 clickhouse-server --version 2>/dev/null | head -n 1 || true
 tansu --version 2>/dev/null || true

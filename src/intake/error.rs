@@ -145,9 +145,15 @@ impl IntakeError {
     }
 }
 
+/// `{"error": {...}, "code": ..., "message": ...}`. The top-level `code` and
+/// `message` repeat the detail's for Segment-style SDKs, which read exactly those two
+/// keys (analytics-python and rudder-sdk-python raise a KeyError without them, and
+/// then retry a 400 or 401 instead of giving up).
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: ErrorDetail<'a>,
+    code: &'static str,
+    message: String,
 }
 
 #[derive(Serialize)]
@@ -164,6 +170,8 @@ struct ErrorDetail<'a> {
 impl IntoResponse for IntakeError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
+            code: self.code(),
+            message: self.to_string(),
             error: ErrorDetail {
                 code: self.code(),
                 message: self.to_string(),
