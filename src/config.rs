@@ -75,6 +75,11 @@ pub struct LimitsConfig {
     pub max_request_bytes: usize,
     /// Most events in one `/v1/batch` request.
     pub max_batch_events: usize,
+    /// Events per second each source (write key) may send; beyond it, `429` with
+    /// `Retry-After`. 0 = unlimited. A source's own `events_per_second` overrides it.
+    pub source_events_per_second: u64,
+    /// Events a source may send at once above its rate; 0 = one second's worth.
+    pub source_burst_events: u64,
 }
 
 impl Default for LimitsConfig {
@@ -83,6 +88,8 @@ impl Default for LimitsConfig {
             max_event_bytes: 32 * 1024,
             max_request_bytes: 500 * 1024,
             max_batch_events: 2_500,
+            source_events_per_second: 0,
+            source_burst_events: 0,
         }
     }
 }
@@ -395,6 +402,11 @@ pub struct SourceConfig {
     pub write_key: Option<String>,
     pub write_key_env: Option<String>,
     pub write_key_file: Option<PathBuf>,
+    /// This source's limit (events per second; 0 = unlimited), instead of
+    /// `limits.source_events_per_second`.
+    pub events_per_second: Option<u64>,
+    /// This source's burst, instead of `limits.source_burst_events`.
+    pub burst_events: Option<u64>,
 }
 
 impl std::fmt::Debug for SourceConfig {

@@ -63,6 +63,14 @@ pub enum IntakeError {
     InvalidBatch(Vec<RejectedEvent>),
     #[error("too many requests in flight; retry later")]
     Overloaded,
+    #[error(
+        "source `{source_name}` is over its rate limit of {per_second} events/s; retry in {retry_after_seconds} s"
+    )]
+    RateLimited {
+        source_name: String,
+        per_second: u64,
+        retry_after_seconds: u64,
+    },
     #[error("events could not be made durable; retry later")]
     SinkUnavailable,
     #[error("some of these messageIds are being delivered by another request; retry shortly")]
@@ -95,6 +103,7 @@ impl IntakeError {
             Overloaded | SinkUnavailable | SpoolFull | InFlightElsewhere | TooManyConnections | ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -120,6 +129,7 @@ impl IntakeError {
             InvalidEvent(_) => "invalid_event",
             InvalidBatch(_) => "invalid_batch",
             Overloaded => "overloaded",
+            RateLimited { .. } => "rate_limited",
             SinkUnavailable => "sink_unavailable",
             InFlightElsewhere => "in_flight_elsewhere",
             SpoolFull => "spool_full",
@@ -135,6 +145,7 @@ impl IntakeError {
         matches!(
             self,
             IntakeError::Overloaded
+                | IntakeError::RateLimited { .. }
                 | IntakeError::SinkUnavailable
                 | IntakeError::InFlightElsewhere
                 | IntakeError::SpoolFull
@@ -188,7 +199,12 @@ impl IntoResponse for IntakeError {
         };
         let mut response = (self.status(), axum::Json(body)).into_response();
         let headers = response.headers_mut();
-        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+        if let IntakeError::RateLimited {
+            retry_after_seconds, ..
+        } = &self
+        {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
+        } else if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
         }
         if self.status() == StatusCode::UNAUTHORIZED {

@@ -40,6 +40,7 @@ pub struct AppState {
     pub limits: LimitsConfig,
     pub body_read_timeout: Duration,
     pub write_keys: WriteKeys,
+    pub source_rate_limits: crate::intake::rate_limit::SourceRateLimits,
     pub pipeline: Pipeline,
     /// Present when dedup is shared through Redis.
     pub redis_health: Option<Arc<DependencyHealth>>,
@@ -225,7 +226,17 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     if write_keys.is_open() {
         tracing::warn!("no write keys configured: accepting unauthenticated events (loopback only)");
     }
+    let source_names = write_keys.source_names();
+    for source in &source_names {
+        metrics::counter!(metric::REQUESTS_RATE_LIMITED, "source" => source.to_string()).increment(0);
+    }
+    let source_rate_limits = crate::intake::rate_limit::SourceRateLimits::new(
+        &config.limits,
+        &config.sources,
+        source_names.iter().map(|name| &**name),
+    );
     let state = Arc::new(AppState {
+        source_rate_limits,
         limits: config.limits.clone(),
         body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
         write_keys,

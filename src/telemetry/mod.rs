@@ -19,6 +19,8 @@ pub mod metric {
     pub const HTTP_REQUEST_DURATION: &str = "breakwater_http_request_duration_seconds";
     /// Requests refused as a whole, by `reason` (counter).
     pub const REQUESTS_REFUSED: &str = "breakwater_requests_refused_total";
+    /// Requests refused with 429 because their source was over its rate limit, by `source` (counter).
+    pub const REQUESTS_RATE_LIMITED: &str = "breakwater_requests_rate_limited_total";
     /// Requests being processed now (gauge).
     pub const REQUESTS_IN_FLIGHT: &str = "breakwater_requests_in_flight";
     /// Events by `source`, `transport` and `outcome` = accepted | duplicate | rejected.
@@ -175,6 +177,10 @@ fn describe_metrics() {
         "Time from request start to response, by route."
     );
     describe_counter!(REQUESTS_REFUSED, "Requests refused as a whole, by reason.");
+    describe_counter!(
+        REQUESTS_RATE_LIMITED,
+        "Requests refused with 429 because their source was over its rate limit, by source."
+    );
     describe_gauge!(REQUESTS_IN_FLIGHT, "Requests being processed now.");
     describe_counter!(
         EVENTS,
