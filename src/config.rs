@@ -46,6 +46,14 @@ pub struct ServerConfig {
     pub max_in_flight_requests: usize,
     /// A client that has not sent its whole body by then gets 408.
     pub body_read_timeout_ms: u64,
+    /// Open HTTP connections (WebSocket included) at once; one more is answered
+    /// `503 too_many_connections` and closed, so a flood cannot use up every file
+    /// descriptor. Keep it below the process's `ulimit -n`.
+    pub max_connections: usize,
+    /// A client must send each request's headers within this time, and a
+    /// keep-alive connection waiting for its next request is closed after it:
+    /// slow-header (slowloris) and idle connections give their slot back.
+    pub header_read_timeout_ms: u64,
     /// After SIGINT/SIGTERM, how long in-flight requests may take before exit.
     pub shutdown_timeout_ms: u64,
     /// Resilience policy file (reloaded on change); none: the embedded default
@@ -60,6 +68,8 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./data"),
             max_in_flight_requests: 1024,
             body_read_timeout_ms: 10_000,
+            max_connections: 10_000,
+            header_read_timeout_ms: 10_000,
             shutdown_timeout_ms: 30_000,
             policy_file: None,
         }
@@ -496,6 +506,12 @@ impl Config {
 
     /// Checks relations between values that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be greater than 0"));
+        }
+        if self.server.header_read_timeout_ms == 0 {
+            return Err(invalid("server.header_read_timeout_ms", "must be greater than 0"));
+        }
         let limits = &self.limits;
         if limits.max_event_bytes == 0 {
             return Err(invalid("limits.max_event_bytes", "must be greater than 0"));

@@ -2,9 +2,9 @@
 //! long-lived part once (dedup, sinks, stores, metrics) and wires them together;
 //! holds no request logic of its own.
 
+mod connections;
 mod ops;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -278,14 +278,13 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
             let _ = stop_sender.send(true);
         });
     }
-    let graceful = {
-        let mut stop = stop.clone();
-        async move {
-            let _ = stop.wait_for(|stopping| *stopping).await;
-        }
-    };
     let shutdown_timeout = Duration::from_millis(config.server.shutdown_timeout_ms);
-    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(graceful);
+    let limits = connections::ConnectionLimits {
+        max_connections: config.server.max_connections,
+        header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
+    };
+    warn_if_file_descriptors_are_short(limits.max_connections);
+    let server = connections::serve(listener, router(state.clone()), limits, stop.clone());
     let deadline = {
         let mut stop = stop.clone();
         async move {
@@ -294,7 +293,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         }
     };
     tokio::select! {
-        served = server.into_future() => served.map_err(StartupError::Serve)?,
+        () = server => {}
         () = deadline => tracing::warn!(timeout_ms = shutdown_timeout.as_millis() as u64, "shutdown timeout: closing connections still open"),
     }
 
@@ -324,6 +323,27 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     }
     tracing::info!("breakwater stopped");
     Ok(())
+}
+
+/// Each connection takes a file descriptor, and so do the data files and backend
+/// connections: below the limit, accept fails for everyone instead of a clear 503.
+fn warn_if_file_descriptors_are_short(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let needed = max_connections as u64 + 256;
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            open_files_limit = limit.rlim_cur,
+            max_connections,
+            "the open-files limit (ulimit -n) is below server.max_connections + 256: raise it, or lower max_connections"
+        );
+    }
 }
 
 /// The sinks, each behind its resilience stack, with their spool: what the server

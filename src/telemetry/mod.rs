@@ -19,6 +19,10 @@ pub mod metric {
     pub const HTTP_REQUEST_DURATION: &str = "breakwater_http_request_duration_seconds";
     /// Requests refused as a whole, by `reason` (counter).
     pub const REQUESTS_REFUSED: &str = "breakwater_requests_refused_total";
+    /// Open HTTP connections, WebSocket included (gauge).
+    pub const HTTP_CONNECTIONS: &str = "breakwater_http_connections";
+    /// Connections refused because `server.max_connections` were open (counter).
+    pub const HTTP_CONNECTIONS_REFUSED: &str = "breakwater_http_connections_refused_total";
     /// Requests refused with 429 because their source was over its rate limit, by `source` (counter).
     pub const REQUESTS_RATE_LIMITED: &str = "breakwater_requests_rate_limited_total";
     /// Requests being processed now (gauge).
@@ -177,6 +181,11 @@ fn describe_metrics() {
         "Time from request start to response, by route."
     );
     describe_counter!(REQUESTS_REFUSED, "Requests refused as a whole, by reason.");
+    describe_gauge!(HTTP_CONNECTIONS, "Open HTTP connections, WebSocket included.");
+    describe_counter!(
+        HTTP_CONNECTIONS_REFUSED,
+        "Connections refused with 503 because server.max_connections were open."
+    );
     describe_counter!(
         REQUESTS_RATE_LIMITED,
         "Requests refused with 429 because their source was over its rate limit, by source."

@@ -1,0 +1,163 @@
+//! The HTTP listener's accept loop, in place of `axum::serve`, which sets no timer
+//! (so hyper's header timeout never fires) and accepts connections without limit:
+//!
+//! - at most `max_connections` open at once; one more is answered `503
+//!   too_many_connections` and closed, so a connection flood cannot take every file
+//!   descriptor and everyone else's chance to connect;
+//! - `header_read_timeout` for each request's headers, counted by hyper from when a
+//!   connection waits for its next request: a slow-header (slowloris) client and an
+//!   idle keep-alive connection both give their slot back;
+//! - on shutdown: stop accepting, then let every connection finish the request it
+//!   is serving (hyper's graceful shutdown) before returning.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::telemetry::metric;
+use crate::telemetry::throttle::{Throttle, WARN_EVERY};
+
+/// What a client may hold of the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+}
+
+/// The answer to a connection over the limit (it is closed right after).
+static TOO_MANY_CONNECTIONS: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let message = "too many open connections; retry later";
+    let body = serde_json::json!({
+        "error": { "code": "too_many_connections", "message": message, "retryable": true },
+        "code": "too_many_connections",
+        "message": message,
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+});
+
+/// Serves `router` on `listener` until `stop` turns true, then waits for the
+/// connections' in-flight requests (the caller bounds that wait).
+pub async fn serve(listener: TcpListener, router: Router, limits: ConnectionLimits, stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    let (closing, close) = watch::channel(false);
+    metrics::gauge!(metric::HTTP_CONNECTIONS).set(0.0);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, or a connection reset before accept:
+                    // wait a little rather than spin; the next accept may succeed.
+                    static ACCEPT_FAILED: Throttle = Throttle::new(WARN_EVERY);
+                    if let Some(suppressed) = ACCEPT_FAILED.allow() {
+                        tracing::warn!(%error, suppressed_since_last = suppressed, "accept failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = turned_true(stop.clone()) => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!(metric::HTTP_CONNECTIONS_REFUSED).increment(1);
+            connections.spawn(refuse(stream));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .map_request(|request: axum::http::Request<Incoming>| request.map(Body::new)),
+        );
+        let close = close.clone();
+        connections.spawn(async move {
+            metrics::gauge!(metric::HTTP_CONNECTIONS).increment(1.0);
+            // HTTP/1.1 only (as axum is built here). hyper-util's auto builder would
+            // first sniff for HTTP/2 with no timeout, so a connection that never sends
+            // a byte would hold its slot forever; this one's header timer starts at once.
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = turned_true(close) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            metrics::gauge!(metric::HTTP_CONNECTIONS).decrement(1.0);
+            drop(slot);
+        });
+    }
+    drop(listener);
+    let _ = closing.send(true);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Resolves once the flag is true (or its sender is gone). The guard `wait_for`
+/// returns is dropped here, so callers stay `Send`.
+async fn turned_true(mut flag: watch::Receiver<bool>) {
+    let _ = flag.wait_for(|on| *on).await;
+}
+
+/// Tells a connection over the limit why, and closes it. Its request head is read
+/// first (at most 16 KiB, for at most 1 s), so an HTTP client gets a proper 503 it
+/// can retry rather than an answer to a request it has not sent yet.
+async fn refuse(mut stream: TcpStream) {
+    let read_head = async {
+        let mut head = Vec::with_capacity(1024);
+        let mut buffer = [0u8; 1024];
+        while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buffer[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), read_head).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&TOO_MANY_CONNECTIONS)).await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_is_well_formed_json_of_the_declared_length() {
+        let text = std::str::from_utf8(&TOO_MANY_CONNECTIONS).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(body.len(), length);
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"]["code"], "too_many_connections");
+        assert_eq!(json["code"], "too_many_connections");
+    }
+}

@@ -1,0 +1,190 @@
+//! Hostile clients get a clean refusal or a close, and everyone else keeps being
+//! served: slow headers (slowloris), idle keep-alive floods, connection floods
+//! beyond `max_connections`, header floods, huge numbers, duplicate keys.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+
+const CONFIG: &str = "[server]\nmax_connections = 20\nheader_read_timeout_ms = 1000\n";
+
+/// Reads until the server closes the connection (or `limit` passes); returns what
+/// was read and how long the server took to close.
+fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
+    let started = Instant::now();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return (answer, started.elapsed()),
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+        }
+    }
+}
+
+/// Whether an ordinary client gets its event accepted right now.
+fn served(server: &Server) -> bool {
+    client()
+        .post(server.url("/v1/track"))
+        .json(&track(&format!("probe-{}", uuid_like())))
+        .send()
+        .is_ok_and(|response| response.status() == 200)
+}
+
+fn uuid_like() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+#[test]
+fn slow_headers_and_idle_keep_alive_are_closed_after_the_header_timeout() {
+    let server = Server::start_with(CONFIG, &[]);
+
+    // Slowloris: one header byte every 200 ms never completes a request.
+    let mut slow = TcpStream::connect(server.addr).unwrap();
+    let started = Instant::now();
+    let mut closed_after = None;
+    for (index, byte) in b"GET /health/live HTTP/1.1\r\nhost: x\r\nx-slow: 1234567890\r\n"
+        .iter()
+        .enumerate()
+    {
+        if slow.write_all(&[*byte]).is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        if index == 2 {
+            assert!(served(&server), "others are served meanwhile");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let closed_after = closed_after.unwrap_or_else(|| read_until_closed(&mut slow, Duration::from_secs(5)).1);
+    assert!(
+        closed_after < Duration::from_secs(4),
+        "slow-header client held its connection {closed_after:?}"
+    );
+
+    // Keep-alive: after its request, an idle connection is closed.
+    let mut idle = TcpStream::connect(server.addr).unwrap();
+    idle.write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let (answer, closed_after) = read_until_closed(&mut idle, Duration::from_secs(5));
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "idle keep-alive connection held {closed_after:?}"
+    );
+    assert!(served(&server));
+}
+
+#[test]
+fn a_connection_flood_gets_503_and_frees_its_slots() {
+    let server = Server::start_with(CONFIG, &[]);
+    let rss_before = rss_kib(server.pid());
+    // 20 connections that never send anything hold every slot.
+    let flood: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(server.addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = TcpStream::connect(server.addr).unwrap();
+    extra
+        .write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut extra, Duration::from_secs(3));
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_lowercase().contains("retry-after: 1"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "too_many_connections");
+    // An ordinary HTTP client sees that 503 as a response it can retry.
+    let refused = client().get(server.url("/health/live")).send().unwrap();
+    assert_eq!(refused.status(), 503);
+
+    // The idle flood is closed by the header timeout, and service resumes.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !served(&server) {
+        assert!(Instant::now() < deadline, "the flood's slots were never freed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(server.metric("breakwater_http_connections_refused_total") >= 1.0);
+    drop(flood);
+    // Many more waves of the same: memory stays put.
+    for _ in 0..5 {
+        let wave: Vec<TcpStream> = (0..200).filter_map(|_| TcpStream::connect(server.addr).ok()).collect();
+        drop(wave);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(served(&server));
+    let rss_after = rss_kib(server.pid());
+    assert!(
+        rss_after < rss_before + 20 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}
+
+#[test]
+fn header_floods_huge_numbers_and_duplicate_keys_get_clear_answers() {
+    let server = Server::start_with(CONFIG, &[]);
+
+    // 2,000 headers: 431, the connection closed, the server fine.
+    let mut flood = TcpStream::connect(server.addr).unwrap();
+    let headers: String = (0..2000).map(|i| format!("x-h{i}: {}\r\n", "a".repeat(50))).collect();
+    let request = format!("POST /v1/track HTTP/1.1\r\nhost: x\r\n{headers}content-length: 2\r\n\r\n{{}}");
+    let _ = flood.write_all(request.as_bytes());
+    let (answer, _) = read_until_closed(&mut flood, Duration::from_secs(5));
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 431"));
+
+    // A number beyond f64: a clear 400, nothing stored.
+    let huge = format!(
+        "{{\"userId\":\"u\",\"event\":\"e\",\"messageId\":\"huge\",\"properties\":{{\"n\":1{}}}}}",
+        "0".repeat(5000)
+    );
+    let response = client()
+        .post(server.url("/v1/track"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .unwrap();
+    let (status, body) = status_and_json(response);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_json");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("number out of range"),
+        "{body}"
+    );
+
+    // Duplicate keys: the last one wins, as in JavaScript's JSON.parse.
+    let response = client()
+        .post(server.url("/v1/track"))
+        .header("content-type", "application/json")
+        .body(r#"{"userId":"first","userId":"last","event":"e","messageId":"dup-keys"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (status, _) = post_json(
+        &server,
+        "/v1/track",
+        &json!({"userId":"u","event":"e","messageId":"after"}),
+    );
+    assert_eq!(status, 200);
+    let stored = server.sink_events();
+    let duplicate = stored.iter().find(|e| e["messageId"] == "dup-keys").unwrap();
+    assert_eq!(duplicate["userId"], "last");
+    assert!(stored.iter().all(|e| e["messageId"] != "huge"));
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
