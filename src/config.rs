@@ -141,13 +141,46 @@ impl Default for FileSinkConfig {
     }
 }
 
-/// A secret given inline, through an environment variable, or in a file.
-#[derive(Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+/// A secret given inline, through an environment variable, or in a file:
+/// `"…"`, `{ value = "…" }`, `{ env = "VAR" }` or `{ file = "/path" }`.
+#[derive(Clone, Default)]
 pub struct Secret {
     pub value: Option<String>,
     pub env: Option<String>,
     pub file: Option<PathBuf>,
+}
+
+/// The written forms of a `Secret`. Parsed through an untagged enum so that a
+/// mistake is reported without the value: serde's usual "invalid type: string
+/// \"…\"" message would print the secret itself.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SecretForm {
+    Inline(String),
+    Table(SecretTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretTable {
+    value: Option<String>,
+    env: Option<String>,
+    file: Option<PathBuf>,
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match SecretForm::deserialize(deserializer) {
+            Ok(SecretForm::Inline(value)) => Ok(Secret {
+                value: Some(value),
+                ..Secret::default()
+            }),
+            Ok(SecretForm::Table(SecretTable { value, env, file })) => Ok(Secret { value, env, file }),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected a string, or a table with one of value, env, file (the value is not shown)",
+            )),
+        }
+    }
 }
 
 impl std::fmt::Debug for Secret {
@@ -812,6 +845,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("limits.max_request_bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_is_never_echoed_by_a_config_error() {
+        let inline: Config = toml::from_str(
+            "[clickhouse]\nurl = \"http://127.0.0.1:8123\"\ndatabase = \"d\"\npassword = \"pw-inline-1\"\n",
+        )
+        .unwrap();
+        let password = inline
+            .clickhouse
+            .unwrap()
+            .password
+            .resolve("clickhouse.password")
+            .unwrap();
+        assert_eq!(password.as_deref(), Some("pw-inline-1"));
+        for wrong in [
+            "password = 12345678",
+            "password = { value = \"pw-wrong-2\", extra = 1 }",
+            "password = [\"pw-wrong-3\"]",
+        ] {
+            let text = format!("[clickhouse]\nurl = \"http://127.0.0.1:8123\"\ndatabase = \"d\"\n{wrong}\n");
+            // As `Config::load` reports it: the message, without the source snippet.
+            let error = toml::from_str::<Config>(&text).err().unwrap().message().to_string();
+            assert!(!error.contains("pw-wrong") && !error.contains("12345678"), "{error}");
+            assert!(error.contains("the value is not shown"), "{error}");
+        }
     }
 
     #[test]
