@@ -34,7 +34,7 @@ const TRANSPORT: &str = "http";
 
 /// What a route (or a WebSocket frame) carries.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum RouteKind {
+pub enum RouteKind {
     /// One event of a fixed type (`/v1/track`, `/v1/t`, …).
     Single(EventType),
     /// One event whose `type` field says what it is (a WebSocket frame).

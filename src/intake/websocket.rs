@@ -374,8 +374,10 @@ fn hello(app: &AppState, text: &str) -> Result<Arc<str>, IntakeError> {
     app.write_keys.authenticate(hello.write_key.as_deref())
 }
 
-/// Ingests one frame and builds its answer: `ack` once durable, else `nack`.
-async fn answer_frame(app: &AppState, text: &str, source: Arc<str>) -> Message {
+/// A frame's `id` (echoed in its answer; null when absent or unreadable) and
+/// whether it is a batch (`{"batch": [...]}`) or one event. Never fails: a frame
+/// that is not JSON is read as one event, whose parsing then reports why.
+pub fn frame_head(text: &str) -> (Value, RouteKind) {
     #[derive(Deserialize)]
     struct Head {
         id: Option<Value>,
@@ -387,6 +389,12 @@ async fn answer_frame(app: &AppState, text: &str, source: Arc<str>) -> Message {
         Some(true) => RouteKind::Batch,
         _ => RouteKind::Event,
     };
+    (id, kind)
+}
+
+/// Ingests one frame and builds its answer: `ack` once durable, else `nack`.
+async fn answer_frame(app: &AppState, text: &str, source: Arc<str>) -> Message {
+    let (id, kind) = frame_head(text);
     let answer = match ingest_json(app, kind, text.as_bytes(), Some(source), TRANSPORT).await {
         Ok(ingested) => {
             metrics::counter!(metric::WS_FRAMES, "outcome" => "ack").increment(1);

@@ -7,7 +7,7 @@
 //! queue only after its sink acknowledged it (or it was dead-lettered); a corrupt
 //! record or file is set aside and counted, never a reason to refuse to start.
 
-mod record;
+pub mod record;
 pub mod replay;
 
 use std::path::{Path, PathBuf};

@@ -44,6 +44,11 @@ struct Args {
     /// Where reports go (one folder per scenario).
     #[arg(long, default_value = "target/chaos")]
     out: PathBuf,
+    /// Keep the load going after the scenario's (scaled) duration until this many
+    /// events are acknowledged (at most 4× the duration): a soak's event count then
+    /// does not depend on how fast this machine is today.
+    #[arg(long, default_value_t = 0)]
+    min_events: u64,
     /// Scenario files.
     #[arg(required = true)]
     scenarios: Vec<PathBuf>,
@@ -165,7 +170,7 @@ fn main() -> ExitCode {
         scenario.load.requests_per_second =
             ((scenario.load.requests_per_second as f64) * args.rate_scale).max(1.0) as u32;
         eprintln!("== {}: {}", scenario.name, scenario.description);
-        let outcome = run(&scenario, &args.out.join(&scenario.name));
+        let outcome = run(&scenario, &args.out.join(&scenario.name), args.min_events);
         match &outcome {
             Ok(result) => eprintln!(
                 "   {} acked {} events, refused {} requests, {}",
@@ -190,7 +195,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
+fn run(scenario: &Scenario, out: &Path, min_events: u64) -> Result<Value, String> {
     std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
     let redis = scenario.backends.redis.then(|| Mutex::new(Redis::start()));
@@ -312,6 +317,11 @@ fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
             }
         });
         std::thread::sleep(duration);
+        // Faults all fall within `duration`; past it the load only runs on.
+        let longest = duration * 4;
+        while (lock(&shared.acked).len() as u64) < min_events && shared.started.elapsed() < longest {
+            std::thread::sleep(Duration::from_millis(250));
+        }
         shared.stop.store(true, Ordering::Relaxed);
     });
     let load_ended = shared.started.elapsed().as_secs_f64();
@@ -389,6 +399,12 @@ fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
     if drained_at.is_none() {
         problems.push("the spools did not drain within 180 s".into());
     }
+    if (acked.len() as u64) < min_events {
+        problems.push(format!(
+            "only {} events acknowledged; --min-events asked for {min_events}",
+            acked.len()
+        ));
+    }
     if let Some(kafka) = &kafka {
         if let Some(panic) = lock(kafka).broker_panic() {
             problems.push(format!("the Kafka broker (tansu) panicked, see tansu.log: {panic}"));
@@ -414,6 +430,7 @@ fn run(scenario: &Scenario, out: &Path) -> Result<Value, String> {
         "refused_requests": refused,
         "connection_errors": shared.errors.load(Ordering::Relaxed),
         "load_seconds": load_ended,
+        "min_events": min_events,
         "drained_at_seconds": drained_at,
         "time_to_recover_seconds": drained_at.map(|d| (d - last_fault_end).max(0.0)),
         "breaker_opens": opens,
