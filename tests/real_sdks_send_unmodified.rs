@@ -177,6 +177,20 @@ fn check_kafka(kafka: &Kafka, stored: &HashMap<String, (Value, Value)>) {
     }
 }
 
+/// Every event the SDKs were asked to send is in ClickHouse and Kafka exactly once,
+/// with its fields; nothing else is.
+fn check_every_event_once(clickhouse: &ClickHouse, kafka: &Kafka, expected: &[(&Sdk, Value)]) {
+    let stored = clickhouse_payloads(clickhouse, expected.len());
+    for (sdk, event) in expected {
+        let id = event["messageId"].as_str().unwrap();
+        let (row, payload) = stored
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} from {} missing from ClickHouse", sdk.release));
+        check_fields(sdk, event, row, payload);
+    }
+    check_kafka(kafka, &stored);
+}
+
 /// The event as stored carries every field the SDK was asked to send.
 fn check_fields(sdk: &Sdk, expected: &Value, row: &Value, payload: &Value) {
     let id = expected["messageId"].as_str().unwrap();
@@ -276,15 +290,7 @@ fn every_sdk_sends_every_call_type_exactly_once_with_its_fields() {
         "one 401 per SDK: none retried it"
     );
 
-    let stored = clickhouse_payloads(&clickhouse, expected.len());
-    for (sdk, event) in &expected {
-        let id = event["messageId"].as_str().unwrap();
-        let (row, payload) = stored
-            .get(id)
-            .unwrap_or_else(|| panic!("{id} from {} missing from ClickHouse", sdk.release));
-        check_fields(sdk, event, row, payload);
-    }
-    check_kafka(&kafka, &stored);
+    check_every_event_once(&clickhouse, &kafka, &expected);
 }
 
 #[test]
@@ -358,15 +364,7 @@ fn sdks_get_200_during_an_outage_and_retry_a_full_spool_until_every_event_lands_
     expected.extend(first.expected.into_iter().map(|event| (rudder, event)));
     expected.extend(during.expected.into_iter().map(|event| (rudder, event)));
 
-    let stored = clickhouse_payloads(&clickhouse, expected.len());
-    for (sdk, event) in &expected {
-        let id = event["messageId"].as_str().unwrap();
-        let (row, payload) = stored
-            .get(id)
-            .unwrap_or_else(|| panic!("{id} from {} missing from ClickHouse", sdk.release));
-        check_fields(sdk, event, row, payload);
-    }
-    check_kafka(&kafka, &stored);
+    check_every_event_once(&clickhouse, &kafka, &expected);
     eprintln!(
         "{} events (rudder twice, two Segment releases), {refused} requests answered 503 and retried by the SDKs, each event once in ClickHouse and Kafka",
         expected.len()
