@@ -137,6 +137,8 @@ struct Shared {
     sent: Mutex<HashSet<String>>,
     requests: AtomicU64,
     refused: AtomicU64,
+    /// Refusals by the error code breakwater gave (HTTP body or WebSocket nack).
+    refused_by_code: Mutex<BTreeMap<String, u64>>,
     errors: AtomicU64,
     stop: AtomicBool,
     started: Instant,
@@ -153,6 +155,13 @@ pub struct Sample {
     /// breakwater's own count of transitions to open, all dependencies (restarts from
     /// 0 when breakwater does).
     pub breaker_openings: f64,
+}
+
+impl Shared {
+    fn note_refusal(&self, code: String) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.refused_by_code).entry(code).or_default() += 1;
+    }
 }
 
 fn main() -> ExitCode {
@@ -173,10 +182,11 @@ fn main() -> ExitCode {
         let outcome = run(&scenario, &args.out.join(&scenario.name), args.min_events);
         match &outcome {
             Ok(result) => eprintln!(
-                "   {} acked {} events, refused {} requests, {}",
+                "   {} acked {} events, refused {} requests {}, {}",
                 if result["passed"] == true { "PASS" } else { "FAIL" },
                 result["acked_events"],
                 result["refused_requests"],
+                result["refused_by_code"],
                 result["verdict"].as_str().unwrap_or("")
             ),
             Err(error) => eprintln!("   ERROR {error}"),
@@ -265,6 +275,7 @@ fn run(scenario: &Scenario, out: &Path, min_events: u64) -> Result<Value, String
         sent: Mutex::new(HashSet::new()),
         requests: AtomicU64::new(0),
         refused: AtomicU64::new(0),
+        refused_by_code: Mutex::new(BTreeMap::new()),
         errors: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         started: Instant::now(),
@@ -428,6 +439,7 @@ fn run(scenario: &Scenario, out: &Path, min_events: u64) -> Result<Value, String
         "acked_events": acked.len(),
         "sent_events": sent.len(),
         "refused_requests": refused,
+        "refused_by_code": *lock(&shared.refused_by_code),
         "connection_errors": shared.errors.load(Ordering::Relaxed),
         "load_seconds": load_ended,
         "min_events": min_events,
@@ -683,8 +695,11 @@ fn load_writer(scenario: &Scenario, writer: usize, shared: &Shared) {
                     .send()
                 {
                     Ok(response) if response.status().as_u16() == 200 => true,
-                    Ok(_) => {
-                        shared.refused.fetch_add(1, Ordering::Relaxed);
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let body: Value = response.json().unwrap_or_default();
+                        let code = body["error"]["code"].as_str().unwrap_or("").to_string();
+                        shared.note_refusal(if code.is_empty() { status.to_string() } else { code });
                         false
                     }
                     Err(_) => {
@@ -744,7 +759,7 @@ fn send_frame(
                 if answer["type"] == "ack" {
                     return true;
                 }
-                shared.refused.fetch_add(1, Ordering::Relaxed);
+                shared.note_refusal(answer["error"]["code"].as_str().unwrap_or("nack").to_string());
                 return false;
             }
             Ok(Message::Close(_)) | Err(_) => {

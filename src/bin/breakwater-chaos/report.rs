@@ -40,6 +40,7 @@ fn markdown(result: &Value) -> String {
         ("events sent", "sent_events"),
         ("events acknowledged", "acked_events"),
         ("requests refused (503/429/nack)", "refused_requests"),
+        ("refusals by code", "refused_by_code"),
         ("connection errors", "connection_errors"),
         ("load duration (s)", "load_seconds"),
         ("spools drained at (s)", "drained_at_seconds"),
