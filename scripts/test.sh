@@ -29,6 +29,8 @@ command -v clickhouse-server >/dev/null 2>&1 || missing+=(clickhouse-server clic
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the WebSocket browser test
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus) # dashboards, metrics lint, alert rules
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)     # the TLS listener test's certificate
+command -v curl >/dev/null 2>&1 || missing+=(curl)           # the TLS listener test's client
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing with apt: ${missing[*]}"
   apt-get update

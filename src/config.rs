@@ -59,6 +59,16 @@ pub struct ServerConfig {
     /// Resilience policy file (reloaded on change); none: the embedded default
     /// (the same as `policies/default.toml`).
     pub policy_file: Option<PathBuf>,
+    /// HTTPS (and WSS) on the listener; none: plain HTTP, the loopback default.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The listener's certificate chain and private key, PEM files, read at start-up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +82,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             shutdown_timeout_ms: 30_000,
             policy_file: None,
+            tls: None,
         }
     }
 }

@@ -8,8 +8,10 @@
 //!   connection waits for its next request: a slow-header (slowloris) client and an
 //!   idle keep-alive connection both give their slot back;
 //! - on shutdown: stop accepting, then let every connection finish the request it
-//!   is serving (hyper's graceful shutdown) before returning.
+//!   is serving (hyper's graceful shutdown) before returning;
+//! - TLS when configured: the handshake must finish within the header timeout too.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,20 +21,48 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
-/// What a client may hold of the listener.
-#[derive(Debug, Clone, Copy)]
+/// What a client may hold of the listener, and whether it speaks TLS.
+#[derive(Clone)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Reads the certificate chain and key (PEM) for the listener.
+pub fn load_tls(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String> {
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("server.tls.cert_file {}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "server.tls.cert_file {}: no certificate in it",
+            cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("server.tls.key_file {}: {e}", key_file.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("server.tls: the key does not fit the certificate, or is unusable: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The answer to a connection over the limit (it is closed right after).
@@ -78,33 +108,26 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ConnectionLimi
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics::counter!(metric::HTTP_CONNECTIONS_REFUSED).increment(1);
-            connections.spawn(refuse(stream));
+            if limits.tls.is_none() {
+                connections.spawn(refuse(stream));
+            } // else: no handshake for a connection over the limit; it is just closed
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(
-            router
-                .clone()
-                .map_request(|request: axum::http::Request<Incoming>| request.map(Body::new)),
-        );
+        let service = router.clone();
         let close = close.clone();
+        let limits = limits.clone();
         connections.spawn(async move {
             metrics::gauge!(metric::HTTP_CONNECTIONS).increment(1.0);
-            // HTTP/1.1 only (as axum is built here). hyper-util's auto builder would
-            // first sniff for HTTP/2 with no timeout, so a connection that never sends
-            // a byte would hold its slot forever; this one's header timer starts at once.
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = turned_true(close) => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
+            match &limits.tls {
+                None => serve_http(stream, service, limits.header_read_timeout, close).await,
+                Some(acceptor) => match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await
+                {
+                    Ok(Ok(tls)) => serve_http(tls, service, limits.header_read_timeout, close).await,
+                    Ok(Err(_)) | Err(_) => {
+                        metrics::counter!(metric::TLS_HANDSHAKE_FAILURES).increment(1);
+                    }
+                },
             }
             metrics::gauge!(metric::HTTP_CONNECTIONS).decrement(1.0);
             drop(slot);
@@ -114,6 +137,32 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ConnectionLimi
     let _ = closing.send(true);
     connections.close();
     connections.wait().await;
+}
+
+/// Serves HTTP/1.1 (with upgrades, for WebSocket) on one connection until it
+/// ends, or until `close` turns true and its current request is done.
+async fn serve_http<IO>(io: IO, router: Router, header_read_timeout: Duration, close: watch::Receiver<bool>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        TowerToHyperService::new(router.map_request(|request: axum::http::Request<Incoming>| request.map(Body::new)));
+    // HTTP/1.1 only (as axum is built here). hyper-util's auto builder would first
+    // sniff for HTTP/2 with no timeout, so a connection that never sends a byte
+    // would hold its slot forever; this one's header timer starts at once.
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = turned_true(close) => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
 }
 
 /// Resolves once the flag is true (or its sender is gone). The guard `wait_for`

@@ -120,6 +120,8 @@ pub enum StartupError {
     DataDirLocked(PathBuf),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
     #[error("cannot set up metrics: {0}")]
     Metrics(String),
     #[error("{0}")]
@@ -255,12 +257,17 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         shutting_down: AtomicBool::new(false),
     });
 
+    let tls = match &config.server.tls {
+        Some(tls) => Some(connections::load_tls(&tls.cert_file, &tls.key_file).map_err(StartupError::Tls)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| StartupError::Bind { addr: listen, source })?;
     let bound = listener.local_addr().map_err(StartupError::Serve)?;
     tracing::info!(
         addr = %bound,
+        tls = tls.is_some(),
         data_dir = %data_dir.display(),
         sources = sources.len(),
         version = env!("CARGO_PKG_VERSION"),
@@ -282,6 +289,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     let limits = connections::ConnectionLimits {
         max_connections: config.server.max_connections,
         header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
+        tls: tls.clone(),
     };
     warn_if_file_descriptors_are_short(limits.max_connections);
     let server = connections::serve(listener, router(state.clone()), limits, stop.clone());

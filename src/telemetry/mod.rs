@@ -23,6 +23,8 @@ pub mod metric {
     pub const HTTP_CONNECTIONS: &str = "breakwater_http_connections";
     /// Connections refused because `server.max_connections` were open (counter).
     pub const HTTP_CONNECTIONS_REFUSED: &str = "breakwater_http_connections_refused_total";
+    /// TLS handshakes that failed or did not finish within the header timeout (counter).
+    pub const TLS_HANDSHAKE_FAILURES: &str = "breakwater_tls_handshake_failures_total";
     /// Requests refused with 429 because their source was over its rate limit, by `source` (counter).
     pub const REQUESTS_RATE_LIMITED: &str = "breakwater_requests_rate_limited_total";
     /// Requests being processed now (gauge).
@@ -185,6 +187,10 @@ fn describe_metrics() {
     describe_counter!(
         HTTP_CONNECTIONS_REFUSED,
         "Connections refused with 503 because server.max_connections were open."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes that failed or did not finish within the header timeout."
     );
     describe_counter!(
         REQUESTS_RATE_LIMITED,
