@@ -155,6 +155,8 @@ pub struct Sample {
     /// breakwater's own count of transitions to open, all dependencies (restarts from
     /// 0 when breakwater does).
     pub breaker_openings: f64,
+    /// Its count of transitions back to closed: one per outage that ended.
+    pub breaker_closings: f64,
 }
 
 impl Shared {
@@ -399,11 +401,14 @@ fn run(scenario: &Scenario, out: &Path, min_events: u64) -> Result<Value, String
         }
     }
     let samples = samples.into_inner().unwrap_or_default();
-    let opens = breaker_opens(&samples);
-    if let Some(max) = expect.max_breaker_opens {
-        if opens > max {
+    // Every opening, reopenings after failed half-open probes included; and
+    // outages, counted by their end (back to closed).
+    let opens = counter_growth(&samples, |s| s.breaker_openings);
+    let outages = counter_growth(&samples, |s| s.breaker_closings);
+    if let Some(max) = expect.max_breaker_outages {
+        if outages > max {
             problems.push(format!(
-                "breakers opened {opens} times; at most {max} expected (thrashing)"
+                "breakers went through {outages} outages (closed, open, closed again); at most {max} expected (thrashing)"
             ));
         }
     }
@@ -446,6 +451,7 @@ fn run(scenario: &Scenario, out: &Path, min_events: u64) -> Result<Value, String
         "drained_at_seconds": drained_at,
         "time_to_recover_seconds": drained_at.map(|d| (d - last_fault_end).max(0.0)),
         "breaker_opens": opens,
+        "breaker_outages": outages,
         "faults": fault_log.into_inner().unwrap_or_default(),
         "sinks": sinks,
         "load": { "requests_per_second": scenario.load.requests_per_second, "batch_size": scenario.load.batch_size,
@@ -495,18 +501,17 @@ fn check_sink(
     }
 }
 
-/// Breaker openings during the run, from breakwater's transition counter (exact,
-/// unlike the 250 ms state samples). A drop means breakwater restarted: its counter
-/// began again at 0.
-fn breaker_opens(samples: &[Sample]) -> u64 {
-    let mut opens = 0.0;
+/// How much a breakwater counter grew during the run, from its samples. A drop
+/// means breakwater restarted: its counter began again at 0.
+fn counter_growth(samples: &[Sample], counter: impl Fn(&Sample) -> f64) -> u64 {
+    let mut growth = 0.0;
     let mut previous = 0.0;
     for sample in samples {
-        let now = sample.breaker_openings;
-        opens += if now >= previous { now - previous } else { now };
+        let now = counter(sample);
+        growth += if now >= previous { now - previous } else { now };
         previous = now;
     }
-    opens as u64
+    growth as u64
 }
 
 /// Reads breakwater's /metrics (None while it is down).
@@ -521,14 +526,20 @@ fn sample(shared: &Shared) -> Option<Sample> {
         .ok()?;
     let mut spool_events = 0.0;
     let mut breaker_openings = 0.0;
+    let mut breaker_closings = 0.0;
     let mut breakers = BTreeMap::new();
     for line in text.lines() {
-        if line.starts_with("breakwater_circuit_breaker_transitions_total{") && line.contains("to=\"open\"") {
-            breaker_openings += line
+        if line.starts_with("breakwater_circuit_breaker_transitions_total{") {
+            let value = line
                 .rsplit(' ')
                 .next()
                 .and_then(|v| v.parse::<f64>().ok())
                 .unwrap_or(0.0);
+            if line.contains("to=\"open\"") {
+                breaker_openings += value;
+            } else if line.contains("to=\"closed\"") {
+                breaker_closings += value;
+            }
         }
         if let Some(rest) = line.strip_prefix("breakwater_spool_events{") {
             spool_events += rest
@@ -549,6 +560,7 @@ fn sample(shared: &Shared) -> Option<Sample> {
         spool_events,
         breakers,
         breaker_openings,
+        breaker_closings,
     })
 }
 

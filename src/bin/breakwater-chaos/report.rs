@@ -45,7 +45,11 @@ fn markdown(result: &Value) -> String {
         ("load duration (s)", "load_seconds"),
         ("spools drained at (s)", "drained_at_seconds"),
         ("time to recover after the last fault (s)", "time_to_recover_seconds"),
-        ("breaker openings", "breaker_opens"),
+        (
+            "breaker openings (reopenings after failed probes included)",
+            "breaker_opens",
+        ),
+        ("breaker outages (closed, open, closed again)", "breaker_outages"),
     ] {
         let _ = writeln!(md, "| {label} | {} |", result[key]);
     }

@@ -102,9 +102,11 @@ pub struct Expect {
     /// At least this many refused requests (e.g. a spool-full scenario must push back).
     #[serde(default)]
     pub min_refused: Option<u64>,
-    /// Most times a breaker may open (a flapping backend must not make it thrash).
+    /// Most breaker outages (closed → open … → closed again): a flapping backend
+    /// must not make a breaker thrash. Reopenings after failed half-open probes
+    /// within one outage are paced by `open_ms` and not counted here.
     #[serde(default)]
-    pub max_breaker_opens: Option<u64>,
+    pub max_breaker_outages: Option<u64>,
 }
 
 impl Scenario {
