@@ -443,6 +443,13 @@ impl Kafka {
         Some(format!("\"{}\" at {place}", lines.next().unwrap_or("").trim()))
     }
 
+    /// How many times the broker has panicked so far (its log is kept across restarts).
+    pub fn panic_count(&self) -> usize {
+        std::fs::read_to_string(self.log_path())
+            .map(|text| text.matches("panicked at ").count())
+            .unwrap_or(0)
+    }
+
     fn log_file(dir: &Path) -> std::fs::File {
         std::fs::OpenOptions::new()
             .create(true)

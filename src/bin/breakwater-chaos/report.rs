@@ -53,6 +53,9 @@ fn markdown(result: &Value) -> String {
     ] {
         let _ = writeln!(md, "| {label} | {} |", result[key]);
     }
+    for note in result["notes"].as_array().into_iter().flatten() {
+        let _ = writeln!(md, "\n**Note:** {}", note.as_str().unwrap_or(""));
+    }
     let _ = writeln!(md, "\nSinks: `{}`\n\nFaults:\n", result["sinks"]);
     for fault in result["faults"].as_array().into_iter().flatten() {
         let _ = writeln!(
