@@ -170,16 +170,12 @@ pub(crate) async fn ingest_json(
         Some(source) => source,
         None => app.write_keys.authenticate(parsed.write_key.as_deref())?,
     };
-    if let Err(wait) = app.source_rate_limits.admit(&source, parsed.events.len()) {
+    if let Err(over) = app.source_rate_limits.admit(&source, parsed.events.len()) {
         metrics::counter!(metric::REQUESTS_RATE_LIMITED, "source" => source.to_string()).increment(1);
-        let per_second = app
-            .source_rate_limits
-            .rate(&source)
-            .map_or(0, |rate| rate.per_second as u64);
         return Err(IntakeError::RateLimited {
             source_name: source.to_string(),
-            per_second,
-            retry_after_seconds: wait.as_secs_f64().ceil().max(1.0) as u64,
+            per_second: over.rate.per_second as u64,
+            retry_after_seconds: over.retry_after.as_secs_f64().ceil().max(1.0) as u64,
         });
     }
 

@@ -31,19 +31,28 @@ impl EventRate {
     }
 }
 
+/// What a refused request is told: the source's rate, and when it may send again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OverLimit {
+    pub rate: EventRate,
+    pub retry_after: Duration,
+}
+
 struct Bucket {
-    rate: EventRate,
     tokens: f64,
     refilled: Instant,
 }
 
 impl Bucket {
-    fn admit(&mut self, events: usize, now: Instant) -> Result<(), Duration> {
+    fn admit(&mut self, rate: EventRate, events: usize, now: Instant) -> Result<(), OverLimit> {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate.per_second).min(self.rate.burst);
+        self.tokens = (self.tokens + elapsed * rate.per_second).min(rate.burst);
         self.refilled = now;
         if self.tokens <= 0.0 {
-            return Err(Duration::from_secs_f64(-self.tokens / self.rate.per_second));
+            return Err(OverLimit {
+                rate,
+                retry_after: Duration::from_secs_f64(-self.tokens / rate.per_second),
+            });
         }
         self.tokens -= events as f64;
         Ok(())
@@ -54,7 +63,7 @@ impl Bucket {
 /// nothing on the hot path.
 #[derive(Default)]
 pub struct SourceRateLimits {
-    buckets: HashMap<String, Mutex<Bucket>>,
+    buckets: HashMap<String, (EventRate, Mutex<Bucket>)>,
 }
 
 impl SourceRateLimits {
@@ -76,11 +85,10 @@ impl SourceRateLimits {
                 let burst = own.and_then(|s| s.burst_events).unwrap_or(limits.source_burst_events);
                 let rate = EventRate::new(per_second, burst)?;
                 let bucket = Bucket {
-                    rate,
                     tokens: rate.burst,
                     refilled: now,
                 };
-                Some((name.to_string(), Mutex::new(bucket)))
+                Some((name.to_string(), (rate, Mutex::new(bucket))))
             })
             .collect();
         SourceRateLimits { buckets }
@@ -88,19 +96,20 @@ impl SourceRateLimits {
 
     /// The limit of `source`, if it has one.
     pub fn rate(&self, source: &str) -> Option<EventRate> {
-        self.buckets
-            .get(source)
-            .map(|bucket| bucket.lock().unwrap_or_else(|p| p.into_inner()).rate)
+        self.buckets.get(source).map(|(rate, _)| *rate)
     }
 
-    /// Admits `events` for `source`, or says how long until it may send again.
-    pub fn admit(&self, source: &str, events: usize) -> Result<(), Duration> {
+    /// Admits `events` for `source`, or says its rate and how long until it may
+    /// send again.
+    pub fn admit(&self, source: &str, events: usize) -> Result<(), OverLimit> {
         match self.buckets.get(source) {
             None => Ok(()),
-            Some(bucket) => bucket
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .admit(events, Instant::now()),
+            Some((rate, bucket)) => {
+                bucket
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .admit(*rate, events, Instant::now())
+            }
         }
     }
 }
@@ -109,37 +118,37 @@ impl SourceRateLimits {
 mod tests {
     use super::*;
 
-    fn bucket(per_second: u64, burst: u64) -> Bucket {
+    fn bucket(per_second: u64, burst: u64) -> (EventRate, Bucket) {
         let rate = EventRate::new(per_second, burst).unwrap();
-        Bucket {
-            rate,
+        let bucket = Bucket {
             tokens: rate.burst,
             refilled: Instant::now(),
-        }
+        };
+        (rate, bucket)
     }
 
     #[test]
     fn a_burst_passes_then_debt_is_paid_back_at_the_rate() {
-        let mut bucket = bucket(100, 200);
+        let (rate, mut bucket) = bucket(100, 200);
         let start = bucket.refilled;
-        assert!(bucket.admit(150, start).is_ok());
+        assert!(bucket.admit(rate, 150, start).is_ok());
         assert!(
-            bucket.admit(150, start).is_ok(),
+            bucket.admit(rate, 150, start).is_ok(),
             "50 tokens left: admitted, 100 in debt"
         );
-        let wait = bucket.admit(1, start).unwrap_err();
+        let wait = bucket.admit(rate, 1, start).unwrap_err().retry_after;
         assert_eq!(wait, Duration::from_secs(1), "100 events of debt at 100/s");
-        assert!(bucket.admit(1, start + Duration::from_millis(500)).is_err());
-        assert!(bucket.admit(1, start + Duration::from_millis(1001)).is_ok());
+        assert!(bucket.admit(rate, 1, start + Duration::from_millis(500)).is_err());
+        assert!(bucket.admit(rate, 1, start + Duration::from_millis(1001)).is_ok());
     }
 
     #[test]
     fn the_average_rate_holds_whatever_the_batch_size() {
-        let mut bucket = bucket(1_000, 0);
+        let (rate, mut bucket) = bucket(1_000, 0);
         let start = bucket.refilled;
         let mut admitted = 0;
         for millis in 0..10_000u64 {
-            if bucket.admit(500, start + Duration::from_millis(millis)).is_ok() {
+            if bucket.admit(rate, 500, start + Duration::from_millis(millis)).is_ok() {
                 admitted += 500;
             }
         }
