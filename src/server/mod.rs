@@ -214,7 +214,9 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         batch_limits,
     )));
     metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
-    preregister_series(&routes, shared_dedup.is_some());
+    let write_keys = WriteKeys::new(&sources);
+    let source_names = write_keys.source_names();
+    preregister_series(&routes, shared_dedup.is_some(), &source_names);
     tracing::info!(
         sinks = routes.iter().map(|r| r.sink.name).collect::<Vec<_>>().join(","),
         shared_dedup = shared_dedup.is_some(),
@@ -224,13 +226,8 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
     let rejected_store =
         RejectedStore::open(&data_dir.join("rejected"), config.rejected_store.max_bytes).map_err(data_dir_error)?;
 
-    let write_keys = WriteKeys::new(&sources);
     if write_keys.is_open() {
         tracing::warn!("no write keys configured: accepting unauthenticated events (loopback only)");
-    }
-    let source_names = write_keys.source_names();
-    for source in &source_names {
-        metrics::counter!(metric::REQUESTS_RATE_LIMITED, "source" => source.to_string()).increment(0);
     }
     let source_rate_limits = crate::intake::rate_limit::SourceRateLimits::new(
         &config.limits,
@@ -427,7 +424,10 @@ pub fn build_delivery(
 
 /// Creates every labelled series at zero, so dashboards and alerts see them before
 /// the first event of their kind (an absent series reads as "no data", not 0).
-fn preregister_series(routes: &[SinkRoute], redis: bool) {
+fn preregister_series(routes: &[SinkRoute], redis: bool, sources: &[Arc<str>]) {
+    for source in sources {
+        metrics::counter!(metric::REQUESTS_RATE_LIMITED, "source" => source.to_string()).increment(0);
+    }
     let mut dependencies: Vec<&'static str> = routes.iter().map(|r| r.sink.name).collect();
     if redis {
         dependencies.push(crate::dedup::redis::DEPENDENCY_NAME);
