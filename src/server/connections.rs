@@ -33,9 +33,9 @@ use tower::ServiceExt;
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
-/// What a client may hold of the listener, and whether it speaks TLS.
+/// The listener's settings: what a client may hold of it, and whether it speaks TLS.
 #[derive(Clone)]
-pub struct ConnectionLimits {
+pub struct ListenerSettings {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub tls: Option<TlsAcceptor>,
@@ -84,8 +84,8 @@ static TOO_MANY_CONNECTIONS: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock:
 
 /// Serves `router` on `listener` until `stop` turns true, then waits for the
 /// connections' in-flight requests (the caller bounds that wait).
-pub async fn serve(listener: TcpListener, router: Router, limits: ConnectionLimits, stop: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+pub async fn serve(listener: TcpListener, router: Router, settings: ListenerSettings, stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
     let connections = TaskTracker::new();
     let (closing, close) = watch::channel(false);
     metrics::gauge!(metric::HTTP_CONNECTIONS).set(0.0);
@@ -108,7 +108,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ConnectionLimi
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics::counter!(metric::HTTP_CONNECTIONS_REFUSED).increment(1);
-            if limits.tls.is_none() {
+            if settings.tls.is_none() {
                 connections.spawn(refuse(stream));
             } // else: no handshake for a connection over the limit; it is just closed
             continue;
@@ -116,18 +116,19 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ConnectionLimi
         let _ = stream.set_nodelay(true);
         let service = router.clone();
         let close = close.clone();
-        let limits = limits.clone();
+        let settings = settings.clone();
         connections.spawn(async move {
             metrics::gauge!(metric::HTTP_CONNECTIONS).increment(1.0);
-            match &limits.tls {
-                None => serve_http(stream, service, limits.header_read_timeout, close).await,
-                Some(acceptor) => match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await
-                {
-                    Ok(Ok(tls)) => serve_http(tls, service, limits.header_read_timeout, close).await,
-                    Ok(Err(_)) | Err(_) => {
-                        metrics::counter!(metric::TLS_HANDSHAKE_FAILURES).increment(1);
+            match &settings.tls {
+                None => serve_http(stream, service, settings.header_read_timeout, close).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_http(tls, service, settings.header_read_timeout, close).await,
+                        Ok(Err(_)) | Err(_) => {
+                            metrics::counter!(metric::TLS_HANDSHAKE_FAILURES).increment(1);
+                        }
                     }
-                },
+                }
             }
             metrics::gauge!(metric::HTTP_CONNECTIONS).decrement(1.0);
             drop(slot);

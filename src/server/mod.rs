@@ -283,13 +283,13 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
         });
     }
     let shutdown_timeout = Duration::from_millis(config.server.shutdown_timeout_ms);
-    let limits = connections::ConnectionLimits {
+    let listener_settings = connections::ListenerSettings {
         max_connections: config.server.max_connections,
         header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
         tls: tls.clone(),
     };
-    warn_if_file_descriptors_are_short(limits.max_connections);
-    let server = connections::serve(listener, router(state.clone()), limits, stop.clone());
+    warn_if_file_descriptors_are_short(listener_settings.max_connections);
+    let server = connections::serve(listener, router(state.clone()), listener_settings, stop.clone());
     let deadline = {
         let mut stop = stop.clone();
         async move {
