@@ -226,6 +226,12 @@ fn serve(args: ServeArgs) -> ExitCode {
         config.log.format = format;
     }
     crate::telemetry::init_logging(config.log.format);
+    // A file-size limit (ulimit -f) then fails the write like a full disk, which
+    // the spool survives, instead of killing the process.
+    // SAFETY: setting a signal to be ignored, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -77,6 +77,8 @@ pub enum IntakeError {
     InFlightElsewhere,
     #[error("a sink is down and its spool is full; retry later")]
     SpoolFull,
+    #[error("the spool cannot write (a full disk or an I/O error); retry later")]
+    SpoolUnavailable,
     #[error("too many WebSocket connections; retry later")]
     TooManyConnections,
     #[error("server is shutting down; retry later")]
@@ -100,9 +102,8 @@ impl IntakeError {
             UnsupportedMediaType(_) | UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             MissingWriteKey | InvalidWriteKey => StatusCode::UNAUTHORIZED,
-            Overloaded | SinkUnavailable | SpoolFull | InFlightElsewhere | TooManyConnections | ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Overloaded | SinkUnavailable | SpoolFull | SpoolUnavailable | InFlightElsewhere | TooManyConnections
+            | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -133,6 +134,7 @@ impl IntakeError {
             SinkUnavailable => "sink_unavailable",
             InFlightElsewhere => "in_flight_elsewhere",
             SpoolFull => "spool_full",
+            SpoolUnavailable => "spool_unavailable",
             TooManyConnections => "too_many_connections",
             ShuttingDown => "shutting_down",
             NotFound => "not_found",
@@ -149,6 +151,7 @@ impl IntakeError {
                 | IntakeError::SinkUnavailable
                 | IntakeError::InFlightElsewhere
                 | IntakeError::SpoolFull
+                | IntakeError::SpoolUnavailable
                 | IntakeError::TooManyConnections
                 | IntakeError::ShuttingDown
                 | IntakeError::BodyReadTimeout(_)

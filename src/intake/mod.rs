@@ -232,6 +232,13 @@ pub(crate) async fn ingest_json(
                 }
                 IntakeError::SpoolFull
             }
+            PipelineError::Spool(error) => {
+                static UNWRITABLE: Throttle = Throttle::new(WARN_EVERY);
+                if let Some(suppressed) = UNWRITABLE.allow() {
+                    tracing::warn!(%error, suppressed_since_last = suppressed, "spool cannot write: refusing requests");
+                }
+                IntakeError::SpoolUnavailable
+            }
             error => {
                 static NOT_DURABLE: Throttle = Throttle::new(WARN_EVERY);
                 if let Some(suppressed) = NOT_DURABLE.allow() {

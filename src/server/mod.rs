@@ -461,6 +461,8 @@ fn preregister_series(routes: &[SinkRoute], redis: bool, sources: &[Arc<str>]) {
     }
     metrics::gauge!(metric::WS_CONNECTIONS).set(0.0);
     metrics::counter!(metric::SPOOL_QUARANTINED).increment(0);
+    metrics::counter!(metric::SPOOL_IO_ERRORS).increment(0);
+    metrics::counter!(metric::SPOOL_REOPENED).increment(0);
     metrics::counter!(metric::DEDUP_FAIL_OPEN).increment(0);
 }
 

@@ -27,18 +27,19 @@ async fn live() -> Json<Value> {
     Json(json!({ "status": "live" }))
 }
 
-/// Ready unless shutting down or a sink's spool is full (a failing sink alone does
-/// not stop intake: its events are spooled). 503 tells a load balancer to send
+/// Ready unless shutting down, or a sink's spool is full or cannot write (a failing
+/// sink alone does not stop intake: its events are spooled). 503 tells a load balancer to send
 /// elsewhere; the body says why, with each sink's breaker and spool.
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
     let shutting_down = app.shutting_down.load(Ordering::Relaxed);
     let mut ready = !shutting_down;
     let mut sinks = Map::new();
     for route in app.pipeline.routes() {
-        let spool_full = route.queue.is_full();
         let stats = route.queue.stats();
+        let spool_full = route.queue.is_full();
+        let spool_writable = route.queue.is_writable();
         let headroom = stats.max_bytes.saturating_sub(stats.bytes);
-        ready &= !spool_full;
+        ready &= !spool_full && spool_writable;
         sinks.insert(
             route.sink.name.to_string(),
             json!({
@@ -48,6 +49,7 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
                 "spool": stats,
                 "spoolHeadroomBytes": headroom,
                 "spoolFull": spool_full,
+                "spoolWritable": spool_writable,
             }),
         );
     }

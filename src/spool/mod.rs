@@ -76,8 +76,7 @@ pub struct QueueStats {
 }
 
 pub struct Spool {
-    db: Arc<Database>,
-    path: PathBuf,
+    file: Arc<SpoolFile>,
     queues: Vec<Arc<SinkQueue>>,
 }
 
@@ -97,7 +96,12 @@ impl Drop for SpoolRoom<'_> {
 /// One sink's queue.
 pub struct SinkQueue {
     pub sink: &'static str,
-    db: Arc<Database>,
+    file: Arc<SpoolFile>,
+    /// The file's generation the counters were taken from (see `recount_if_reopened`).
+    counted_generation: AtomicU64,
+    /// Records the sink acknowledged whose deletion failed (a full disk): kept out
+    /// of replay, so they are not delivered twice, and deleted with the next removal.
+    delivered_not_removed: std::sync::Mutex<Vec<(u64, u64, usize)>>,
     table: TableDefinition<'static, u64, &'static [u8]>,
     bytes: AtomicU64,
     events: AtomicU64,
@@ -119,36 +123,20 @@ pub struct SinkQueue {
 const APPEND_GROUP_BYTES: usize = 64 * 1024 * 1024;
 
 impl Spool {
-    /// Opens (or creates) the spool under `dir` with a queue for each sink. A file
-    /// redb reports as corrupted is moved aside and a fresh one started; any other
-    /// failure (in use, I/O) is an error: data is never set aside on a guess.
+    /// Opens (or creates) the spool under `dir` with a queue for each sink (see
+    /// `open_database` for what happens to a file that cannot be read).
     pub fn open(dir: &Path, sinks: &[(&'static str, u64)]) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(dir).map_err(storage)?;
-        let path = dir.join("spool.redb");
-        let db = match Database::builder().set_cache_size(CACHE_BYTES).create(&path) {
-            Ok(db) => db,
-            Err(error @ redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))) => {
-                let aside = dir.join(format!("spool.redb.corrupt-{}", now_ms()));
-                tracing::error!(%error, moved_to = %aside.display(), "spool file unreadable: set aside, starting an empty spool");
-                metrics::counter!(metric::SPOOL_QUARANTINED).increment(1);
-                std::fs::rename(&path, &aside).map_err(storage)?;
-                Database::builder()
-                    .set_cache_size(CACHE_BYTES)
-                    .create(&path)
-                    .map_err(storage)?
-            }
-            Err(error) => return Err(SpoolError::Storage(format!("{}: {error}", path.display()))),
-        };
-        let db = Arc::new(db);
+        let file = Arc::new(SpoolFile::open(dir.join("spool.redb"))?);
         let mut queues = Vec::new();
         for &(sink, max_bytes) in sinks {
-            queues.push(Arc::new(SinkQueue::open(db.clone(), sink, max_bytes)?));
+            queues.push(Arc::new(SinkQueue::open(file.clone(), sink, max_bytes)?));
         }
-        Ok(Spool { db, path, queues })
+        Ok(Spool { file, queues })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.file.path
     }
 
     pub fn queue(&self, sink: &str) -> Option<Arc<SinkQueue>> {
@@ -177,82 +165,101 @@ impl Spool {
         put_str(&mut value, sink);
         put_str(&mut value, error);
         value.extend_from_slice(&encode(batch, now_ms()));
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let mut table = txn.open_table(DEAD_LETTER).map_err(storage)?;
-            let key = table.last().map_err(storage)?.map_or(1, |(k, _)| k.value() + 1);
-            table.insert(key, value.as_slice()).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)?;
+        self.file.run(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(DEAD_LETTER)?;
+                let key = table.last()?.map_or(1, |(k, _)| k.value() + 1);
+                table.insert(key, value.as_slice())?;
+            }
+            Ok(txn.commit()?)
+        })?;
         metrics::counter!(metric::DEAD_LETTER_EVENTS, "sink" => sink.to_string()).increment(batch.events.len() as u64);
         Ok(())
     }
 
     /// Every dead letter: (key, sink, error, created_at_ms, batch).
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, SpoolError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let table = match txn.open_table(DEAD_LETTER) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(error) => return Err(storage(error)),
-        };
-        let mut letters = Vec::new();
-        for entry in table.iter().map_err(storage)? {
-            let (key, value) = entry.map_err(storage)?;
-            letters.push(DeadLetter::decode(key.value(), value.value())?);
-        }
-        Ok(letters)
+        let stored = self.file.run(|db| {
+            let txn = db.begin_read()?;
+            let table = match txn.open_table(DEAD_LETTER) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(error) => return Err(error.into()),
+            };
+            let mut stored = Vec::new();
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                stored.push((key.value(), value.value().to_vec()));
+            }
+            Ok(stored)
+        })?;
+        stored
+            .iter()
+            .map(|(key, value)| DeadLetter::decode(*key, value))
+            .collect()
     }
 
     /// Moves dead letters back into their sink's queue (all, or those in `keys`);
     /// returns how many events moved.
     pub fn requeue_dead_letters(&self, keys: Option<&[u64]>) -> Result<u64, SpoolError> {
         let letters = self.dead_letters()?;
-        let mut moved = 0;
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let mut dead = txn.open_table(DEAD_LETTER).map_err(storage)?;
-            for letter in letters.iter().filter(|l| keys.is_none_or(|k| k.contains(&l.key))) {
-                let Some(queue) = self.queue(&letter.sink) else {
-                    continue;
-                };
-                let mut table = txn.open_table(queue.table).map_err(storage)?;
-                let key = queue.next_key.fetch_add(1, Ordering::SeqCst);
-                let bytes = encode(&letter.batch, now_ms());
-                table.insert(key, bytes.as_slice()).map_err(storage)?;
-                dead.remove(letter.key).map_err(storage)?;
-                queue.account_added(bytes.len() as u64, letter.batch.events.len() as u64);
-                moved += letter.batch.events.len() as u64;
+        let chosen: Vec<(&DeadLetter, Arc<SinkQueue>)> = letters
+            .iter()
+            .filter(|l| keys.is_none_or(|k| k.contains(&l.key)))
+            .filter_map(|l| Some((l, self.queue(&l.sink)?)))
+            .collect();
+        let moved = self.file.run(|db| {
+            let txn = db.begin_write()?;
+            let mut moved = Vec::new();
+            {
+                let mut dead = txn.open_table(DEAD_LETTER)?;
+                for (letter, queue) in &chosen {
+                    let mut table = txn.open_table(queue.table)?;
+                    let key = queue.next_key.fetch_add(1, Ordering::SeqCst);
+                    let bytes = encode(&letter.batch, now_ms());
+                    table.insert(key, bytes.as_slice())?;
+                    dead.remove(letter.key)?;
+                    moved.push((queue, bytes.len() as u64, letter.batch.events.len() as u64));
+                }
             }
+            txn.commit()?;
+            Ok(moved)
+        })?;
+        for (queue, bytes, events) in &moved {
+            queue.account_added(*bytes, *events);
         }
-        txn.commit().map_err(storage)?;
-        Ok(moved)
+        Ok(moved.iter().map(|(_, _, events)| events).sum())
     }
 
     /// Deletes dead letters (all, or those in `keys`); returns how many records went.
     pub fn purge_dead_letters(&self, keys: Option<&[u64]>) -> Result<u64, SpoolError> {
         let letters = self.dead_letters()?;
-        let txn = self.db.begin_write().map_err(storage)?;
-        let mut removed = 0;
-        {
-            let mut dead = txn.open_table(DEAD_LETTER).map_err(storage)?;
-            for letter in letters.iter().filter(|l| keys.is_none_or(|k| k.contains(&l.key))) {
-                dead.remove(letter.key).map_err(storage)?;
-                removed += 1;
+        self.file.run(|db| {
+            let txn = db.begin_write()?;
+            let mut removed = 0;
+            {
+                let mut dead = txn.open_table(DEAD_LETTER)?;
+                for letter in letters.iter().filter(|l| keys.is_none_or(|k| k.contains(&l.key))) {
+                    dead.remove(letter.key)?;
+                    removed += 1;
+                }
             }
-        }
-        txn.commit().map_err(storage)?;
-        Ok(removed)
+            txn.commit()?;
+            Ok(removed)
+        })
     }
 
     /// Records set aside because they failed their checksum.
     pub fn quarantined(&self) -> Result<u64, SpoolError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        match txn.open_table(QUARANTINE) {
-            Ok(table) => table.len().map_err(storage),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-            Err(error) => Err(storage(error)),
-        }
+        self.file.run(|db| {
+            let txn = db.begin_read()?;
+            match txn.open_table(QUARANTINE) {
+                Ok(table) => Ok(table.len()?),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+                Err(error) => Err(error.into()),
+            }
+        })
     }
 }
 
@@ -283,42 +290,18 @@ impl DeadLetter {
 }
 
 impl SinkQueue {
-    fn open(db: Arc<Database>, sink: &'static str, max_bytes: u64) -> Result<SinkQueue, SpoolError> {
+    fn open(file: Arc<SpoolFile>, sink: &'static str, max_bytes: u64) -> Result<SinkQueue, SpoolError> {
         let table = queue_table(sink);
-        let (mut bytes, mut events, mut records, mut last_key) = (0u64, 0u64, 0u64, 0u64);
-        let mut corrupt = Vec::new();
-        {
-            let txn = db.begin_write().map_err(storage)?;
-            {
-                let queue = txn.open_table(table).map_err(storage)?;
-                for entry in queue.iter().map_err(storage)? {
-                    let (key, value) = entry.map_err(storage)?;
-                    last_key = last_key.max(key.value());
-                    match decode(value.value()) {
-                        Ok((_, batch)) => {
-                            bytes += value.value().len() as u64;
-                            events += batch.events.len() as u64;
-                            records += 1;
-                        }
-                        Err(error) => corrupt.push((key.value(), value.value().to_vec(), error)),
-                    }
-                }
-            }
-            if !corrupt.is_empty() {
-                let mut queue = txn.open_table(table).map_err(storage)?;
-                let mut quarantine = txn.open_table(QUARANTINE).map_err(storage)?;
-                for (key, value, error) in &corrupt {
-                    tracing::error!(sink, key, %error, "spool record failed its check: quarantined");
-                    let q_key = quarantine.last().map_err(storage)?.map_or(1, |(k, _)| k.value() + 1);
-                    quarantine.insert(q_key, value.as_slice()).map_err(storage)?;
-                    queue.remove(*key).map_err(storage)?;
-                }
-                metrics::counter!(metric::SPOOL_QUARANTINED).increment(corrupt.len() as u64);
-            }
-            txn.commit().map_err(storage)?;
-        }
+        let counted_generation = file.generation();
+        let stored = file.run(|db| scan_queue(db, sink, table))?;
+        let Stored {
+            bytes,
+            events,
+            records,
+            last_key,
+        } = stored;
         let next_key = Arc::new(AtomicU64::new(last_key + 1));
-        let writer_db = db.clone();
+        let writer_file = file.clone();
         let writer_keys = next_key.clone();
         let limits = BatchLimits {
             max_events: usize::MAX,
@@ -326,13 +309,16 @@ impl SinkQueue {
             linger: Duration::ZERO,
         };
         let (writer, writer_task) = Batcher::start(spool_writer_name(sink), watch::channel(limits).1, move |group| {
-            let db = writer_db.clone();
+            let file = writer_file.clone();
             let keys = writer_keys.clone();
             async move {
-                tokio::task::spawn_blocking(move || append_group(&db, table, &keys, &group))
+                tokio::task::spawn_blocking(move || file.run(|db| append_group(db, table, &keys, &group)))
                     .await
-                    .unwrap_or_else(|e| Err(format!("spool writer task failed: {e}")))
-                    .map_err(|message| SinkError::Io { sink: "spool", message })
+                    .unwrap_or_else(|e| Err(SpoolError::Storage(format!("spool writer task failed: {e}"))))
+                    .map_err(|error| SinkError::Io {
+                        sink: "spool",
+                        message: error.to_string(),
+                    })
             }
         });
         if records > 0 {
@@ -340,7 +326,9 @@ impl SinkQueue {
         }
         let queue = SinkQueue {
             sink,
-            db,
+            file,
+            counted_generation: AtomicU64::new(counted_generation),
+            delivered_not_removed: std::sync::Mutex::new(Vec::new()),
             table,
             bytes: AtomicU64::new(bytes),
             events: AtomicU64::new(events),
@@ -418,54 +406,90 @@ impl SinkQueue {
         self.publish();
     }
 
-    /// The oldest records, up to about `max_events` events (at least one record).
+    /// The oldest records, up to about `max_events` events (at least one record);
+    /// records delivered but not yet deleted are left out.
     pub fn read_oldest(&self, max_events: usize, max_records: usize) -> Result<Vec<StoredBatch>, SpoolError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let table = txn.open_table(self.table).map_err(storage)?;
-        let mut out = Vec::new();
-        let mut events = 0;
-        for entry in table.iter().map_err(storage)? {
-            let (key, value) = entry.map_err(storage)?;
-            let stored_bytes = value.value().len() as u64;
-            let Ok((created_at_ms, batch)) = decode(value.value()) else {
-                // Checked at open; a record damaged since is skipped here and
-                // quarantined at the next start.
-                continue;
-            };
-            events += batch.events.len();
-            out.push(StoredBatch {
-                key: key.value(),
-                created_at_ms,
-                stored_bytes,
-                batch: Arc::new(batch),
-            });
-            if events >= max_events || out.len() >= max_records {
-                break;
+        let skipped: Vec<u64> = self.lock_delivered().iter().map(|(key, _, _)| *key).collect();
+        self.file.run(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(self.table)?;
+            let mut out = Vec::new();
+            let mut events = 0;
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                if skipped.contains(&key.value()) {
+                    continue;
+                }
+                let stored_bytes = value.value().len() as u64;
+                let Ok((created_at_ms, batch)) = decode(value.value()) else {
+                    // Checked at open; a record damaged since is skipped here and
+                    // quarantined at the next start.
+                    continue;
+                };
+                events += batch.events.len();
+                out.push(StoredBatch {
+                    key: key.value(),
+                    created_at_ms,
+                    stored_bytes,
+                    batch: Arc::new(batch),
+                });
+                if events >= max_events || out.len() >= max_records {
+                    break;
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
-    /// Deletes records whose sink has acknowledged them (one commit). Each entry
-    /// is (key, stored bytes, events).
+    /// Deletes records whose sink has acknowledged them (one commit, blocking). Each
+    /// entry is (key, stored bytes, events). If the deletion fails, the records are
+    /// still counted as stored but no longer replayed, and their deletion is tried
+    /// again with the next one.
     pub fn remove_keys(&self, done: &[(u64, u64, usize)]) -> Result<(), SpoolError> {
-        if done.is_empty() {
+        let mut delivered = self.lock_delivered();
+        delivered.extend_from_slice(done);
+        if delivered.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let mut table = txn.open_table(self.table).map_err(storage)?;
-            for (key, _, _) in done {
-                table.remove(*key).map_err(storage)?;
+        self.file.run(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(self.table)?;
+                for (key, _, _) in delivered.iter() {
+                    table.remove(*key)?;
+                }
             }
-        }
-        txn.commit().map_err(storage)?;
+            Ok(txn.commit()?)
+        })?;
         self.refusing.store(false, Ordering::SeqCst);
-        for (_, bytes, events) in done {
-            self.bytes.fetch_sub(*bytes, Ordering::SeqCst);
-            self.events.fetch_sub(*events as u64, Ordering::SeqCst);
+        for (_, bytes, events) in delivered.drain(..) {
+            self.bytes.fetch_sub(bytes, Ordering::SeqCst);
+            self.events.fetch_sub(events as u64, Ordering::SeqCst);
             self.records.fetch_sub(1, Ordering::SeqCst);
         }
+        drop(delivered);
+        self.publish();
+        Ok(())
+    }
+
+    fn lock_delivered(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64, usize)>> {
+        self.delivered_not_removed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After the spool file was reopened (see `SpoolFile`), counts again what the
+    /// queue holds: a commit that failed with an I/O error may still have reached
+    /// the disk (blocking).
+    pub fn recount_if_reopened(&self) -> Result<(), SpoolError> {
+        let generation = self.file.generation();
+        if self.counted_generation.load(Ordering::SeqCst) == generation {
+            return Ok(());
+        }
+        let stored = self.file.run(|db| scan_queue(db, self.sink, self.table))?;
+        self.counted_generation.store(generation, Ordering::SeqCst);
+        self.bytes.store(stored.bytes, Ordering::SeqCst);
+        self.events.store(stored.events, Ordering::SeqCst);
+        self.records.store(stored.records, Ordering::SeqCst);
+        self.next_key.fetch_max(stored.last_key + 1, Ordering::SeqCst);
         self.publish();
         Ok(())
     }
@@ -487,6 +511,11 @@ impl SinkQueue {
 
     pub fn events(&self) -> u64 {
         self.events.load(Ordering::SeqCst)
+    }
+
+    /// False while the spool file is closed after an I/O error (see `SpoolFile`).
+    pub fn is_writable(&self) -> bool {
+        self.file.is_open()
     }
 
     /// Full: it refused an append for room and nothing has left since.
@@ -531,19 +560,186 @@ fn append_group(
     table: TableDefinition<'static, u64, &'static [u8]>,
     keys: &AtomicU64,
     group: &[Arc<SinkBatch>],
-) -> Result<(), String> {
-    let txn = db.begin_write().map_err(|e| e.to_string())?;
+) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
     {
-        let mut queue = txn.open_table(table).map_err(|e| e.to_string())?;
+        let mut queue = txn.open_table(table)?;
         let created = now_ms();
         for batch in group {
             let key = keys.fetch_add(1, Ordering::SeqCst);
-            queue
-                .insert(key, encode(batch, created).as_slice())
-                .map_err(|e| e.to_string())?;
+            queue.insert(key, encode(batch, created).as_slice())?;
         }
     }
-    txn.commit().map_err(|e| e.to_string())
+    Ok(txn.commit()?)
+}
+
+/// What one queue holds.
+struct Stored {
+    bytes: u64,
+    events: u64,
+    records: u64,
+    last_key: u64,
+}
+
+/// Counts a queue's records, moving any that fail their check to quarantine.
+fn scan_queue(
+    db: &Database,
+    sink: &'static str,
+    table: TableDefinition<'static, u64, &'static [u8]>,
+) -> Result<Stored, redb::Error> {
+    let mut stored = Stored {
+        bytes: 0,
+        events: 0,
+        records: 0,
+        last_key: 0,
+    };
+    let mut corrupt = Vec::new();
+    let txn = db.begin_write()?;
+    {
+        let queue = txn.open_table(table)?;
+        for entry in queue.iter()? {
+            let (key, value) = entry?;
+            stored.last_key = stored.last_key.max(key.value());
+            match decode(value.value()) {
+                Ok((_, batch)) => {
+                    stored.bytes += value.value().len() as u64;
+                    stored.events += batch.events.len() as u64;
+                    stored.records += 1;
+                }
+                Err(error) => corrupt.push((key.value(), value.value().to_vec(), error)),
+            }
+        }
+    }
+    if !corrupt.is_empty() {
+        let mut queue = txn.open_table(table)?;
+        let mut quarantine = txn.open_table(QUARANTINE)?;
+        for (key, value, error) in &corrupt {
+            tracing::error!(sink, key, %error, "spool record failed its check: quarantined");
+            let q_key = quarantine.last()?.map_or(1, |(k, _)| k.value() + 1);
+            quarantine.insert(q_key, value.as_slice())?;
+            queue.remove(*key)?;
+        }
+        metrics::counter!(metric::SPOOL_QUARANTINED).increment(corrupt.len() as u64);
+    }
+    // Committed even when nothing changed: the first scan creates the table.
+    txn.commit()?;
+    Ok(stored)
+}
+
+/// The spool's redb file, shared by the queues. After one failed write (a full
+/// disk, an I/O error) redb refuses every later operation until the database is
+/// closed and opened again. `SpoolFile` does that by itself: the failing operation
+/// drops the open database, and the next one opens it again once every user of the
+/// old one is done (at most one attempt a second), so breakwater recovers when
+/// space is back instead of answering 503 until someone restarts it.
+struct SpoolFile {
+    path: PathBuf,
+    state: std::sync::Mutex<FileState>,
+    /// Counts reopenings, so each queue knows to recount what is stored.
+    generation: AtomicU64,
+}
+
+struct FileState {
+    open: Option<Arc<Database>>,
+    /// The database dropped after an I/O error, until its last user lets go.
+    closing: std::sync::Weak<Database>,
+    last_attempt: Option<std::time::Instant>,
+}
+
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+
+impl SpoolFile {
+    fn open(path: PathBuf) -> Result<SpoolFile, SpoolError> {
+        let db = open_database(&path)?;
+        Ok(SpoolFile {
+            path,
+            state: std::sync::Mutex::new(FileState {
+                open: Some(Arc::new(db)),
+                closing: std::sync::Weak::new(),
+                last_attempt: None,
+            }),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// Runs one operation on the database (blocking). An I/O error closes the
+    /// database for reopening; the error is returned either way.
+    fn run<T>(&self, op: impl FnOnce(&Database) -> Result<T, redb::Error>) -> Result<T, SpoolError> {
+        let db = self.database()?;
+        let result = op(&db);
+        match result {
+            Ok(value) => Ok(value),
+            Err(error @ (redb::Error::Io(_) | redb::Error::PreviousIo)) => {
+                let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if state.open.as_ref().is_some_and(|open| Arc::ptr_eq(open, &db)) {
+                    tracing::error!(%error, spool = %self.path.display(), "spool write failed: closing the file, to reopen it");
+                    metrics::counter!(metric::SPOOL_IO_ERRORS).increment(1);
+                    state.closing = Arc::downgrade(&db);
+                    state.open = None;
+                }
+                Err(SpoolError::Storage(format!("{error} (the spool file is reopened)")))
+            }
+            Err(error) => Err(storage(error)),
+        }
+    }
+
+    fn database(&self) -> Result<Arc<Database>, SpoolError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = &state.open {
+            return Ok(db.clone());
+        }
+        let unavailable =
+            |why: &str| SpoolError::Storage(format!("the spool file is closed after an I/O error ({why})"));
+        if state.closing.strong_count() > 0 {
+            return Err(unavailable("still in use"));
+        }
+        if state.last_attempt.is_some_and(|at| at.elapsed() < REOPEN_INTERVAL) {
+            return Err(unavailable("next attempt within a second"));
+        }
+        state.last_attempt = Some(std::time::Instant::now());
+        match open_database(&self.path) {
+            Ok(db) => {
+                tracing::warn!(spool = %self.path.display(), "spool file reopened");
+                metrics::counter!(metric::SPOOL_REOPENED).increment(1);
+                let db = Arc::new(db);
+                state.open = Some(db.clone());
+                self.generation.fetch_add(1, Ordering::SeqCst);
+                Ok(db)
+            }
+            Err(error) => {
+                tracing::error!(%error, "spool file cannot be reopened yet");
+                Err(unavailable(&error.to_string()))
+            }
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).open.is_some()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+}
+
+/// Opens (or creates) the redb file. A file redb reports as corrupted is moved
+/// aside and a fresh one started; any other failure (in use, I/O) is an error:
+/// data is never set aside on a guess.
+fn open_database(path: &Path) -> Result<Database, SpoolError> {
+    match Database::builder().set_cache_size(CACHE_BYTES).create(path) {
+        Ok(db) => Ok(db),
+        Err(error @ redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))) => {
+            let aside = path.with_extension(format!("redb.corrupt-{}", now_ms()));
+            tracing::error!(%error, moved_to = %aside.display(), "spool file unreadable: set aside, starting an empty spool");
+            metrics::counter!(metric::SPOOL_QUARANTINED).increment(1);
+            std::fs::rename(path, &aside).map_err(storage)?;
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create(path)
+                .map_err(storage)
+        }
+        Err(error) => Err(SpoolError::Storage(format!("{}: {error}", path.display()))),
+    }
 }
 
 fn put_str(out: &mut Vec<u8>, text: &str) {

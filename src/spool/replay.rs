@@ -33,6 +33,14 @@ pub async fn run(
     let name = queue.sink;
     let mut draining = false;
     loop {
+        // After an I/O error: recount once the file is back, and retry deleting what
+        // was delivered (errors are logged by the spool).
+        let upkeep_queue = queue.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            upkeep_queue.recount_if_reopened()?;
+            upkeep_queue.remove_keys(&[])
+        })
+        .await;
         if queue.events() == 0 {
             if draining {
                 tracing::info!(sink = name, "spool drained: replay finished");
@@ -108,9 +116,8 @@ pub async fn run(
                 .collect();
             let removed = tokio::task::spawn_blocking(move || remove_queue.remove_keys(&keys)).await;
             if !matches!(removed, Ok(Ok(()))) {
-                // Records stay and are replayed again: the sink dedups them
-                // (ClickHouse collapses by messageId).
-                tracing::error!(sink = name, "could not delete replayed records");
+                // The queue keeps them out of replay and deletes them later.
+                tracing::error!(sink = name, "could not delete replayed records yet");
             }
             metrics::counter!(metric::SPOOL_REPLAYED_EVENTS, "sink" => name).increment(delivered);
         }

@@ -93,6 +93,10 @@ pub mod metric {
     pub const SPOOL_FULL: &str = "breakwater_spool_full_total";
     /// Spool records that failed their checksum and were quarantined (counter).
     pub const SPOOL_QUARANTINED: &str = "breakwater_spool_quarantined_records_total";
+    /// Spool operations that failed with an I/O error, closing the file (counter).
+    pub const SPOOL_IO_ERRORS: &str = "breakwater_spool_io_errors_total";
+    /// Times the spool file was opened again after an I/O error (counter).
+    pub const SPOOL_REOPENED: &str = "breakwater_spool_reopened_total";
     /// Events in the dead-letter store, by `sink` (counter of additions).
     pub const DEAD_LETTER_EVENTS: &str = "breakwater_dead_letter_events_total";
     /// Open WebSocket connections (gauge).
@@ -251,6 +255,14 @@ fn describe_metrics() {
     describe_counter!(
         SPOOL_QUARANTINED,
         "Spool records that failed their checksum and were quarantined."
+    );
+    describe_counter!(
+        SPOOL_IO_ERRORS,
+        "Spool operations that failed with an I/O error (a full disk, say); each closes the file for reopening."
+    );
+    describe_counter!(
+        SPOOL_REOPENED,
+        "Times the spool file was opened again after an I/O error."
     );
     describe_counter!(DEAD_LETTER_EVENTS, "Events added to the dead-letter store per sink.");
     describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections.");
