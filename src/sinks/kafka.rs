@@ -28,6 +28,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tokio::sync::watch;
 
+use super::kafka_readback::{self, LogEnds, ReadBackError, UnknownOutcomes};
 use super::{record_outcome, DependencyHealth, Sink, SinkBatch, SinkError};
 use crate::config::{KafkaConfig, KafkaKey};
 use crate::policy::BatchPolicy;
@@ -206,6 +207,41 @@ pub struct KafkaSink {
     key: KafkaKey,
     down: watch::Receiver<bool>,
     health: Arc<DependencyHealth>,
+    /// Events whose delivery failed after librdkafka had them (kafka_readback.rs).
+    outcomes: Arc<UnknownOutcomes>,
+    /// How a read-back consumer reaches the brokers.
+    read_back_connection: Arc<ClientConfig>,
+}
+
+/// Events handed to librdkafka for one batch; unless the batch is settled as
+/// delivered, dropping this remembers them as of unknown outcome (whatever ended the
+/// call: an error, brokers lost, or the call abandoned by a timeout).
+struct InDoubt<'a> {
+    outcomes: &'a UnknownOutcomes,
+    batch: &'a SinkBatch,
+    handed_over: usize,
+    log_ends: Arc<LogEnds>,
+    settled: bool,
+}
+
+impl Drop for InDoubt<'_> {
+    fn drop(&mut self) {
+        if self.settled || self.handed_over == 0 {
+            return;
+        }
+        let ids = self.batch.events[..self.handed_over]
+            .iter()
+            .map(|e| e.message_id.as_str());
+        let unremembered = self.outcomes.remember(ids, &self.log_ends);
+        metrics::counter!(metric::KAFKA_UNKNOWN_OUTCOME_EVENTS).increment(self.handed_over as u64);
+        if unremembered > 0 {
+            metrics::counter!(metric::KAFKA_READ_BACK_UNVERIFIED_EVENTS).increment(unremembered as u64);
+            tracing::warn!(
+                events = unremembered,
+                "kafka: too many events of unknown outcome to remember; these may be written twice on replay"
+            );
+        }
+    }
 }
 
 /// librdkafka settings breakwater chooses (batching from the policy, read at
@@ -242,6 +278,7 @@ impl KafkaSink {
         for (key, value) in producer_settings(config, batch) {
             client_config.set(key, value);
         }
+        let read_back_connection = Arc::new(kafka_readback::connection_settings(&client_config));
         let slot = ProducerSlot::create(client_config, state.clone())?;
         metrics::gauge!(metric::KAFKA_ALL_BROKERS_DOWN).set(0.0);
         let sink = KafkaSink {
@@ -250,6 +287,8 @@ impl KafkaSink {
             key: config.key,
             down,
             health: Arc::new(DependencyHealth::default()),
+            outcomes: Arc::new(UnknownOutcomes::default()),
+            read_back_connection,
         };
         tokio::spawn(renew_stuck_producer(sink.slot.clone(), sink.down.clone()));
         tokio::spawn(watch_brokers(
@@ -258,6 +297,7 @@ impl KafkaSink {
             sink.topic.clone(),
             sink.down.clone(),
             sink.health.clone(),
+            sink.outcomes.clone(),
         ));
         Ok(sink)
     }
@@ -269,12 +309,27 @@ impl KafkaSink {
         }
     }
 
-    /// Produces every event and waits for every acknowledgement.
+    /// Produces every event and waits for every acknowledgement. A batch holding
+    /// events of unknown outcome is first checked against the topic.
     async fn produce(&self, batch: Arc<SinkBatch>) -> Result<(), SinkError> {
         if *self.down.borrow() {
             return Err(self.brokers_down());
         }
+        let batch = match self.outcomes.unknown_in(&batch) {
+            None => batch,
+            Some((ids, start)) => match self.leave_out_written(batch, ids, start).await? {
+                Some(rest) => rest,
+                None => return Ok(()),
+            },
+        };
         let producer = self.slot.current();
+        let mut in_doubt = InDoubt {
+            outcomes: &self.outcomes,
+            batch: &batch,
+            handed_over: 0,
+            log_ends: self.outcomes.log_ends(),
+            settled: false,
+        };
         let mut deliveries = Vec::with_capacity(batch.events.len());
         for event in &batch.events {
             let headers = OwnedHeaders::new_with_capacity(3)
@@ -302,32 +357,103 @@ impl KafkaSink {
                 record = record.key(key);
             }
             match producer.send_result(record) {
-                Ok(delivery) => deliveries.push(delivery),
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    in_doubt.handed_over += 1;
+                }
                 Err((error, _)) => return Err(classify(error)),
             }
         }
         let mut down = self.down.clone();
         let acknowledged = join_all(deliveries);
-        let result = tokio::select! {
+        tokio::select! {
             results = acknowledged => {
-                let outcome = results.into_iter().try_for_each(|result| match result {
-                    Ok(Ok(_delivery)) => Ok(()),
-                    Ok(Err((error, _message))) => {
-                        if refused_by_broker(&error) {
-                            self.slot.note_refused();
+                // partition → the offset after the last one delivered there.
+                let mut log_ends: Vec<(i32, i64)> = Vec::new();
+                for result in results {
+                    match result {
+                        Ok(Ok(delivery)) => match log_ends.iter_mut().find(|(p, _)| *p == delivery.partition) {
+                            Some((_, end)) => *end = (*end).max(delivery.offset + 1),
+                            None => log_ends.push((delivery.partition, delivery.offset + 1)),
+                        },
+                        Ok(Err((error, _message))) => {
+                            if refused_by_broker(&error) {
+                                self.slot.note_refused();
+                            }
+                            return Err(classify(error));
                         }
-                        Err(classify(error))
+                        Err(_cancelled) => return Err(SinkError::Stopped { sink: SINK_NAME }),
                     }
-                    Err(_cancelled) => Err(SinkError::Stopped { sink: SINK_NAME }),
-                });
-                if outcome.is_ok() {
-                    self.slot.note_delivered();
                 }
-                outcome
+                for (partition, end) in log_ends {
+                    self.outcomes.advance(partition, end);
+                }
+                in_doubt.settled = true;
+                self.outcomes.forget(batch.events.iter().map(|e| e.message_id.as_str()));
+                self.slot.note_delivered();
+                Ok(())
             }
             _ = down.wait_for(|down| *down) => Err(self.brokers_down()),
-        };
-        result
+        }
+    }
+
+    /// Reads the topic back for events of unknown outcome and returns the batch
+    /// without those already there (`None`: all were). A read-back that fails leaves
+    /// the batch in the spool (a retryable error); one that would scan too much is
+    /// skipped, and the batch sent as it is.
+    async fn leave_out_written(
+        &self,
+        batch: Arc<SinkBatch>,
+        ids: std::collections::HashSet<String>,
+        start: LogEnds,
+    ) -> Result<Option<Arc<SinkBatch>>, SinkError> {
+        let connection = self.read_back_connection.clone();
+        let topic = self.topic.clone();
+        let (outcome, ids) = tokio::task::spawn_blocking(move || {
+            let outcome = kafka_readback::read_back(&connection, &topic, &start, &ids);
+            (outcome, ids)
+        })
+        .await
+        .map_err(|error| SinkError::Unavailable {
+            sink: SINK_NAME,
+            message: format!("read-back task failed: {error}"),
+        })?;
+        match outcome {
+            Ok(found) => {
+                metrics::counter!(metric::KAFKA_READ_BACK_FOUND_EVENTS).increment(found.len() as u64);
+                if found.is_empty() {
+                    return Ok(Some(batch));
+                }
+                tracing::info!(
+                    found = found.len(),
+                    of_unknown_outcome = ids.len(),
+                    "kafka: events of unknown outcome are already in the topic; left out of the replay"
+                );
+                self.outcomes.forget(found.iter().map(String::as_str));
+                let rest: Vec<_> = batch
+                    .events
+                    .iter()
+                    .filter(|e| !found.contains(&e.message_id))
+                    .cloned()
+                    .collect();
+                Ok((!rest.is_empty()).then(|| {
+                    Arc::new(SinkBatch {
+                        source: batch.source.clone(),
+                        events: rest,
+                    })
+                }))
+            }
+            Err(error @ ReadBackError::TooFar(_)) => {
+                tracing::warn!(%error, events = ids.len(), "kafka: replaying events of unknown outcome unverified; they may be written twice");
+                metrics::counter!(metric::KAFKA_READ_BACK_UNVERIFIED_EVENTS).increment(ids.len() as u64);
+                self.outcomes.forget(ids.iter().map(String::as_str));
+                Ok(Some(batch))
+            }
+            Err(error @ ReadBackError::Failed(_)) => Err(SinkError::Unavailable {
+                sink: SINK_NAME,
+                message: error.to_string(),
+            }),
+        }
     }
 }
 
@@ -339,18 +465,16 @@ async fn watch_brokers(
     topic: Arc<str>,
     mut down: watch::Receiver<bool>,
     health: Arc<DependencyHealth>,
+    outcomes: Arc<UnknownOutcomes>,
 ) {
     // Warm-up: learn the topic's partitions and leaders now, so the first requests
     // do not pay for it. A broker that is down at start-up delays nothing.
     let warm = slot.current();
     let warm_topic = topic.clone();
-    let reachable = tokio::task::spawn_blocking(move || {
-        warm.client()
-            .fetch_metadata(Some(&warm_topic), Duration::from_secs(5))
-            .is_ok()
-    })
-    .await
-    .unwrap_or(false);
+    let warm_outcomes = outcomes.clone();
+    let reachable = tokio::task::spawn_blocking(move || learn_log_ends(&warm, &warm_topic, &warm_outcomes))
+        .await
+        .unwrap_or(false);
     if !reachable {
         tracing::warn!(topic = %topic, "kafka not reachable at start-up; deliveries fail until it is");
     }
@@ -363,11 +487,11 @@ async fn watch_brokers(
         loop {
             tokio::time::sleep(RECOVERY_PROBE_INTERVAL).await;
             let probe = slot.current();
-            let topic = topic.clone();
+            let probe_topic = topic.clone();
             let answered = tokio::task::spawn_blocking(move || {
                 probe
                     .client()
-                    .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                    .fetch_metadata(Some(&probe_topic), Duration::from_secs(2))
                     .map(|metadata| !metadata.brokers().is_empty())
                     .unwrap_or(false)
             })
@@ -375,10 +499,28 @@ async fn watch_brokers(
             .unwrap_or(false);
             if answered {
                 state.set_down(false);
+                let (producer, topic, outcomes) = (slot.current(), topic.clone(), outcomes.clone());
+                let _ = tokio::task::spawn_blocking(move || learn_log_ends(&producer, &topic, &outcomes)).await;
                 break;
             }
         }
     }
+}
+
+/// Learns where each partition's log ends (the high watermarks), the floor for
+/// reading back events sent from now on; false if the brokers did not answer.
+/// Blocking.
+fn learn_log_ends(producer: &KafkaProducer, topic: &str, outcomes: &UnknownOutcomes) -> bool {
+    let timeout = Duration::from_secs(5);
+    let Ok(metadata) = producer.client().fetch_metadata(Some(topic), timeout) else {
+        return false;
+    };
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        if let Ok((_, high)) = producer.client().fetch_watermarks(topic, partition.id(), timeout) {
+            outcomes.advance(partition.id(), high);
+        }
+    }
+    true
 }
 
 /// Whether a producer must be replaced, and why: librdkafka declared it fatally

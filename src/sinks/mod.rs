@@ -6,6 +6,7 @@ pub mod batcher;
 pub mod clickhouse;
 pub mod file;
 pub mod kafka;
+pub mod kafka_readback;
 
 use std::future::Future;
 use std::sync::Arc;

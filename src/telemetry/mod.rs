@@ -66,6 +66,12 @@ pub mod metric {
     /// Kafka producers replaced because they were stuck, by `reason` = fatal | refused (counter).
     pub const KAFKA_PRODUCER_RENEWALS: &str = "breakwater_kafka_producer_renewals_total";
     /// 1 while librdkafka reports all brokers down (gauge).
+    /// Events whose Kafka delivery failed after librdkafka had them (counter).
+    pub const KAFKA_UNKNOWN_OUTCOME_EVENTS: &str = "breakwater_kafka_unknown_outcome_events_total";
+    /// Events of unknown outcome found in the topic and left out of a replay (counter).
+    pub const KAFKA_READ_BACK_FOUND_EVENTS: &str = "breakwater_kafka_read_back_found_events_total";
+    /// Events of unknown outcome replayed without a read-back (counter).
+    pub const KAFKA_READ_BACK_UNVERIFIED_EVENTS: &str = "breakwater_kafka_read_back_unverified_events_total";
     pub const KAFKA_ALL_BROKERS_DOWN: &str = "breakwater_kafka_all_brokers_down";
     /// Sink delivery duration per request, by `sink` (histogram, seconds).
     pub const SINK_DELIVERY_DURATION: &str = "breakwater_sink_delivery_duration_seconds";
@@ -170,6 +176,18 @@ fn describe_metrics() {
     describe_counter!(
         KAFKA_CLIENT_ERRORS,
         "Kafka client errors reported by librdkafka, by code."
+    );
+    describe_counter!(
+        KAFKA_UNKNOWN_OUTCOME_EVENTS,
+        "Events whose Kafka delivery failed after librdkafka had them: maybe written; read back before replay."
+    );
+    describe_counter!(
+        KAFKA_READ_BACK_FOUND_EVENTS,
+        "Events of unknown outcome found already in the topic and left out of the replay."
+    );
+    describe_counter!(
+        KAFKA_READ_BACK_UNVERIFIED_EVENTS,
+        "Events of unknown outcome replayed without a read-back (memory bound or scan limit): may be in the topic twice."
     );
     describe_gauge!(KAFKA_ALL_BROKERS_DOWN, "1 while librdkafka reports all brokers down.");
     describe_counter!(

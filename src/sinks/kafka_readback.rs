@@ -1,0 +1,314 @@
+//! Kafka batches whose outcome breakwater does not know, and reading the topic back
+//! before such a batch is sent again.
+//!
+//! A message handed to librdkafka whose delivery then failed (timed out, purged,
+//! brokers lost, the call abandoned) may still have been written: the broker can
+//! write a batch and never answer (it crashed, or it was frozen and read the request
+//! later). The request was answered from the spool, and replaying the batch as new
+//! messages would put it in the topic twice. So the sink remembers those messageIds
+//! with, per partition, an offset below which they cannot be (the log end when they
+//! were sent). Before a batch holding any of them is sent again, the topic is read
+//! from there to its end and the events already in it are left out.
+//!
+//! What this does not cover: breakwater itself dying between a send and the spool's
+//! deletion (the memory is gone; the replay may write those events again), and a
+//! frozen broker that reads the old request only after the read-back.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::SinkBatch;
+
+/// Where each partition's log ended, as far as the sink knows: anything sent from
+/// now on lands at or after these offsets.
+pub type LogEnds = HashMap<i32, i64>;
+
+/// At most this many messageIds are remembered; past it, new unknown outcomes are
+/// not recorded (counted as unverified) rather than memory growing.
+const MAX_REMEMBERED: usize = 200_000;
+/// A read-back that would scan more messages than this is not done: the batch is
+/// sent unverified (counted) rather than replay stalling on a huge scan.
+pub const MAX_READ_BACK_MESSAGES: i64 = 2_000_000;
+/// A read-back gives up (the batch stays in the spool) after this long without
+/// progress.
+const READ_BACK_IDLE_LIMIT: Duration = Duration::from_secs(15);
+
+#[derive(Default)]
+pub struct UnknownOutcomes {
+    log_ends: Mutex<LogEnds>,
+    /// messageId → the log ends when it was sent.
+    remembered: Mutex<HashMap<String, Arc<LogEnds>>>,
+    count: AtomicUsize,
+}
+
+impl UnknownOutcomes {
+    /// The log ends now, to keep with a batch being sent.
+    pub fn log_ends(&self) -> Arc<LogEnds> {
+        Arc::new(lock(&self.log_ends).clone())
+    }
+
+    /// Learns where a partition's log ends, from the watermarks or from delivery
+    /// reports (`next_offset` = a delivered offset + 1).
+    pub fn advance(&self, partition: i32, next_offset: i64) {
+        let mut ends = lock(&self.log_ends);
+        let end = ends.entry(partition).or_insert(next_offset);
+        *end = (*end).max(next_offset);
+    }
+
+    /// Remembers that these events may or may not be in the topic. Returns how many
+    /// could not be remembered (the memory bound).
+    pub fn remember<'a>(&self, message_ids: impl Iterator<Item = &'a str>, sent_at: &Arc<LogEnds>) -> usize {
+        let mut remembered = lock(&self.remembered);
+        let mut dropped = 0;
+        for id in message_ids {
+            // An id already remembered keeps its earlier log ends.
+            if remembered.contains_key(id) {
+                continue;
+            }
+            if remembered.len() >= MAX_REMEMBERED {
+                dropped += 1;
+                continue;
+            }
+            remembered.insert(id.to_string(), sent_at.clone());
+        }
+        self.count.store(remembered.len(), Ordering::Relaxed);
+        dropped
+    }
+
+    /// If any event of the batch has an unknown outcome: their ids and, per
+    /// partition, where to start reading.
+    pub fn unknown_in(&self, batch: &SinkBatch) -> Option<(HashSet<String>, LogEnds)> {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let remembered = lock(&self.remembered);
+        let mut ids = HashSet::new();
+        let mut log_ends: Vec<&Arc<LogEnds>> = Vec::new();
+        for event in &batch.events {
+            if let Some(sent_at) = remembered.get(&event.message_id) {
+                ids.insert(event.message_id.clone());
+                if !log_ends.iter().any(|seen| Arc::ptr_eq(seen, sent_at)) {
+                    log_ends.push(sent_at);
+                }
+            }
+        }
+        if ids.is_empty() {
+            return None;
+        }
+        // The earliest end of each partition; a partition one of them did not know
+        // is left out, so it is read from its beginning.
+        let mut start = LogEnds::new();
+        if let Some((first, rest)) = log_ends.split_first() {
+            for (partition, offset) in first.iter() {
+                let earliest = rest
+                    .iter()
+                    .map(|ends| ends.get(partition).copied())
+                    .try_fold(*offset, |min, end| end.map(|end| min.min(end)));
+                if let Some(earliest) = earliest {
+                    start.insert(*partition, earliest);
+                }
+            }
+        }
+        Some((ids, start))
+    }
+
+    /// Forgets ids whose outcome is now known (delivered, or found in the topic).
+    pub fn forget<'a>(&self, message_ids: impl Iterator<Item = &'a str>) {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut remembered = lock(&self.remembered);
+        for id in message_ids {
+            remembered.remove(id);
+        }
+        self.count.store(remembered.len(), Ordering::Relaxed);
+    }
+
+    pub fn remembered(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadBackError {
+    #[error("the read-back would scan {0} messages (limit {MAX_READ_BACK_MESSAGES})")]
+    TooFar(i64),
+    #[error("cannot read the topic back: {0}")]
+    Failed(String),
+}
+
+/// Reads `topic` from `start` (per partition; a partition missing there from its
+/// beginning) to its current end and returns which of `wanted` are in it, by the
+/// `messageId` header. Blocking.
+pub fn read_back(
+    connection: &ClientConfig,
+    topic: &str,
+    start: &LogEnds,
+    wanted: &HashSet<String>,
+) -> Result<HashSet<String>, ReadBackError> {
+    let failed = |what: &str, error: rdkafka::error::KafkaError| ReadBackError::Failed(format!("{what}: {error}"));
+    let mut config = connection.clone();
+    config
+        .set("group.id", "breakwater-read-back")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = config.create().map_err(|e| failed("consumer", e))?;
+    let timeout = Duration::from_secs(5);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| failed("metadata", e))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut assignment = TopicPartitionList::new();
+    // partition → the last offset to read.
+    let mut last_offsets: HashMap<i32, i64> = HashMap::new();
+    let mut to_scan = 0;
+    for partition in partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, timeout)
+            .map_err(|e| failed("watermarks", e))?;
+        let from = start.get(&partition).copied().unwrap_or(low).max(low);
+        if from < high {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Offset(from))
+                .map_err(|e| failed("assignment", e))?;
+            last_offsets.insert(partition, high - 1);
+            to_scan += high - from;
+        }
+    }
+    if to_scan > MAX_READ_BACK_MESSAGES {
+        return Err(ReadBackError::TooFar(to_scan));
+    }
+    let mut found = HashSet::new();
+    if last_offsets.is_empty() {
+        return Ok(found);
+    }
+    consumer.assign(&assignment).map_err(|e| failed("assign", e))?;
+    let mut last_progress = Instant::now();
+    while !last_offsets.is_empty() {
+        if last_progress.elapsed() > READ_BACK_IDLE_LIMIT {
+            return Err(ReadBackError::Failed(format!(
+                "no progress for {} s",
+                READ_BACK_IDLE_LIMIT.as_secs()
+            )));
+        }
+        let message = match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(error)) => {
+                tracing::debug!(%error, "kafka read-back: transient error");
+                continue;
+            }
+            Some(Ok(message)) => message,
+        };
+        last_progress = Instant::now();
+        let id = message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|h| h.key == "messageId")
+                .and_then(|h| h.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+        });
+        if let Some(id) = id.filter(|id| wanted.contains(*id)) {
+            found.insert(id.to_string());
+        }
+        if last_offsets
+            .get(&message.partition())
+            .is_some_and(|last| message.offset() >= *last)
+        {
+            last_offsets.remove(&message.partition());
+        }
+    }
+    Ok(found)
+}
+
+/// The settings a read-back consumer needs from the producer's: where the brokers
+/// are and how to reach them (security, SASL, TLS), nothing producer-only.
+pub fn connection_settings(producer: &ClientConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in producer.config_map() {
+        let wanted = key == "bootstrap.servers"
+            || key == "client.id"
+            || key.starts_with("security.")
+            || key.starts_with("sasl.")
+            || key.starts_with("ssl.");
+        if wanted {
+            config.set(key, value);
+        }
+    }
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intake::segment::{EventType, NormalizedEvent};
+
+    fn batch(ids: &[&str]) -> SinkBatch {
+        SinkBatch {
+            source: Arc::from("s"),
+            events: ids
+                .iter()
+                .map(|id| NormalizedEvent {
+                    message_id: id.to_string(),
+                    event_type: EventType::Track,
+                    user_id: None,
+                    anonymous_id: Some("a".into()),
+                    event_name: "e".into(),
+                    timestamp_ms: 0,
+                    received_at_ms: 0,
+                    json: b"{}".to_vec(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn remembered_ids_are_found_with_the_earliest_log_ends() {
+        let outcomes = UnknownOutcomes::default();
+        assert!(outcomes.unknown_in(&batch(&["a"])).is_none());
+        outcomes.advance(0, 10);
+        let first = outcomes.log_ends();
+        outcomes.advance(0, 25);
+        outcomes.advance(1, 7);
+        let second = outcomes.log_ends();
+        outcomes.remember(["a", "b"].into_iter(), &first);
+        outcomes.remember(["c"].into_iter(), &second);
+
+        let (ids, start) = outcomes.unknown_in(&batch(&["a", "c", "x"])).unwrap();
+        assert_eq!(ids, HashSet::from(["a".to_string(), "c".to_string()]));
+        assert_eq!(start.get(&0), Some(&10), "the earliest end of partition 0");
+        assert_eq!(
+            start.get(&1),
+            None,
+            "partition 1 was unknown when a was sent: read from its start"
+        );
+        let (_, start) = outcomes.unknown_in(&batch(&["c"])).unwrap();
+        assert_eq!((start.get(&0), start.get(&1)), (Some(&25), Some(&7)));
+
+        outcomes.forget(["a", "b", "c"].into_iter());
+        assert_eq!(outcomes.remembered(), 0);
+        assert!(outcomes.unknown_in(&batch(&["a", "c"])).is_none());
+    }
+
+    #[test]
+    fn log_ends_only_move_forward() {
+        let outcomes = UnknownOutcomes::default();
+        outcomes.advance(3, 100);
+        outcomes.advance(3, 40);
+        assert_eq!(outcomes.log_ends().get(&3), Some(&100));
+    }
+}
