@@ -18,6 +18,7 @@ log "tools"
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 command -v cargo-nextest >/dev/null 2>&1 || cargo install cargo-nextest --locked
+command -v cargo-deny >/dev/null 2>&1 || cargo install cargo-deny --version 0.20.2 --locked
 cargo --version
 cargo nextest --version | head -n 1
 
@@ -67,6 +68,22 @@ cargo fmt --all -- --check
 
 log "lint"
 cargo clippy --all-targets --locked -- -D warnings
+
+log "supply chain (deny.toml)"
+cargo deny --locked check licenses bans sources
+# The advisory check needs the RustSec database from github.com. Where it cannot be
+# fetched, say so loudly; BREAKWATER_REQUIRE_ADVISORIES=1 makes that a failure.
+if ! cargo deny --locked check advisories; then
+  if cargo deny --locked fetch db >/dev/null 2>&1; then
+    echo "error: cargo deny found advisories (see above; deny.toml [advisories])" >&2
+    exit 1
+  fi
+  echo "########################################################################" >&2
+  echo "# ADVISORY CHECK NOT RUN: the RustSec database (github.com) is unreachable." >&2
+  echo "# licenses, bans and sources were checked; advisories were not." >&2
+  echo "########################################################################" >&2
+  [ "${BREAKWATER_REQUIRE_ADVISORIES:-0}" = 1 ] && exit 1
+fi
 
 log "build"
 cargo build --all-targets --locked
