@@ -1,10 +1,18 @@
 //! breakwater-load: a bounded load generator for benchmarks (not tests). Sends
-//! realistic ~400-byte track events with unique messageIds over N connections for a
-//! fixed time — HTTP `/v1/batch` requests on keep-alive connections, or WebSocket
-//! frames on `/v1/ws` — then reports acked events/s (and frames/s), ack latency
-//! percentiles and every refusal. Loopback targets only.
+//! realistic ~400-byte track events (or larger, `--event-bytes`) with unique
+//! messageIds over N connections — HTTP `/v1/batch` requests on keep-alive
+//! connections, or WebSocket frames on `/v1/ws` — as fast as acks allow or at a
+//! fixed rate, for a duration or a number of requests; then reports acked events/s
+//! (and frames/s), ack latency percentiles and every refusal.
+//!
+//! `--reference` first runs the same load against a minimal server in this process
+//! (it reads each body and answers 200, or acks each frame) on its own two threads,
+//! so the result can be stated as a fraction of the machine's loopback ceiling.
+//! `--idle-websockets N` holds N more WebSocket connections open, silent, for the
+//! run (for memory measurements). Loopback targets only.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,7 +49,29 @@ struct Args {
     /// `http` (POST /v1/batch) or `ws` (frames on /v1/ws, one unacked frame each).
     #[arg(long, default_value = "http")]
     transport: String,
+    /// Fixed rate in events/s over all connections (default: as fast as acks allow).
+    /// Latency is then measured from each request's scheduled time, so a stall
+    /// counts for every request it delays.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Stop after this many requests in all (default: run for the duration only).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Approximate size of each event's JSON in bytes (at least ~400: the base
+    /// event; larger sizes pad a property).
+    #[arg(long, default_value_t = 400)]
+    event_bytes: usize,
+    /// Also measure a minimal server (reads each body, answers 200) with the same
+    /// load, first, and report the target as a fraction of it.
+    #[arg(long)]
+    reference: bool,
+    /// Hold this many extra WebSocket connections open and silent during the run.
+    #[arg(long, default_value_t = 0)]
+    idle_websockets: usize,
 }
+
+/// The base event's size; `--event-bytes` above it adds padding.
+const BASE_EVENT_BYTES: usize = 400;
 
 #[derive(Default)]
 struct WorkerResult {
@@ -54,13 +84,13 @@ struct WorkerResult {
 /// Appends one realistic track event (~400 bytes of JSON) to `body`. Written with a
 /// format string, not a JSON tree, so the generator spends little of the CPU it
 /// shares with the server.
-fn push_event(body: &mut String, run_id: &str, worker: usize, sequence: u64) {
+fn push_event(body: &mut String, run_id: &str, worker: usize, sequence: u64, padding: &str) {
     use std::fmt::Write;
     let _ = write!(
         body,
         concat!(
             r#"{{"type":"track","messageId":"{run}-{worker}-{seq}","userId":"user-{user}","event":"Product Viewed","#,
-            r#""properties":{{"product_id":"sku-{sku}","category":"outdoor","price":129.99,"currency":"EUR","position":{position}}},"#,
+            r#""properties":{{"product_id":"sku-{sku}","category":"outdoor","price":129.99,"currency":"EUR","position":{position}{padding}}},"#,
             r#""context":{{"library":{{"name":"analytics-python","version":"2.3.2"}},"ip":"192.0.2.10","#,
             r#""userAgent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36","locale":"de-DE"}},"#,
             r#""timestamp":"2024-05-01T12:00:00.000Z"}}"#
@@ -71,11 +101,22 @@ fn push_event(body: &mut String, run_id: &str, worker: usize, sequence: u64) {
         user = sequence % 10_000,
         sku = sequence % 5_000,
         position = sequence % 20,
+        padding = padding,
     );
 }
 
-fn batch_body(args: &Args, run_id: &str, index: usize, sequence: &mut u64, frame_id: Option<u64>) -> String {
-    let mut body = String::with_capacity(args.batch_size * 450 + 32);
+/// The padding property that brings an event to about `event_bytes`.
+fn padding_for(event_bytes: usize) -> String {
+    let extra = event_bytes.saturating_sub(BASE_EVENT_BYTES);
+    if extra < 16 {
+        return String::new();
+    }
+    format!(r#","notes":"{}""#, "x".repeat(extra - 11))
+}
+
+fn batch_body(run: &Run, index: usize, sequence: &mut u64, frame_id: Option<u64>) -> String {
+    let (args, run_id, padding) = (&run.args, run.run_id.as_str(), run.padding.as_str());
+    let mut body = String::with_capacity(args.batch_size * (args.event_bytes.max(BASE_EVENT_BYTES) + 50) + 32);
     match frame_id {
         Some(id) => body.push_str(&format!(r#"{{"id":{id},"batch":["#)),
         None => body.push_str(r#"{"batch":["#),
@@ -85,37 +126,96 @@ fn batch_body(args: &Args, run_id: &str, index: usize, sequence: &mut u64, frame
             body.push(',');
         }
         *sequence += 1;
-        push_event(&mut body, run_id, index, *sequence);
+        push_event(&mut body, run_id, index, *sequence, padding);
     }
     body.push_str("]}");
     body
 }
 
+/// One measured run: where to send, until when, how much.
+struct Run {
+    args: Arc<Args>,
+    target: SocketAddr,
+    run_id: String,
+    padding: String,
+    deadline: Instant,
+    /// Requests left when `--requests` is given.
+    budget: Option<AtomicU64>,
+}
+
+impl Run {
+    /// Takes one request from the budget; false once the run is over.
+    fn next_request(&self) -> bool {
+        if Instant::now() >= self.deadline {
+            return false;
+        }
+        match &self.budget {
+            None => true,
+            Some(left) => left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok(),
+        }
+    }
+}
+
+/// When one connection sends: as fast as acks allow, or on a fixed schedule (the
+/// connections staggered over one interval).
+struct Pace {
+    interval: Option<Duration>,
+    next: Instant,
+}
+
+impl Pace {
+    fn new(args: &Args, index: usize) -> Pace {
+        let interval = args
+            .rate
+            .map(|rate| Duration::from_secs_f64(args.connections as f64 * args.batch_size as f64 / rate.max(1) as f64));
+        let offset = interval.map_or(Duration::ZERO, |i| i.mul_f64(index as f64 / args.connections as f64));
+        Pace {
+            interval,
+            next: Instant::now() + offset,
+        }
+    }
+
+    /// Waits for this connection's next turn; returns the time latency counts from.
+    async fn turn(&mut self) -> Instant {
+        let Some(interval) = self.interval else {
+            return Instant::now();
+        };
+        let scheduled = self.next;
+        tokio::time::sleep_until(scheduled.into()).await;
+        self.next += interval;
+        scheduled
+    }
+}
+
+fn micros_since(start: Instant) -> u32 {
+    start.elapsed().as_micros().min(u32::MAX as u128) as u32
+}
+
 /// One WebSocket connection: a frame, wait for its answer, repeat.
-async fn ws_worker(args: Arc<Args>, index: usize, run_id: String, deadline: Instant) -> WorkerResult {
+async fn ws_worker(run: Arc<Run>, index: usize) -> WorkerResult {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let mut result = WorkerResult::default();
-    let query = args
-        .write_key
-        .as_ref()
-        .map(|key| format!("?writeKey={key}"))
-        .unwrap_or_default();
-    let url = format!("ws://{}/v1/ws{query}", args.target);
-    let mut socket = match tokio_tungstenite::connect_async(url).await {
-        Ok((socket, _)) => socket,
+    let mut socket = match connect_websocket(&run.args, run.target).await {
+        Ok(socket) => socket,
         Err(error) => {
             eprintln!("connection {index}: {error}");
             result.errors += 1;
             return result;
         }
     };
+    let mut pace = Pace::new(&run.args, index);
     let mut sequence = 0u64;
     let mut frame = 0u64;
-    while Instant::now() < deadline {
+    loop {
+        let started = pace.turn().await;
+        if !run.next_request() {
+            break;
+        }
         frame += 1;
-        let body = batch_body(&args, &run_id, index, &mut sequence, Some(frame));
-        let started = Instant::now();
+        let body = batch_body(&run, index, &mut sequence, Some(frame));
         if socket.send(Message::text(body)).await.is_err() {
             result.errors += 1;
             break;
@@ -131,9 +231,7 @@ async fn ws_worker(args: Arc<Args>, index: usize, run_id: String, deadline: Inst
             result.errors += 1;
             break;
         };
-        result
-            .latencies_micros
-            .push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        result.latencies_micros.push(micros_since(started));
         if answer.as_str().contains(r#""type":"ack""#) {
             result.ok_requests += 1;
         } else {
@@ -145,12 +243,26 @@ async fn ws_worker(args: Arc<Args>, index: usize, run_id: String, deadline: Inst
     result
 }
 
-async fn worker(args: Arc<Args>, index: usize, run_id: String, deadline: Instant) -> WorkerResult {
-    if args.transport == "ws" {
-        return ws_worker(args, index, run_id, deadline).await;
+type WebSocket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect_websocket(args: &Args, target: SocketAddr) -> Result<WebSocket, String> {
+    let query = args
+        .write_key
+        .as_ref()
+        .map(|key| format!("?writeKey={key}"))
+        .unwrap_or_default();
+    tokio_tungstenite::connect_async(format!("ws://{target}/v1/ws{query}"))
+        .await
+        .map(|(socket, _)| socket)
+        .map_err(|e| e.to_string())
+}
+
+async fn worker(run: Arc<Run>, index: usize) -> WorkerResult {
+    if run.args.transport == "ws" {
+        return ws_worker(run, index).await;
     }
     let mut result = WorkerResult::default();
-    let stream = match tokio::net::TcpStream::connect(args.target).await {
+    let stream = match tokio::net::TcpStream::connect(run.target).await {
         Ok(stream) => stream,
         Err(error) => {
             eprintln!("connection {index}: {error}");
@@ -168,17 +280,22 @@ async fn worker(args: Arc<Args>, index: usize, run_id: String, deadline: Instant
         }
     };
     tokio::spawn(connection);
-    let authorization = args.write_key.as_ref().map(|key| {
+    let authorization = run.args.write_key.as_ref().map(|key| {
         use base64::Engine;
         format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))
         )
     });
-    let host = args.target.to_string();
+    let host = run.target.to_string();
+    let mut pace = Pace::new(&run.args, index);
     let mut sequence = 0u64;
-    while Instant::now() < deadline {
-        let body = Bytes::from(batch_body(&args, &run_id, index, &mut sequence, None));
+    loop {
+        let started = pace.turn().await;
+        if !run.next_request() {
+            break;
+        }
+        let body = Bytes::from(batch_body(&run, index, &mut sequence, None));
         let mut request = Request::post("/v1/batch")
             .header(HOST, &host)
             .header(CONTENT_TYPE, "application/json");
@@ -186,14 +303,11 @@ async fn worker(args: Arc<Args>, index: usize, run_id: String, deadline: Instant
             request = request.header(AUTHORIZATION, authorization);
         }
         let request = request.body(Full::new(body)).expect("valid request");
-        let started = Instant::now();
         match sender.send_request(request).await {
             Ok(response) => {
                 let status = response.status().as_u16();
                 let _ = response.into_body().collect().await;
-                result
-                    .latencies_micros
-                    .push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                result.latencies_micros.push(micros_since(started));
                 if status == 200 {
                     result.ok_requests += 1;
                 } else {
@@ -218,26 +332,74 @@ fn percentile(sorted: &[u32], fraction: f64) -> f64 {
     sorted[rank - 1] as f64 / 1000.0
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let args = Arc::new(Args::parse());
-    if !args.target.ip().is_loopback() {
-        eprintln!("error: breakwater-load only targets loopback addresses (127.0.0.0/8, ::1)");
-        return std::process::ExitCode::from(2);
+/// What one run measured.
+struct Measured {
+    total: WorkerResult,
+    elapsed: f64,
+    acked_events: u64,
+}
+
+impl Measured {
+    fn events_per_second(&self) -> f64 {
+        self.acked_events as f64 / self.elapsed
     }
-    if args.transport != "http" && args.transport != "ws" {
-        eprintln!("error: --transport must be http or ws");
-        return std::process::ExitCode::from(2);
+
+    fn report(&self, args: &Args, target: SocketAddr) -> serde_json::Value {
+        let latencies = &self.total.latencies_micros;
+        json!({
+            "target": target.to_string(),
+            "transport": args.transport,
+            "connections": args.connections,
+            "batch_size": args.batch_size,
+            "event_bytes": args.event_bytes.max(BASE_EVENT_BYTES),
+            "rate_events_per_second": args.rate,
+            "duration_seconds": self.elapsed,
+            "requests_ok": self.total.ok_requests,
+            "acked_frames_per_second": self.total.ok_requests as f64 / self.elapsed,
+            "acked_events": self.acked_events,
+            "acked_events_per_second": self.events_per_second(),
+            "latency_ms": {
+                "p50": percentile(latencies, 0.50),
+                "p99": percentile(latencies, 0.99),
+                "p999": percentile(latencies, 0.999),
+                "max": percentile(latencies, 1.0),
+            },
+            "non_200": self.total.statuses.iter().map(|(s, n)| (s.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+            "connection_errors": self.total.errors,
+        })
     }
-    if args.connections == 0 || args.batch_size == 0 || args.duration_seconds == 0 {
-        eprintln!("error: --connections, --batch-size and --duration-seconds must be positive");
-        return std::process::ExitCode::from(2);
+
+    fn summary(&self, args: &Args, label: &str) -> String {
+        let latencies = &self.total.latencies_micros;
+        format!(
+            "{label} {} {:.0} events/s acked ({} requests x {} events in {:.1} s, {} connections); latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; non-200: {:?}; connection errors: {}",
+            args.transport,
+            self.events_per_second(),
+            self.total.ok_requests,
+            args.batch_size,
+            self.elapsed,
+            args.connections,
+            percentile(latencies, 0.50),
+            percentile(latencies, 0.99),
+            percentile(latencies, 0.999),
+            self.total.statuses,
+            self.total.errors
+        )
     }
-    let run_id = uuid::Uuid::new_v4().simple().to_string();
+}
+
+async fn measure(args: Arc<Args>, target: SocketAddr) -> Measured {
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.duration_seconds);
+    let run = Arc::new(Run {
+        args: args.clone(),
+        target,
+        run_id: uuid::Uuid::new_v4().simple().to_string(),
+        padding: padding_for(args.event_bytes),
+        deadline: started + Duration::from_secs(args.duration_seconds),
+        budget: args.requests.map(AtomicU64::new),
+    });
     let workers: Vec<_> = (0..args.connections)
-        .map(|i| tokio::spawn(worker(args.clone(), i, run_id.clone(), deadline)))
+        .map(|i| tokio::spawn(worker(run.clone(), i)))
         .collect();
     let mut total = WorkerResult::default();
     for handle in workers {
@@ -255,39 +417,174 @@ async fn main() -> std::process::ExitCode {
     let elapsed = started.elapsed().as_secs_f64();
     total.latencies_micros.sort_unstable();
     let acked_events = total.ok_requests * args.batch_size as u64;
-    let report = json!({
-        "target": args.target.to_string(),
-        "transport": args.transport,
-        "acked_frames_per_second": total.ok_requests as f64 / elapsed,
-        "connections": args.connections,
-        "batch_size": args.batch_size,
-        "duration_seconds": elapsed,
-        "requests_ok": total.ok_requests,
-        "acked_events": acked_events,
-        "acked_events_per_second": acked_events as f64 / elapsed,
-        "latency_ms": {
-            "p50": percentile(&total.latencies_micros, 0.50),
-            "p99": percentile(&total.latencies_micros, 0.99),
-            "p999": percentile(&total.latencies_micros, 0.999),
-            "max": percentile(&total.latencies_micros, 1.0),
-        },
-        "non_200": total.statuses.iter().map(|(s, n)| (s.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
-        "connection_errors": total.errors,
-    });
-    println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
-    eprintln!(
-        "{} {:.0} events/s acked ({} requests x {} events in {:.1} s, {} connections); latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; non-200: {:?}; connection errors: {}",
-        args.transport,
-        acked_events as f64 / elapsed,
-        total.ok_requests,
-        args.batch_size,
+    Measured {
+        total,
         elapsed,
-        args.connections,
-        percentile(&total.latencies_micros, 0.50),
-        percentile(&total.latencies_micros, 0.99),
-        percentile(&total.latencies_micros, 0.999),
-        total.statuses,
-        total.errors
-    );
+        acked_events,
+    }
+}
+
+/// Opens `count` WebSocket connections and keeps them until the returned handle
+/// is dropped; returns how many opened.
+async fn hold_idle_websockets(args: &Args, count: usize) -> (Vec<WebSocket>, usize) {
+    let mut sockets = Vec::with_capacity(count);
+    let mut failed = 0;
+    for _ in 0..count {
+        match connect_websocket(args, args.target).await {
+            Ok(socket) => sockets.push(socket),
+            Err(error) => {
+                failed += 1;
+                if failed == 1 {
+                    eprintln!("idle websocket: {error}");
+                }
+            }
+        }
+    }
+    let opened = sockets.len();
+    (sockets, opened)
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Arc::new(Args::parse());
+    if !args.target.ip().is_loopback() {
+        eprintln!("error: breakwater-load only targets loopback addresses (127.0.0.0/8, ::1)");
+        return std::process::ExitCode::from(2);
+    }
+    if args.transport != "http" && args.transport != "ws" {
+        eprintln!("error: --transport must be http or ws");
+        return std::process::ExitCode::from(2);
+    }
+    if args.connections == 0 || args.batch_size == 0 || args.duration_seconds == 0 {
+        eprintln!("error: --connections, --batch-size and --duration-seconds must be positive");
+        return std::process::ExitCode::from(2);
+    }
+    raise_open_files_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let reference = args.reference.then(|| {
+        let server = reference::start(&args.transport);
+        let measured = runtime.block_on(measure(args.clone(), server.addr));
+        eprintln!("{}", measured.summary(&args, "reference"));
+        measured
+    });
+    let (idle, opened) = runtime.block_on(hold_idle_websockets(&args, args.idle_websockets));
+    if args.idle_websockets > 0 {
+        eprintln!(
+            "holding {opened} of {} idle websocket connections",
+            args.idle_websockets
+        );
+    }
+    let measured = runtime.block_on(measure(args.clone(), args.target));
+    drop(idle);
+    let mut report = measured.report(&args, args.target);
+    if let Some(reference) = &reference {
+        report["reference"] = reference.report(&args, args.target);
+        report["fraction_of_reference"] = json!(measured.events_per_second() / reference.events_per_second());
+    }
+    if args.idle_websockets > 0 {
+        report["idle_websockets_open"] = json!(opened);
+    }
+    println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+    let fraction = reference
+        .as_ref()
+        .map(|r| {
+            format!(
+                " = {:.0} % of the reference",
+                100.0 * measured.events_per_second() / r.events_per_second()
+            )
+        })
+        .unwrap_or_default();
+    eprintln!("{}{fraction}", measured.summary(&args, "target"));
     std::process::ExitCode::SUCCESS
+}
+
+/// Many connections need many descriptors: raise the soft limit to the hard one.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a pointer to a live rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// The reference: the least a server can do for this load (read the body, answer
+/// 200; or ack each frame), on its own two threads like a separate process.
+mod reference {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
+
+    pub struct Reference {
+        pub addr: SocketAddr,
+    }
+
+    pub fn start(transport: &str) -> Reference {
+        let websocket = transport == "ws";
+        let (addr_sender, addr_receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("reference runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                addr_sender
+                    .send(listener.local_addr().expect("addr"))
+                    .expect("send addr");
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    if websocket {
+                        tokio::spawn(ack_frames(stream));
+                    } else {
+                        tokio::spawn(async move {
+                            let service = hyper::service::service_fn(answer_200);
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                }
+            });
+        });
+        Reference {
+            addr: addr_receiver.recv().expect("reference server started"),
+        }
+    }
+
+    async fn answer_200(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let _ = request.into_body().collect().await;
+        Ok(Response::new(Full::new(Bytes::from_static(br#"{"success":true}"#))))
+    }
+
+    async fn ack_frames(stream: tokio::net::TcpStream) {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+            return;
+        };
+        while let Some(Ok(message)) = socket.next().await {
+            if let Message::Text(_) = message {
+                if socket.send(Message::text(r#"{"type":"ack"}"#)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Before a merge: a short benchmark (HTTP and WebSocket, 32 connections x 100 events,
+# embedded default, 5 s each, each with the reference server in the same run),
+# compared as ratios with the last published figures in docs/perf/baseline.json.
+# The comparison that travels between machines is the share of the reference
+# server; raw events/s only compare on the same machine. Exits 1 if a share falls
+# below BENCH_TOLERANCE (default 0.9) of the baseline's.
+#   ./scripts/bench-check.sh
+#   ./scripts/bench-check.sh --update    # make this run the new baseline
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mkdir -p target/bench
+for transport in http ws; do
+  ./scripts/bench.sh --reference --duration-seconds "${BENCH_SECONDS:-5}" --connections 32 --batch-size 100 \
+    --transport "$transport" >"target/bench/check-$transport.json"
+done
+python3 - "$@" <<'PY'
+import json, os, sys
+from datetime import date
+baseline_path = "docs/perf/baseline.json"
+tolerance = float(os.environ.get("BENCH_TOLERANCE", "0.9"))
+now = {t: json.load(open(f"target/bench/check-{t}.json")) for t in ("http", "ws")}
+if "--update" in sys.argv[1:]:
+    baseline = {"date": date.today().isoformat(), "points": {
+        t: {"acked_events_per_second": r["acked_events_per_second"],
+            "p99_ms": r["latency_ms"]["p99"],
+            "fraction_of_reference": r["fraction_of_reference"]} for t, r in now.items()}}
+    json.dump(baseline, open(baseline_path, "w"), indent=2)
+    print(f"baseline updated: {baseline_path}")
+    sys.exit(0)
+baseline = json.load(open(baseline_path))
+failed = False
+print(f"against the baseline of {baseline['date']} (tolerance {tolerance:.0%} of its share of the reference):")
+for transport, result in now.items():
+    base = baseline["points"][transport]
+    share, base_share = result["fraction_of_reference"], base["fraction_of_reference"]
+    ratio = share / base_share
+    verdict = "ok" if ratio >= tolerance else "REGRESSION"
+    failed |= ratio < tolerance
+    print(f"  {transport}: {result['acked_events_per_second']:,.0f} events/s "
+          f"({result['acked_events_per_second'] / base['acked_events_per_second']:.2f}x the baseline's), "
+          f"p99 {result['latency_ms']['p99']:.1f} ms ({result['latency_ms']['p99'] / base['p99_ms']:.2f}x), "
+          f"share of the reference {share:.1%} vs {base_share:.1%} = {ratio:.2f}x -> {verdict}")
+sys.exit(1 if failed else 0)
+PY
