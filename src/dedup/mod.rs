@@ -38,6 +38,31 @@ impl DedupKey {
     }
 }
 
+/// Hashes a `DedupKey` by its upper 64 bits. The key is already a SHA-256 digest,
+/// uniform and not steerable by senders, so hashing it again (SipHash) only cost
+/// time on the intake path; the lower bits choose the shard.
+#[derive(Default)]
+struct DedupKeyHasher(u64);
+
+impl std::hash::Hasher for DedupKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if `DedupKey`'s Hash changes; still a valid hash.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.0 = (value >> 64) as u64;
+    }
+}
+
+type KeyMap<V> = HashMap<DedupKey, V, std::hash::BuildHasherDefault<DedupKeyHasher>>;
+
 /// Whether an event of a request must be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -59,11 +84,11 @@ pub struct LocalDedup {
 #[derive(Default)]
 struct Shard {
     /// Committed ids and the second they were seen.
-    seen: HashMap<DedupKey, u64>,
+    seen: KeyMap<u64>,
     /// Commit order, oldest first, for expiry and the size bound.
     order: VecDeque<(u64, DedupKey)>,
     /// Ids of requests in flight; the receiver closes when that request ends.
-    pending: HashMap<DedupKey, Pending>,
+    pending: KeyMap<Pending>,
 }
 
 struct Pending {
@@ -104,7 +129,7 @@ impl LocalDedup {
         if seen_at_unix_seconds + self.window_seconds <= now_unix_seconds() {
             return;
         }
-        self.insert_seen(&mut self.shard(key), key, seen_at_unix_seconds);
+        self.insert_seen(&mut self.shard(key), key, seen_at_unix_seconds, now_unix_seconds());
     }
 
     /// Claims the ids of one request. Returns a verdict per key, in order: an id
@@ -193,17 +218,16 @@ impl LocalDedup {
             if shard.pending.get(&key).is_some_and(|p| p.owner == owner) {
                 shard.pending.remove(&key);
             }
-            self.insert_seen(&mut shard, key, now);
+            self.insert_seen(&mut shard, key, now, now);
         }
         metrics::gauge!(metric::DEDUP_ENTRIES).set(self.len() as f64);
     }
 
-    fn insert_seen(&self, shard: &mut Shard, key: DedupKey, seen_at: u64) {
+    fn insert_seen(&self, shard: &mut Shard, key: DedupKey, seen_at: u64, now: u64) {
         if shard.seen.insert(key, seen_at).is_none() {
             self.entries.fetch_add(1, Ordering::Relaxed);
         }
         shard.order.push_back((seen_at, key));
-        let now = now_unix_seconds();
         while let Some(&(oldest_at, oldest)) = shard.order.front() {
             let expired = oldest_at + self.window_seconds <= now;
             if !expired && shard.order.len() <= self.max_entries_per_shard {
