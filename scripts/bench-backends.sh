@@ -47,8 +47,9 @@ url = "http://127.0.0.1:$ch_port"
 brokers = "127.0.0.1:$kafka_port"
 topic = "events"
 TOML
+# BENCH_POLICY=path runs with that policy file instead of the embedded default.
 ./target/release/breakwater serve --config "$work/breakwater.toml" --listen "127.0.0.1:$bw_port" \
-  --data-dir "$work/data" >"$work/server.log" 2>&1 &
+  ${BENCH_POLICY:+--policy "$BENCH_POLICY"} --data-dir "$work/data" >"$work/server.log" 2>&1 &
 pids+=($!)
 server_pid=$!
 wait_for "curl -sf http://127.0.0.1:$bw_port/health/ready"

@@ -6,13 +6,14 @@
 #   ./scripts/bench.sh --connections 32 --batch-size 100 --duration-seconds 10
 # BENCH_SINK_DOWN=1 adds a ClickHouse sink that is down (nothing listens on its
 # port): every event is then written to the file sink and to ClickHouse's spool.
+# BENCH_CONFIG=path uses that config file instead of none (the embedded default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 port="${BENCH_PORT:-18631}"
 cargo build --release --locked --bins >&2
 data_dir="$(mktemp -d)"
-config=/dev/null
+config="${BENCH_CONFIG:-/dev/null}"  # BENCH_CONFIG=path: a config file of your own
 if [ "${BENCH_SINK_DOWN:-0}" = 1 ]; then
   config="$data_dir/breakwater.toml"
   printf '[file_sink]\nenabled = true\n[clickhouse]\nurl = "http://127.0.0.1:9"\n' >"$config"
