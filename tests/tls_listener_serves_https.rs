@@ -1,8 +1,9 @@
 //! TLS on the listener (`[server.tls]`): HTTPS works with the configured
 //! certificate, a plain-HTTP client is refused at the handshake (and counted), a
 //! client that never finishes its handshake is closed after the header timeout, and
-//! an unusable key stops start-up with a message naming the setting. Uses the
-//! openssl and curl command-line tools (scripts/test.sh installs them).
+//! an unusable key stops start-up with a message naming the setting; WebSocket
+//! frames are acknowledged over TLS (wss). Uses the openssl and curl command-line
+//! tools (scripts/test.sh installs them).
 
 mod support;
 
@@ -28,6 +29,9 @@ fn self_signed_certificate(dir: &Path) {
             "/CN=localhost",
         ])
         .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        // A server certificate, not a CA: rustls clients refuse a CA as end entity.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth"])
         .arg("-keyout")
         .arg(dir.join("key.pem"))
         .arg("-out")
@@ -138,4 +142,65 @@ fn an_unusable_key_stops_start_up_with_the_setting_named() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("server.tls.key_file"), "{stderr}");
+}
+
+#[test]
+fn websocket_frames_are_acknowledged_over_tls() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    self_signed_certificate(dir.path());
+    let config = format!(
+        "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        dir.path().join("cert.pem").display(),
+        dir.path().join("key.pem").display()
+    );
+    let server = Server::start_with(&config, &[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let answer = runtime.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_file_iter(dir.path().join("cert.pem")).unwrap() {
+            roots.add(certificate.unwrap()).unwrap();
+        }
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("TLS handshake with the configured certificate");
+        let url = format!("wss://localhost:{}/v1/ws", server.addr.port());
+        let (mut socket, _) = tokio_tungstenite::client_async(url, tls)
+            .await
+            .expect("WebSocket upgrade over TLS");
+        let frame = r#"{"id":7,"batch":[{"type":"track","userId":"u-1","event":"Over WSS","messageId":"wss-1"}]}"#;
+        socket.send(Message::text(frame)).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("an answer within 10 s");
+        let _ = socket.close(None).await;
+        match answer {
+            Some(Ok(Message::Text(text))) => text.to_string(),
+            other => panic!("no text answer: {other:?}"),
+        }
+    });
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        (answer["type"].as_str(), answer["id"].as_u64()),
+        (Some("ack"), Some(7)),
+        "{answer}"
+    );
+    assert_eq!(
+        server
+            .sink_events()
+            .iter()
+            .filter(|e| e["messageId"] == "wss-1")
+            .count(),
+        1
+    );
 }
