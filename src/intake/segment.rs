@@ -67,6 +67,23 @@ pub struct NormalizedEvent {
     pub json: Vec<u8>,
 }
 
+#[cfg(test)]
+impl NormalizedEvent {
+    /// An anonymous track event with the given id and JSON bytes, for unit tests.
+    pub fn for_tests(message_id: &str, json: &[u8]) -> NormalizedEvent {
+        NormalizedEvent {
+            message_id: message_id.to_string(),
+            event_type: EventType::Track,
+            user_id: None,
+            anonymous_id: Some("a".into()),
+            event_name: "e".into(),
+            timestamp_ms: 0,
+            received_at_ms: 0,
+            json: json.to_vec(),
+        }
+    }
+}
+
 /// A request body split into events, each parsed on its own so one bad event does
 /// not sink the others.
 #[derive(Debug)]

@@ -142,20 +142,11 @@ impl Sink for Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intake::segment::{EventType, NormalizedEvent};
+    use crate::intake::segment::NormalizedEvent;
     use std::sync::Mutex;
 
     fn batch(events: usize) -> Arc<SinkBatch> {
-        let event = NormalizedEvent {
-            message_id: "m".into(),
-            event_type: EventType::Track,
-            user_id: None,
-            anonymous_id: Some("a".into()),
-            event_name: "e".into(),
-            timestamp_ms: 0,
-            received_at_ms: 0,
-            json: vec![b'x'; 10],
-        };
+        let event = NormalizedEvent::for_tests("m", &[b'x'; 10]);
         Arc::new(SinkBatch {
             source: Arc::from("web"),
             events: vec![event; events],

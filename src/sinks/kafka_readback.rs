@@ -255,24 +255,12 @@ pub fn connection_settings(producer: &ClientConfig) -> ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intake::segment::{EventType, NormalizedEvent};
+    use crate::intake::segment::NormalizedEvent;
 
     fn batch(ids: &[&str]) -> SinkBatch {
         SinkBatch {
             source: Arc::from("s"),
-            events: ids
-                .iter()
-                .map(|id| NormalizedEvent {
-                    message_id: id.to_string(),
-                    event_type: EventType::Track,
-                    user_id: None,
-                    anonymous_id: Some("a".into()),
-                    event_name: "e".into(),
-                    timestamp_ms: 0,
-                    received_at_ms: 0,
-                    json: b"{}".to_vec(),
-                })
-                .collect(),
+            events: ids.iter().map(|id| NormalizedEvent::for_tests(id, b"{}")).collect(),
         }
     }
 
