@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Before a merge: a short benchmark (HTTP and WebSocket, 32 connections x 100 events,
-# embedded default, 5 s each, each with the reference server in the same run),
+# embedded default, three 5 s runs each, each with the reference server in the same
+# run; the median run counts, as single runs on a shared machine vary by a quarter),
 # compared as ratios with the last published figures in docs/perf/baseline.json.
 # The comparison that travels between machines is the share of the reference
 # server; raw events/s only compare on the same machine. Exits 1 if a share falls
-# below BENCH_TOLERANCE (default 0.9) of the baseline's.
+# below BENCH_TOLERANCE (default 0.8: medians of 5 s runs still vary by ±15 % on the
+# 2-core machine) of the baseline's.
 #   ./scripts/bench-check.sh
 #   ./scripts/bench-check.sh --update    # make this run the new baseline
 set -euo pipefail
@@ -12,15 +14,20 @@ cd "$(dirname "$0")/.."
 
 mkdir -p target/bench
 for transport in http ws; do
-  ./scripts/bench.sh --reference --duration-seconds "${BENCH_SECONDS:-5}" --connections 32 --batch-size 100 \
-    --transport "$transport" >"target/bench/check-$transport.json"
+  for run in 1 2 3; do
+    ./scripts/bench.sh --reference --duration-seconds "${BENCH_SECONDS:-5}" --connections 32 --batch-size 100 \
+      --transport "$transport" >"target/bench/check-$transport-$run.json"
+  done
 done
 python3 - "$@" <<'PY'
 import json, os, sys
 from datetime import date
 baseline_path = "docs/perf/baseline.json"
-tolerance = float(os.environ.get("BENCH_TOLERANCE", "0.9"))
-now = {t: json.load(open(f"target/bench/check-{t}.json")) for t in ("http", "ws")}
+tolerance = float(os.environ.get("BENCH_TOLERANCE", "0.8"))
+def median_run(transport):
+    runs = [json.load(open(f"target/bench/check-{transport}-{n}.json")) for n in (1, 2, 3)]
+    return sorted(runs, key=lambda r: r["fraction_of_reference"])[1]
+now = {t: median_run(t) for t in ("http", "ws")}
 if "--update" in sys.argv[1:]:
     baseline = {"date": date.today().isoformat(), "points": {
         t: {"acked_events_per_second": r["acked_events_per_second"],
