@@ -195,3 +195,46 @@ fn a_client_that_stalls_mid_body_gets_408_and_others_are_served() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("body_read_timeout"), "{answer}");
 }
+
+/// A body trickled one byte at a time never stalls long enough for an idle timer;
+/// the body deadline is for the whole body, so it is cut all the same.
+#[test]
+fn a_body_sent_byte_by_byte_is_cut_at_the_body_deadline() {
+    let server = Server::start_with("[server]\nbody_read_timeout_ms = 1000\n", &[]);
+    let mut trickle = TcpStream::connect(server.addr).unwrap();
+    trickle
+        .write_all(
+            b"POST /v1/track HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n",
+        )
+        .unwrap();
+    trickle.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        // One byte every 50 ms, until the server answers (or closes).
+        if trickle.write_all(b" ").is_err() {
+            break;
+        }
+        sent += 1;
+        match trickle.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buffer[..n]);
+                break;
+            }
+            Err(_) => continue,
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "after {sent} bytes: {answer}");
+    assert!(answer.contains("body_read_timeout"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut after {:?}, the deadline is 1 s",
+        started.elapsed()
+    );
+    let (status, _) = post_json(&server, "/v1/track", &track("after-trickle"));
+    assert_eq!(status, 200);
+}
