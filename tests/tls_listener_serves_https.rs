@@ -41,6 +41,15 @@ fn self_signed_certificate(dir: &Path) {
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
 }
 
+/// `[server.tls]` with the certificate and key in `dir`, after `server_lines`.
+fn tls_config(dir: &Path, server_lines: &str) -> String {
+    format!(
+        "[server]\n{server_lines}\n[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display()
+    )
+}
+
 /// `curl` over HTTPS trusting only our certificate; (status, body).
 fn curl(dir: &Path, url: &str, body: Option<&str>) -> (u16, String) {
     let mut command = Command::new("curl");
@@ -63,12 +72,7 @@ fn curl(dir: &Path, url: &str, body: Option<&str>) -> (u16, String) {
 fn https_with_the_configured_certificate_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     self_signed_certificate(dir.path());
-    let config = format!(
-        "[server]\nheader_read_timeout_ms = 1000\n\n[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-        dir.path().join("cert.pem").display(),
-        dir.path().join("key.pem").display()
-    );
-    let server = Server::start_with(&config, &[]);
+    let server = Server::start_with(&tls_config(dir.path(), "header_read_timeout_ms = 1000"), &[]);
     let base = format!("https://127.0.0.1:{}", server.addr.port());
 
     let (status, body) = curl(
@@ -123,15 +127,7 @@ fn an_unusable_key_stops_start_up_with_the_setting_named() {
     self_signed_certificate(dir.path());
     std::fs::write(dir.path().join("key.pem"), "not a key\n").unwrap();
     let config_path = dir.path().join("breakwater.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-            dir.path().join("cert.pem").display(),
-            dir.path().join("key.pem").display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config_path, tls_config(dir.path(), "")).unwrap();
     let output = breakwater_command()
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config_path)
@@ -154,12 +150,7 @@ fn websocket_frames_are_acknowledged_over_tls() {
 
     let dir = tempfile::tempdir().unwrap();
     self_signed_certificate(dir.path());
-    let config = format!(
-        "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-        dir.path().join("cert.pem").display(),
-        dir.path().join("key.pem").display()
-    );
-    let server = Server::start_with(&config, &[]);
+    let server = Server::start_with(&tls_config(dir.path(), ""), &[]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let answer = runtime.block_on(async {
         let mut roots = rustls::RootCertStore::empty();
