@@ -281,6 +281,14 @@ impl KafkaSink {
         let read_back_connection = Arc::new(kafka_readback::connection_settings(&client_config));
         let slot = ProducerSlot::create(client_config, state.clone())?;
         metrics::gauge!(metric::KAFKA_ALL_BROKERS_DOWN).set(0.0);
+        // At 0 from the start, so alerts on their increase see the first one.
+        for counter in [
+            metric::KAFKA_UNKNOWN_OUTCOME_EVENTS,
+            metric::KAFKA_READ_BACK_FOUND_EVENTS,
+            metric::KAFKA_READ_BACK_UNVERIFIED_EVENTS,
+        ] {
+            metrics::counter!(counter).increment(0);
+        }
         let sink = KafkaSink {
             slot: Arc::new(slot),
             topic: Arc::from(config.topic.as_str()),
