@@ -38,6 +38,9 @@ struct Args {
     /// Directory to work in (a temporary one inside it); default: the system temp dir.
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Events per replay round, as the policy's `spool.replay_batch_events`.
+    #[arg(long, default_value_t = 10_000)]
+    replay_batch_events: usize,
 }
 
 /// ~400 bytes of event JSON, like breakwater-load's events after normalization.
@@ -140,7 +143,10 @@ async fn main() {
     let started = Instant::now();
     let mut replayed = 0u64;
     loop {
-        let records = route.queue.read_oldest(10_000, usize::MAX).expect("read");
+        let records = route
+            .queue
+            .read_oldest(args.replay_batch_events, usize::MAX)
+            .expect("read");
         if records.is_empty() {
             break;
         }
