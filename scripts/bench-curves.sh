@@ -17,30 +17,27 @@ mkdir -p target/bench
 : >"$out"
 cargo build --release --locked --bins >&2
 
-point() { # curve label [env...] -- load arguments...
+point() { # curve label load-arguments... (BENCH_SINK_DOWN=1 point ... for a sink down)
   local curve=$1 label=$2
   shift 2
-  local env=()
-  while [ "$1" != "--" ]; do env+=("$1"); shift; done
-  shift
   echo "== $curve $label" >&2
-  env "${env[@]}" ./scripts/bench.sh --reference --duration-seconds "$seconds" "$@" |
+  ./scripts/bench.sh --reference --duration-seconds "$seconds" "$@" |
     python3 -c 'import json,sys; r=json.load(sys.stdin); r["curve"]=sys.argv[1]; r["label"]=sys.argv[2]; print(json.dumps(r))' "$curve" "$label" >>"$out"
 }
 
 for curve in "${curves[@]}"; do
   case "$curve" in
     batch)
-      for b in 1 10 100 1000; do point batch "$b" BENCH_NONE=1 -- --connections 32 --batch-size "$b"; done ;;
+      for b in 1 10 100 1000; do point batch "$b" --connections 32 --batch-size "$b"; done ;;
     connections)
-      for c in 1 4 16 64 256; do point connections "$c" BENCH_NONE=1 -- --connections "$c" --batch-size 100; done ;;
+      for c in 1 4 16 64 256; do point connections "$c" --connections "$c" --batch-size 100; done ;;
     size)
-      for s in 400 1600 6400; do point size "$s" BENCH_NONE=1 -- --connections 32 --batch-size 50 --event-bytes "$s"; done ;;
+      for s in 400 1600 6400; do point size "$s" --connections 32 --batch-size 50 --event-bytes "$s"; done ;;
     transport)
-      for t in http ws; do point transport "$t" BENCH_NONE=1 -- --connections 32 --batch-size 100 --transport "$t"; done ;;
+      for t in http ws; do point transport "$t" --connections 32 --batch-size 100 --transport "$t"; done ;;
     sink)
-      point sink healthy BENCH_NONE=1 -- --connections 32 --batch-size 100
-      point sink "one sink down" BENCH_SINK_DOWN=1 -- --connections 32 --batch-size 100 ;;
+      point sink healthy --connections 32 --batch-size 100
+      BENCH_SINK_DOWN=1 point sink "one sink down" --connections 32 --batch-size 100 ;;
     *) echo "unknown curve $curve (batch, connections, size, transport, sink)" >&2; exit 2 ;;
   esac
 done

@@ -424,9 +424,9 @@ async fn measure(args: Arc<Args>, target: SocketAddr) -> Measured {
     }
 }
 
-/// Opens `count` WebSocket connections and keeps them until the returned handle
-/// is dropped; returns how many opened.
-async fn hold_idle_websockets(args: &Args, count: usize) -> (Vec<WebSocket>, usize) {
+/// Opens `count` WebSocket connections; they stay open until the returned sockets
+/// are dropped.
+async fn hold_idle_websockets(args: &Args, count: usize) -> Vec<WebSocket> {
     let mut sockets = Vec::with_capacity(count);
     let mut failed = 0;
     for _ in 0..count {
@@ -440,8 +440,7 @@ async fn hold_idle_websockets(args: &Args, count: usize) -> (Vec<WebSocket>, usi
             }
         }
     }
-    let opened = sockets.len();
-    (sockets, opened)
+    sockets
 }
 
 fn main() -> std::process::ExitCode {
@@ -469,7 +468,8 @@ fn main() -> std::process::ExitCode {
         eprintln!("{}", measured.summary(&args, "reference"));
         measured
     });
-    let (idle, opened) = runtime.block_on(hold_idle_websockets(&args, args.idle_websockets));
+    let idle = runtime.block_on(hold_idle_websockets(&args, args.idle_websockets));
+    let opened = idle.len();
     if args.idle_websockets > 0 {
         eprintln!(
             "holding {opened} of {} idle websocket connections",

@@ -79,7 +79,7 @@ pub enum IntakeError {
     SpoolFull,
     #[error("the spool cannot write (a full disk or an I/O error); retry later")]
     SpoolUnavailable,
-    #[error("too many WebSocket connections; retry later")]
+    #[error("too many open connections; retry later")]
     TooManyConnections,
     #[error("server is shutting down; retry later")]
     ShuttingDown,
@@ -181,8 +181,10 @@ struct ErrorDetail<'a> {
     event: Option<&'a EventRejection>,
 }
 
-impl IntoResponse for IntakeError {
-    fn into_response(self) -> Response {
+impl IntakeError {
+    /// The JSON error body (also written by hand-made responses, such as the
+    /// listener's refusal of a connection over its limit).
+    pub fn json_body(&self) -> String {
         let body = ErrorBody {
             code: self.code(),
             message: self.to_string(),
@@ -190,17 +192,24 @@ impl IntoResponse for IntakeError {
                 code: self.code(),
                 message: self.to_string(),
                 retryable: self.is_retryable(),
-                rejected: match &self {
+                rejected: match self {
                     IntakeError::InvalidBatch(rejected) => Some(rejected),
                     _ => None,
                 },
-                event: match &self {
+                event: match self {
                     IntakeError::InvalidEvent(rejection) => Some(rejection),
                     _ => None,
                 },
             },
         };
-        let mut response = (self.status(), axum::Json(body)).into_response();
+        serde_json::to_string(&body).expect("an error body always serializes")
+    }
+}
+
+impl IntoResponse for IntakeError {
+    fn into_response(self) -> Response {
+        let json = [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+        let mut response = (self.status(), json, self.json_body()).into_response();
         let headers = response.headers_mut();
         if let IntakeError::RateLimited {
             retry_after_seconds, ..

@@ -30,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::intake::error::IntakeError;
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
@@ -67,13 +68,7 @@ pub fn load_tls(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String
 
 /// The answer to a connection over the limit (it is closed right after).
 static TOO_MANY_CONNECTIONS: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
-    let message = "too many open connections; retry later";
-    let body = serde_json::json!({
-        "error": { "code": "too_many_connections", "message": message, "retryable": true },
-        "code": "too_many_connections",
-        "message": message,
-    })
-    .to_string();
+    let body = IntakeError::TooManyConnections.json_body();
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
          connection: close\r\ncontent-length: {}\r\n\r\n{body}",

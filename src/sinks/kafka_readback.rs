@@ -35,7 +35,7 @@ pub type LogEnds = HashMap<i32, i64>;
 const MAX_REMEMBERED: usize = 200_000;
 /// A read-back that would scan more messages than this is not done: the batch is
 /// sent unverified (counted) rather than replay stalling on a huge scan.
-pub const MAX_READ_BACK_MESSAGES: i64 = 2_000_000;
+const MAX_READ_BACK_MESSAGES: i64 = 2_000_000;
 /// A read-back gives up (the batch stays in the spool) after this long without
 /// progress.
 const READ_BACK_IDLE_LIMIT: Duration = Duration::from_secs(15);
@@ -131,7 +131,8 @@ impl UnknownOutcomes {
         self.count.store(remembered.len(), Ordering::Relaxed);
     }
 
-    pub fn remembered(&self) -> usize {
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
         self.count.load(Ordering::Relaxed)
     }
 }

@@ -97,7 +97,7 @@ impl Drop for SpoolRoom<'_> {
 pub struct SinkQueue {
     pub sink: &'static str,
     file: Arc<SpoolFile>,
-    /// The file's generation the counters were taken from (see `recount_if_reopened`).
+    /// The file's generation the counters were taken from (see `upkeep`).
     counted_generation: AtomicU64,
     /// Records the sink acknowledged whose deletion failed (a full disk): kept out
     /// of replay, so they are not delivered twice, and deleted with the next removal.
@@ -476,22 +476,29 @@ impl SinkQueue {
         self.delivered_not_removed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// After the spool file was reopened (see `SpoolFile`), counts again what the
-    /// queue holds: a commit that failed with an I/O error may still have reached
-    /// the disk (blocking).
-    pub fn recount_if_reopened(&self) -> Result<(), SpoolError> {
+    /// Whether `upkeep` has anything to do: the spool file was reopened since the
+    /// counters were taken, or delivered records still wait for their deletion.
+    /// Cheap, for the replayer to ask every round.
+    pub fn needs_upkeep(&self) -> bool {
+        self.counted_generation.load(Ordering::SeqCst) != self.file.generation() || !self.lock_delivered().is_empty()
+    }
+
+    /// The repairs an I/O error leaves (blocking): after the spool file was
+    /// reopened (see `SpoolFile`), counts again what the queue holds, since a commit
+    /// that failed may still have reached the disk; then retries deleting records
+    /// that were delivered but could not be deleted.
+    pub fn upkeep(&self) -> Result<(), SpoolError> {
         let generation = self.file.generation();
-        if self.counted_generation.load(Ordering::SeqCst) == generation {
-            return Ok(());
+        if self.counted_generation.load(Ordering::SeqCst) != generation {
+            let stored = self.file.run(|db| scan_queue(db, self.sink, self.table))?;
+            self.counted_generation.store(generation, Ordering::SeqCst);
+            self.bytes.store(stored.bytes, Ordering::SeqCst);
+            self.events.store(stored.events, Ordering::SeqCst);
+            self.records.store(stored.records, Ordering::SeqCst);
+            self.next_key.fetch_max(stored.last_key + 1, Ordering::SeqCst);
+            self.publish();
         }
-        let stored = self.file.run(|db| scan_queue(db, self.sink, self.table))?;
-        self.counted_generation.store(generation, Ordering::SeqCst);
-        self.bytes.store(stored.bytes, Ordering::SeqCst);
-        self.events.store(stored.events, Ordering::SeqCst);
-        self.records.store(stored.records, Ordering::SeqCst);
-        self.next_key.fetch_max(stored.last_key + 1, Ordering::SeqCst);
-        self.publish();
-        Ok(())
+        self.remove_keys(&[])
     }
 
     /// Deletes every record of this queue; returns the events dropped.

@@ -35,12 +35,10 @@ pub async fn run(
     loop {
         // After an I/O error: recount once the file is back, and retry deleting what
         // was delivered (errors are logged by the spool).
-        let upkeep_queue = queue.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            upkeep_queue.recount_if_reopened()?;
-            upkeep_queue.remove_keys(&[])
-        })
-        .await;
+        if queue.needs_upkeep() {
+            let upkeep_queue = queue.clone();
+            let _ = tokio::task::spawn_blocking(move || upkeep_queue.upkeep()).await;
+        }
         if queue.events() == 0 {
             if draining {
                 tracing::info!(sink = name, "spool drained: replay finished");
