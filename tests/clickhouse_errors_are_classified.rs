@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 
 use breakwater::config::ClickHouseConfig;
-use breakwater::intake::segment::{normalize, EventType, RequestContext};
+use breakwater::intake::segment::{normalize, EventType, ReceivedEvent, RequestContext};
 use breakwater::sinks::clickhouse::schema::Layout;
 use breakwater::sinks::clickhouse::Inserter;
 use breakwater::sinks::SinkBatch;
@@ -22,12 +22,10 @@ fn batch() -> Vec<Arc<SinkBatch>> {
         received_at: chrono::Utc::now(),
         source: "web",
     };
-    let serde_json::Value::Object(event) = json!({"messageId":"m-1","userId":"u","event":"e"}) else {
-        unreachable!()
-    };
+    let event = json!({"messageId":"m-1","userId":"u","event":"e"}).to_string();
     vec![Arc::new(SinkBatch {
         source: Arc::from("web"),
-        events: vec![normalize(event, &request).unwrap()],
+        events: vec![normalize(ReceivedEvent::parse(&event).unwrap(), &request).unwrap()],
     })]
 }
 

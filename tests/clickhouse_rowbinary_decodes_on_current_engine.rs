@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
-use breakwater::intake::segment::{normalize, EventType, NormalizedEvent, RequestContext};
+use breakwater::intake::segment::{normalize, EventType, NormalizedEvent, ReceivedEvent, RequestContext};
 use breakwater::sinks::clickhouse::row_binary::encode_row;
 use breakwater::sinks::clickhouse::schema::{self, Layout};
 use serde_json::{json, Value};
@@ -43,8 +43,8 @@ fn events() -> Vec<NormalizedEvent> {
     ]
     .into_iter()
     .map(|(route_type, event)| {
-        let Value::Object(map) = event else { unreachable!() };
-        normalize(map, &request(route_type)).unwrap()
+        let text = event.to_string();
+        normalize(ReceivedEvent::parse(&text).unwrap(), &request(route_type)).unwrap()
     })
     .collect()
 }

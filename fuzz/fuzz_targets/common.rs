@@ -27,6 +27,7 @@ pub fn parse_and_normalize(body: &[u8], kind: RouteKind) {
         if let Ok(normalized) = segment::normalize(event, &request) {
             // What the sinks are given must be the JSON it claims to be.
             let _: serde_json::Value = serde_json::from_slice(&normalized.json).expect("normalized JSON");
+            assert!(!normalized.json.contains(&b'\n'), "normalized JSON is one line");
         }
     }
 }

@@ -3,6 +3,7 @@
 //! pipeline and refused ones to the rejected store. Must not write to sinks itself.
 
 pub mod auth;
+pub mod compact_json;
 pub mod decode;
 pub mod error;
 pub mod rate_limit;

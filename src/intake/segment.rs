@@ -2,11 +2,17 @@
 //! validating each event on its own, and normalizing it (messageId, timestamps with
 //! clock-skew correction, receivedAt, source). Pure functions: no I/O here.
 
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde::de::{DeserializeSeed, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::compact_json::{string_value, CompactCopy, Key};
 use super::error::{EventRejection, IntakeError};
 use crate::config::LimitsConfig;
 
@@ -87,14 +93,135 @@ impl NormalizedEvent {
 /// A request body split into events, each parsed on its own so one bad event does
 /// not sink the others.
 #[derive(Debug)]
-pub struct ParsedRequest {
+pub struct ParsedRequest<'a> {
     /// `writeKey` from the body, if any (the browser SDK puts it there).
     pub write_key: Option<String>,
     /// Batch-level `sentAt`, applied to events that carry none.
     pub sent_at: Option<DateTime<Utc>>,
     /// Batch-level `context`, merged under each event's own.
     pub context: Option<Map<String, Value>>,
-    pub events: Vec<Result<Map<String, Value>, Refused>>,
+    pub events: Vec<Result<ReceivedEvent<'a>, Refused>>,
+}
+
+/// One event as received, parsed but not yet validated: its top-level fields in key
+/// order, each value already compact JSON. Values are not parsed into a tree; only
+/// the few top-level fields normalization reads are ever looked at.
+#[derive(Debug)]
+pub struct ReceivedEvent<'a> {
+    /// The event as the producer sent it, kept for the rejected store.
+    text: &'a str,
+    /// Sorted by key; of duplicate keys only the last is kept, as in JavaScript.
+    fields: Vec<Field<'a>>,
+    /// Every field's value as compact JSON, back to back.
+    values: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Field<'a> {
+    key: Cow<'a, str>,
+    value: Range<usize>,
+}
+
+impl<'a> ReceivedEvent<'a> {
+    /// Parses one event object. Fails as a `serde_json::Value` parse would (bad
+    /// syntax, invalid UTF-8, numbers beyond f64, nesting beyond 128 levels), and
+    /// with a data error when the text is not an object.
+    pub fn parse(text: &'a str) -> Result<ReceivedEvent<'a>, serde_json::Error> {
+        let mut values = Vec::with_capacity(text.len());
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let mut fields = (EventFields { values: &mut values }).deserialize(&mut deserializer)?;
+        deserializer.end()?;
+        // A stable sort keeps duplicates in arrival order; keep the last of each run.
+        fields.sort_by(|a, b| a.key.cmp(&b.key));
+        fields.dedup_by(|later, earlier| {
+            let same = later.key == earlier.key;
+            if same {
+                std::mem::swap(later, earlier);
+            }
+            same
+        });
+        Ok(ReceivedEvent { text, fields, values })
+    }
+
+    /// The field's value as compact JSON.
+    fn get(&self, key: &str) -> Option<&[u8]> {
+        let index = self.fields.binary_search_by(|f| f.key.as_ref().cmp(key)).ok()?;
+        Some(&self.values[self.fields[index].value.clone()])
+    }
+
+    /// What a field holds, by the first byte of its compact JSON.
+    fn kind(&self, key: &str) -> FieldKind<'_> {
+        match self.get(key) {
+            None | Some(b"null") => FieldKind::Absent,
+            Some(json) => match json[0] {
+                b'"' => FieldKind::String(string_value(json).unwrap_or_default()),
+                b'{' => FieldKind::Object(json),
+                b'-' | b'0'..=b'9' => FieldKind::Number(json),
+                _ => FieldKind::Other,
+            },
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Range<usize>> {
+        let index = self.fields.binary_search_by(|f| f.key.as_ref().cmp(key)).ok()?;
+        Some(self.fields.remove(index).value)
+    }
+
+    /// The event as received, minus any `writeKey`, for the rejected store.
+    fn as_received(&self) -> Value {
+        let mut value: Value = serde_json::from_str(self.text).unwrap_or_else(|_| Value::String(self.text.into()));
+        if let Value::Object(map) = &mut value {
+            map.remove("writeKey");
+        }
+        value
+    }
+}
+
+/// A top-level field's value, as normalization needs to see it.
+enum FieldKind<'e> {
+    /// Missing or `null`.
+    Absent,
+    String(Cow<'e, str>),
+    /// An object, as compact JSON.
+    Object(&'e [u8]),
+    /// A number, as compact JSON (which is also its canonical text).
+    Number(&'e [u8]),
+    /// `true`, `false` or an array.
+    Other,
+}
+
+/// Reads an event object into fields, copying each value into `values`.
+struct EventFields<'v> {
+    values: &'v mut Vec<u8>,
+}
+
+impl<'de> DeserializeSeed<'de> for EventFields<'_> {
+    type Value = Vec<Field<'de>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EventFields<'_> {
+    type Value = Vec<Field<'de>>;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = Vec::with_capacity(16);
+        while let Some(Key(key)) = map.next_key()? {
+            let start = self.values.len();
+            map.next_value_seed(CompactCopy { out: self.values })?;
+            fields.push(Field {
+                key,
+                value: start..self.values.len(),
+            });
+        }
+        Ok(fields)
+    }
 }
 
 /// An event refused on its own, with what is kept of it for the rejected store:
@@ -120,16 +247,21 @@ fn refused_text(reason: EventRejection, text: &str) -> Refused {
 }
 
 /// Parses a single-event body (`/v1/track` and friends).
-pub fn parse_single(body: &[u8], limits: &LimitsConfig) -> Result<ParsedRequest, IntakeError> {
+pub fn parse_single<'a>(body: &'a [u8], limits: &LimitsConfig) -> Result<ParsedRequest<'a>, IntakeError> {
     if body.len() > limits.max_event_bytes {
         return Err(IntakeError::EventTooLarge {
             limit: limits.max_event_bytes,
         });
     }
-    let value: Value = serde_json::from_slice(body).map_err(json_error)?;
-    let Value::Object(mut event) = value else {
-        return Err(IntakeError::InvalidBody(String::new()));
-    };
+    let text = std::str::from_utf8(body).map_err(|e| IntakeError::InvalidJson(format!("body is not UTF-8: {e}")))?;
+    let mut event = ReceivedEvent::parse(text).map_err(|error| match error.classify() {
+        // Not an object; but a syntax error anywhere in the body says more.
+        serde_json::error::Category::Data => match serde_json::from_str::<Value>(text) {
+            Ok(_) => IntakeError::InvalidBody(String::new()),
+            Err(error) => json_error(error),
+        },
+        _ => json_error(error),
+    })?;
     let write_key = take_write_key(&mut event)?;
     Ok(ParsedRequest {
         write_key,
@@ -151,7 +283,7 @@ struct BatchEnvelope<'a> {
 }
 
 /// Parses `{"batch":[…], "sentAt":…, "context":…, "writeKey":…}`.
-pub fn parse_batch(body: &[u8], limits: &LimitsConfig) -> Result<ParsedRequest, IntakeError> {
+pub fn parse_batch<'a>(body: &'a [u8], limits: &LimitsConfig) -> Result<ParsedRequest<'a>, IntakeError> {
     let envelope: BatchEnvelope = serde_json::from_slice(body).map_err(json_error)?;
     let items = envelope
         .batch
@@ -172,10 +304,15 @@ pub fn parse_batch(body: &[u8], limits: &LimitsConfig) -> Result<ParsedRequest, 
     };
     let sent_at = match envelope.sent_at {
         None | Some(Value::Null) => None,
-        Some(value) => Some(
-            parse_timestamp(&value)
+        Some(Value::String(text)) => Some(
+            parse_timestamp(&text)
                 .ok_or_else(|| IntakeError::InvalidBody(": batch `sentAt` must be an RFC 3339 timestamp".into()))?,
         ),
+        Some(_) => {
+            return Err(IntakeError::InvalidBody(
+                ": batch `sentAt` must be an RFC 3339 timestamp".into(),
+            ))
+        }
     };
     let context = match envelope.context {
         None | Some(Value::Null) => None,
@@ -194,7 +331,7 @@ pub fn parse_batch(body: &[u8], limits: &LimitsConfig) -> Result<ParsedRequest, 
     })
 }
 
-fn parse_batch_item(raw: &RawValue, max_event_bytes: usize) -> Result<Map<String, Value>, Refused> {
+fn parse_batch_item<'a>(raw: &'a RawValue, max_event_bytes: usize) -> Result<ReceivedEvent<'a>, Refused> {
     let text = raw.get();
     if text.len() > max_event_bytes {
         let reason = EventRejection::new(
@@ -203,26 +340,31 @@ fn parse_batch_item(raw: &RawValue, max_event_bytes: usize) -> Result<Map<String
         );
         return Err(refused_text(reason, text));
     }
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(mut event)) => {
+    if !text.starts_with('{') {
+        let reason = match serde_json::from_str::<Value>(text) {
+            Ok(_) => EventRejection::new("not_an_object", "each batch item must be a JSON object"),
+            Err(e) => EventRejection::new("invalid_json", e.to_string()),
+        };
+        return Err(refused_text(reason, text));
+    }
+    match ReceivedEvent::parse(text) {
+        Ok(mut event) => {
             // A per-event writeKey is not an auth channel; keep it out of the sinks.
             event.remove("writeKey");
             Ok(event)
         }
-        Ok(_) => Err(refused_text(
-            EventRejection::new("not_an_object", "each batch item must be a JSON object"),
-            text,
-        )),
         Err(e) => Err(refused_text(EventRejection::new("invalid_json", e.to_string()), text)),
     }
 }
 
-fn take_write_key(event: &mut Map<String, Value>) -> Result<Option<String>, IntakeError> {
-    match event.remove("writeKey") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(key)) => Ok(Some(key)),
-        Some(_) => Err(IntakeError::InvalidBody(": `writeKey` must be a string".into())),
-    }
+fn take_write_key(event: &mut ReceivedEvent) -> Result<Option<String>, IntakeError> {
+    let key = match event.kind("writeKey") {
+        FieldKind::Absent => None,
+        FieldKind::String(key) => Some(key.into_owned()),
+        _ => return Err(IntakeError::InvalidBody(": `writeKey` must be a string".into())),
+    };
+    event.remove("writeKey");
+    Ok(key)
 }
 
 fn json_error(error: serde_json::Error) -> IntakeError {
@@ -245,60 +387,44 @@ pub struct RequestContext<'a> {
 /// Validates one event and returns it normalized. The output keeps every field the
 /// producer sent and sets: `type`, `messageId` (generated when absent), `receivedAt`,
 /// `timestamp` (clock-skew corrected), `originalTimestamp`, `sentAt`, `sourceName`.
-pub fn normalize(mut event: Map<String, Value>, request: &RequestContext) -> Result<NormalizedEvent, Refused> {
-    match normalize_in_place(&mut event, request) {
-        Ok(fields) => {
-            let json = serde_json::to_vec(&event).expect("a JSON map always serializes");
-            let text = |field: &str| event.get(field).and_then(Value::as_str).map(str::to_string);
-            Ok(NormalizedEvent {
-                message_id: fields.message_id,
-                event_type: fields.event_type,
-                user_id: text("userId"),
-                anonymous_id: text("anonymousId"),
-                event_name: if fields.event_type == EventType::Track {
-                    text("event").unwrap_or_default()
-                } else {
-                    String::new()
-                },
-                timestamp_ms: fields.timestamp.timestamp_millis(),
-                received_at_ms: request.received_at.timestamp_millis(),
-                json,
-            })
-        }
+/// Top-level keys come out sorted; nested values are kept as sent, compacted.
+pub fn normalize(event: ReceivedEvent, request: &RequestContext) -> Result<NormalizedEvent, Refused> {
+    match normalized_fields(&event, request) {
+        Ok(set) => Ok(write_normalized(&event, set, request)),
         Err(reason) => Err(Refused {
             reason,
-            event: Value::Object(event),
+            event: event.as_received(),
         }),
     }
 }
 
-/// What normalization learned that is not just a JSON field lookup away.
-struct NormalizedFields {
-    message_id: String,
+/// What normalization sets on an event, each value as JSON text.
+struct SetFields {
     event_type: EventType,
+    message_id: String,
+    user_id: Option<String>,
+    anonymous_id: Option<String>,
+    event_name: String,
     timestamp: DateTime<Utc>,
+    /// Sorted by key; each replaces the event's own field of that name.
+    json: Vec<(&'static str, Vec<u8>)>,
 }
 
-fn normalize_in_place(
-    event: &mut Map<String, Value>,
-    request: &RequestContext,
-) -> Result<NormalizedFields, EventRejection> {
+fn normalized_fields(event: &ReceivedEvent, request: &RequestContext) -> Result<SetFields, EventRejection> {
     let event_type = match request.route_type {
         Some(route_type) => route_type,
-        None => match event.get("type") {
-            None | Some(Value::Null) => {
-                return Err(EventRejection::new("missing_type", "event has no `type`"));
-            }
-            Some(Value::String(name)) => EventType::parse(name).ok_or_else(|| {
+        None => match event.kind("type") {
+            FieldKind::Absent => return Err(EventRejection::new("missing_type", "event has no `type`")),
+            FieldKind::String(name) => EventType::parse(&name).ok_or_else(|| {
                 EventRejection::new(
                     "invalid_type",
                     format!("`type` must be one of track, identify, page, screen, group, alias; got `{name}`"),
                 )
             })?,
-            Some(_) => return Err(EventRejection::new("invalid_type", "`type` must be a string")),
+            _ => return Err(EventRejection::new("invalid_type", "`type` must be a string")),
         },
     };
-    event.insert("type".into(), Value::String(event_type.as_str().into()));
+    let mut json = vec![("type", json_string(event_type.as_str()))];
 
     let user_id = identifier(event, "userId")?;
     let anonymous_id = identifier(event, "anonymousId")?;
@@ -308,15 +434,16 @@ fn normalize_in_place(
             "event needs a non-empty `userId` or `anonymousId`",
         ));
     }
-    for (field, value) in [("userId", user_id), ("anonymousId", anonymous_id)] {
+    for (field, value) in [("userId", &user_id), ("anonymousId", &anonymous_id)] {
         if let Some(value) = value {
-            event.insert(field.into(), Value::String(value));
+            json.push((field, json_string(value)));
         }
     }
 
+    let mut event_name = String::new();
     match event_type {
-        EventType::Track => match event.get("event") {
-            Some(Value::String(name)) if !name.trim().is_empty() => {}
+        EventType::Track => match event.kind("event") {
+            FieldKind::String(name) if !name.trim().is_empty() => event_name = name.into_owned(),
             _ => {
                 return Err(EventRejection::new(
                     "missing_event",
@@ -324,25 +451,31 @@ fn normalize_in_place(
                 ));
             }
         },
-        EventType::Group => require_identifier(event, "groupId", "missing_group_id")?,
-        EventType::Alias => require_identifier(event, "previousId", "missing_previous_id")?,
+        EventType::Group => json.push((
+            "groupId",
+            required_identifier(event, event_type, "groupId", "missing_group_id")?,
+        )),
+        EventType::Alias => json.push((
+            "previousId",
+            required_identifier(event, event_type, "previousId", "missing_previous_id")?,
+        )),
         EventType::Identify | EventType::Page | EventType::Screen => {}
     }
 
-    let message_id = match event.get("messageId") {
-        None | Some(Value::Null) => uuid::Uuid::new_v4().to_string(),
-        Some(Value::String(id)) if !id.is_empty() && id.chars().count() <= MAX_MESSAGE_ID_CHARS => id.clone(),
-        Some(_) => {
+    let message_id = match event.kind("messageId") {
+        FieldKind::Absent => uuid::Uuid::new_v4().to_string(),
+        FieldKind::String(id) if !id.is_empty() && id.chars().count() <= MAX_MESSAGE_ID_CHARS => id.into_owned(),
+        _ => {
             return Err(EventRejection::new(
                 "invalid_message_id",
                 format!("`messageId` must be a non-empty string of at most {MAX_MESSAGE_ID_CHARS} characters"),
             ));
         }
     };
-    event.insert("messageId".into(), Value::String(message_id.clone()));
+    json.push(("messageId", json_string(&message_id)));
 
     for field in ["context", "properties", "traits", "integrations"] {
-        if !matches!(event.get(field), None | Some(Value::Null) | Some(Value::Object(_))) {
+        if !matches!(event.kind(field), FieldKind::Absent | FieldKind::Object(_)) {
             return Err(EventRejection::new(
                 "invalid_field",
                 format!("`{field}` must be an object"),
@@ -350,7 +483,7 @@ fn normalize_in_place(
         }
     }
     if let Some(batch_context) = request.context {
-        merge_context(event, batch_context);
+        json.push(("context", merged_context(event, batch_context)));
     }
 
     let timestamp = optional_timestamp(event, "timestamp")?;
@@ -364,77 +497,147 @@ fn normalize_in_place(
         (Some(original), None) => original,
         (None, _) => received_at,
     };
-    event.insert("receivedAt".into(), Value::String(format_timestamp(received_at)));
-    event.insert("timestamp".into(), Value::String(format_timestamp(corrected)));
+    json.push(("receivedAt", json_timestamp(received_at)));
+    json.push(("timestamp", json_timestamp(corrected)));
     if let Some(original) = original {
-        event.insert("originalTimestamp".into(), Value::String(format_timestamp(original)));
+        json.push(("originalTimestamp", json_timestamp(original)));
     }
     if let Some(sent_at) = sent_at {
-        event.insert("sentAt".into(), Value::String(format_timestamp(sent_at)));
+        json.push(("sentAt", json_timestamp(sent_at)));
     }
-    event.insert("sourceName".into(), Value::String(request.source.to_string()));
-    Ok(NormalizedFields {
-        message_id,
+    json.push(("sourceName", json_string(request.source)));
+    json.sort_unstable_by_key(|(key, _)| *key);
+
+    // What the sinks index: the identifier as set, or else the field as sent.
+    let as_sent = |field: &str| match event.kind(field) {
+        FieldKind::String(text) => Some(text.into_owned()),
+        _ => None,
+    };
+    Ok(SetFields {
         event_type,
+        user_id: user_id.or_else(|| as_sent("userId")),
+        anonymous_id: anonymous_id.or_else(|| as_sent("anonymousId")),
+        message_id,
+        event_name,
         timestamp: corrected,
+        json,
     })
 }
 
+/// Writes the event's own fields merged with the ones normalization set, by key.
+fn write_normalized(event: &ReceivedEvent, set: SetFields, request: &RequestContext) -> NormalizedEvent {
+    let mut out = Vec::with_capacity(event.values.len() + event.fields.len() * 16 + 256);
+    out.push(b'{');
+    let (mut own, mut setting) = (0, 0);
+    loop {
+        let own_field = event.fields.get(own);
+        let set_field = set.json.get(setting);
+        let takes_own = match (own_field, set_field) {
+            (None, None) => break,
+            (Some(field), Some((set_key, _))) => {
+                if field.key.as_ref() == *set_key {
+                    own += 1; // replaced by the set value
+                    false
+                } else {
+                    field.key.as_ref() < *set_key
+                }
+            }
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+        };
+        let (key, value): (&str, &[u8]) = if takes_own {
+            let field = &event.fields[own];
+            own += 1;
+            (&field.key, &event.values[field.value.clone()])
+        } else {
+            let (key, value) = &set.json[setting];
+            setting += 1;
+            (key, value)
+        };
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, key).expect("writing to a Vec cannot fail");
+        out.push(b':');
+        out.extend_from_slice(value);
+    }
+    out.push(b'}');
+    NormalizedEvent {
+        message_id: set.message_id,
+        event_type: set.event_type,
+        user_id: set.user_id,
+        anonymous_id: set.anonymous_id,
+        event_name: set.event_name,
+        timestamp_ms: set.timestamp.timestamp_millis(),
+        received_at_ms: request.received_at.timestamp_millis(),
+        json: out,
+    }
+}
+
+fn json_string(text: &str) -> Vec<u8> {
+    serde_json::to_vec(text).expect("a string always serializes")
+}
+
+fn json_timestamp(time: DateTime<Utc>) -> Vec<u8> {
+    // RFC 3339 never needs escaping.
+    format!("\"{}\"", format_timestamp(time)).into_bytes()
+}
+
 /// `userId`-like fields: a non-empty string, or a number (kept as its string form).
-fn identifier(event: &Map<String, Value>, field: &str) -> Result<Option<String>, EventRejection> {
-    match event.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(_) => Err(EventRejection::new(
+fn identifier(event: &ReceivedEvent, field: &str) -> Result<Option<String>, EventRejection> {
+    match event.kind(field) {
+        FieldKind::Absent => Ok(None),
+        FieldKind::String(s) if s.trim().is_empty() => Ok(None),
+        FieldKind::String(s) => Ok(Some(s.into_owned())),
+        FieldKind::Number(n) => Ok(Some(String::from_utf8_lossy(n).into_owned())),
+        FieldKind::Object(_) | FieldKind::Other => Err(EventRejection::new(
             "invalid_field",
             format!("`{field}` must be a string or a number"),
         )),
     }
 }
 
-fn require_identifier(event: &mut Map<String, Value>, field: &str, code: &'static str) -> Result<(), EventRejection> {
+/// A required `userId`-like field, as the JSON string it is set to.
+fn required_identifier(
+    event: &ReceivedEvent,
+    event_type: EventType,
+    field: &str,
+    code: &'static str,
+) -> Result<Vec<u8>, EventRejection> {
     let value = identifier(event, field)?
-        .ok_or_else(|| EventRejection::new(code, format!("{} event needs `{field}`", event_type_name(event))))?;
-    event.insert(field.into(), Value::String(value));
-    Ok(())
-}
-
-fn event_type_name(event: &Map<String, Value>) -> &str {
-    event.get("type").and_then(Value::as_str).unwrap_or("this")
+        .ok_or_else(|| EventRejection::new(code, format!("{} event needs `{field}`", event_type.as_str())))?;
+    Ok(json_string(&value))
 }
 
 /// Batch-level context fills in keys the event's own context lacks.
-fn merge_context(event: &mut Map<String, Value>, batch_context: &Map<String, Value>) {
-    let context = event.entry("context").or_insert_with(|| Value::Object(Map::new()));
-    if context.is_null() {
-        *context = Value::Object(Map::new());
+fn merged_context(event: &ReceivedEvent, batch_context: &Map<String, Value>) -> Vec<u8> {
+    let mut context: Map<String, Value> = match event.kind("context") {
+        FieldKind::Object(json) => serde_json::from_slice(json).expect("compact JSON from a parsed object"),
+        _ => Map::new(),
+    };
+    for (key, value) in batch_context {
+        context.entry(key.clone()).or_insert_with(|| value.clone());
     }
-    if let Value::Object(context) = context {
-        for (key, value) in batch_context {
-            context.entry(key.clone()).or_insert_with(|| value.clone());
-        }
+    serde_json::to_vec(&context).expect("a JSON map always serializes")
+}
+
+fn optional_timestamp(event: &ReceivedEvent, field: &str) -> Result<Option<DateTime<Utc>>, EventRejection> {
+    let invalid = || {
+        EventRejection::new(
+            "invalid_timestamp",
+            format!("`{field}` must be an RFC 3339 timestamp such as 2024-01-31T12:00:00.000Z"),
+        )
+    };
+    match event.kind(field) {
+        FieldKind::Absent => Ok(None),
+        FieldKind::String(text) => parse_timestamp(&text).map(Some).ok_or_else(invalid),
+        _ => Err(invalid()),
     }
 }
 
-fn optional_timestamp(event: &Map<String, Value>, field: &str) -> Result<Option<DateTime<Utc>>, EventRejection> {
-    match event.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(value) => parse_timestamp(value).map(Some).ok_or_else(|| {
-            EventRejection::new(
-                "invalid_timestamp",
-                format!("`{field}` must be an RFC 3339 timestamp such as 2024-01-31T12:00:00.000Z"),
-            )
-        }),
-    }
-}
-
-fn parse_timestamp(value: &Value) -> Option<DateTime<Utc>> {
-    let text = value.as_str()?;
+fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc))
 }
-
 /// RFC 3339 in UTC with milliseconds, as Segment writes them.
 pub fn format_timestamp(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -469,7 +672,8 @@ mod tests {
     }
 
     fn normalized(value: Value, request: &RequestContext) -> Result<Value, EventRejection> {
-        normalize(object(value), request)
+        let text = value.to_string();
+        normalize(ReceivedEvent::parse(&text).unwrap(), request)
             .map(|e| serde_json::from_slice(&e.json).unwrap())
             .map_err(|refused| refused.reason)
     }

@@ -1,0 +1,181 @@
+//! Copying JSON values as compact text without building a tree. Events are parsed
+//! once: each top-level field's value is streamed from serde_json's parser into one
+//! output buffer, checked exactly as a `serde_json::Value` parse would check it
+//! (valid UTF-8, numbers within f64, at most 128 levels deep) but without a heap
+//! allocation per string, number, array or object.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::io::Write;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+/// A DeserializeSeed that writes the value it is given to `out` as compact JSON:
+/// no whitespace, strings re-escaped the way serde_json writes them, numbers as
+/// serde_json formats them. Object keys keep their order and duplicates.
+pub struct CompactCopy<'o> {
+    pub out: &'o mut Vec<u8>,
+}
+
+impl<'de> DeserializeSeed<'de> for CompactCopy<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl CompactCopy<'_> {
+    fn write<T: serde::Serialize + ?Sized, E: serde::de::Error>(self, value: &T) -> Result<(), E> {
+        serde_json::to_writer(self.out, value).map_err(E::custom)
+    }
+
+    fn raw<E>(self, text: &[u8]) -> Result<(), E> {
+        self.out.extend_from_slice(text);
+        Ok(())
+    }
+}
+
+impl<'de> Visitor<'de> for CompactCopy<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<(), E> {
+        self.raw(if value { b"true" } else { b"false" })
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<(), E> {
+        write!(self.out, "{value}").map_err(E::custom)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<(), E> {
+        write!(self.out, "{value}").map_err(E::custom)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<(), E> {
+        self.write(&value)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<(), E> {
+        self.write(value)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.raw(b"null")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.out.push(b'[');
+        let mut first = true;
+        loop {
+            let comma_at = self.out.len();
+            if !first {
+                self.out.push(b',');
+            }
+            if seq.next_element_seed(CompactCopy { out: self.out })?.is_none() {
+                self.out.truncate(comma_at);
+                break;
+            }
+            first = false;
+        }
+        self.out.push(b']');
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.out.push(b'{');
+        let mut first = true;
+        while let Some(Key(key)) = map.next_key()? {
+            if !first {
+                self.out.push(b',');
+            }
+            first = false;
+            serde_json::to_writer(&mut *self.out, key.as_ref()).map_err(serde::de::Error::custom)?;
+            self.out.push(b':');
+            map.next_value_seed(CompactCopy { out: self.out })?;
+        }
+        self.out.push(b'}');
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the input unless it had escapes to undo.
+pub struct Key<'de>(pub Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("an object key")
+            }
+
+            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(key)))
+            }
+
+            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(key.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// The text of a compact JSON string value, unescaped; `None` for any other value.
+pub fn string_value(json: &[u8]) -> Option<Cow<'_, str>> {
+    let inner = json.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if inner.contains(&b'\\') {
+        serde_json::from_slice::<String>(json).ok().map(Cow::Owned)
+    } else {
+        std::str::from_utf8(inner).ok().map(Cow::Borrowed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compact(text: &str) -> Result<String, serde_json::Error> {
+        let mut out = Vec::new();
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        CompactCopy { out: &mut out }.deserialize(&mut deserializer)?;
+        deserializer.end()?;
+        Ok(String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn copies_compactly_and_as_serde_json_writes() {
+        let text = "{ \"b\" : [1, -2, 3.50, 1e3, true, null, {}], \"a\":\"\\u00e9\\n\\\"\", \"b\": []\n}";
+        assert_eq!(
+            compact(text).unwrap(),
+            r#"{"b":[1,-2,3.5,1000.0,true,null,{}],"a":"é\n\"","b":[]}"#
+        );
+        assert_eq!(compact("[]").unwrap(), "[]");
+        assert_eq!(compact("[[],[1]]").unwrap(), "[[],[1]]");
+    }
+
+    #[test]
+    fn refuses_what_a_value_parse_refuses() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(compact(&deep).unwrap_err().to_string().contains("recursion limit"));
+        let huge = format!("1{}", "0".repeat(400));
+        assert!(compact(&huge).unwrap_err().to_string().contains("number out of range"));
+        assert!(compact("[1,]").is_err());
+        assert!(compact("[1] x").is_err());
+    }
+
+    #[test]
+    fn string_values_are_unescaped_only_when_needed() {
+        assert!(matches!(string_value(br#""plain""#), Some(Cow::Borrowed("plain"))));
+        assert_eq!(string_value(br#""a\nb""#).unwrap(), "a\nb");
+        assert!(string_value(b"12").is_none());
+        assert!(string_value(b"\"").is_none());
+    }
+}
