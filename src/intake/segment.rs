@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use serde::de::{DeserializeSeed, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -149,17 +149,8 @@ impl<'a> ReceivedEvent<'a> {
         Some(&self.values[self.fields[index].value.clone()])
     }
 
-    /// What a field holds, by the first byte of its compact JSON.
     fn kind(&self, key: &str) -> FieldKind<'_> {
-        match self.get(key) {
-            None | Some(b"null") => FieldKind::Absent,
-            Some(json) => match json[0] {
-                b'"' => FieldKind::String(string_value(json).unwrap_or_default()),
-                b'{' => FieldKind::Object(json),
-                b'-' | b'0'..=b'9' => FieldKind::Number(json),
-                _ => FieldKind::Other,
-            },
-        }
+        FieldKind::of(self.get(key))
     }
 
     fn remove(&mut self, key: &str) -> Option<Range<usize>> {
@@ -188,6 +179,102 @@ enum FieldKind<'e> {
     Number(&'e [u8]),
     /// `true`, `false` or an array.
     Other,
+}
+
+impl<'e> FieldKind<'e> {
+    /// What a field holds, by the first byte of its compact JSON.
+    fn of(json: Option<&'e [u8]>) -> FieldKind<'e> {
+        match json {
+            None | Some(b"null") => FieldKind::Absent,
+            Some(json) => match json[0] {
+                b'"' => FieldKind::String(string_value(json).unwrap_or_default()),
+                b'{' => FieldKind::Object(json),
+                b'-' | b'0'..=b'9' => FieldKind::Number(json),
+                _ => FieldKind::Other,
+            },
+        }
+    }
+}
+
+/// The top-level fields normalization reads.
+#[derive(Debug, Clone, Copy)]
+enum Known {
+    Type,
+    UserId,
+    AnonymousId,
+    Event,
+    GroupId,
+    PreviousId,
+    MessageId,
+    Context,
+    Properties,
+    Traits,
+    Integrations,
+    Timestamp,
+    OriginalTimestamp,
+    SentAt,
+}
+
+impl Known {
+    const COUNT: usize = Known::SentAt as usize + 1;
+
+    fn name(self) -> &'static str {
+        match self {
+            Known::Type => "type",
+            Known::UserId => "userId",
+            Known::AnonymousId => "anonymousId",
+            Known::Event => "event",
+            Known::GroupId => "groupId",
+            Known::PreviousId => "previousId",
+            Known::MessageId => "messageId",
+            Known::Context => "context",
+            Known::Properties => "properties",
+            Known::Traits => "traits",
+            Known::Integrations => "integrations",
+            Known::Timestamp => "timestamp",
+            Known::OriginalTimestamp => "originalTimestamp",
+            Known::SentAt => "sentAt",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Known> {
+        Some(match name {
+            "type" => Known::Type,
+            "userId" => Known::UserId,
+            "anonymousId" => Known::AnonymousId,
+            "event" => Known::Event,
+            "groupId" => Known::GroupId,
+            "previousId" => Known::PreviousId,
+            "messageId" => Known::MessageId,
+            "context" => Known::Context,
+            "properties" => Known::Properties,
+            "traits" => Known::Traits,
+            "integrations" => Known::Integrations,
+            "timestamp" => Known::Timestamp,
+            "originalTimestamp" => Known::OriginalTimestamp,
+            "sentAt" => Known::SentAt,
+            _ => return None,
+        })
+    }
+}
+
+/// The values of an event's known fields, found in one pass over its fields.
+struct KnownFields<'e>([Option<&'e [u8]>; Known::COUNT]);
+
+impl<'e> KnownFields<'e> {
+    fn of(event: &'e ReceivedEvent) -> KnownFields<'e> {
+        let mut found = [None; Known::COUNT];
+        for field in &event.fields {
+            if let Some(known) = Known::from_name(&field.key) {
+                found[known as usize] = Some(&event.values[field.value.clone()]);
+            }
+        }
+        KnownFields(found)
+    }
+
+    fn kind(&self, field: Known) -> FieldKind<'e> {
+        FieldKind::of(self.0[field as usize])
+    }
 }
 
 /// Reads an event object into fields, copying each value into `values`.
@@ -411,9 +498,10 @@ struct SetFields {
 }
 
 fn normalized_fields(event: &ReceivedEvent, request: &RequestContext) -> Result<SetFields, EventRejection> {
+    let event = KnownFields::of(event);
     let event_type = match request.route_type {
         Some(route_type) => route_type,
-        None => match event.kind("type") {
+        None => match event.kind(Known::Type) {
             FieldKind::Absent => return Err(EventRejection::new("missing_type", "event has no `type`")),
             FieldKind::String(name) => EventType::parse(&name).ok_or_else(|| {
                 EventRejection::new(
@@ -426,23 +514,23 @@ fn normalized_fields(event: &ReceivedEvent, request: &RequestContext) -> Result<
     };
     let mut json = vec![("type", json_string(event_type.as_str()))];
 
-    let user_id = identifier(event, "userId")?;
-    let anonymous_id = identifier(event, "anonymousId")?;
+    let user_id = identifier(&event, Known::UserId)?;
+    let anonymous_id = identifier(&event, Known::AnonymousId)?;
     if user_id.is_none() && anonymous_id.is_none() {
         return Err(EventRejection::new(
             "missing_identity",
             "event needs a non-empty `userId` or `anonymousId`",
         ));
     }
-    for (field, value) in [("userId", &user_id), ("anonymousId", &anonymous_id)] {
+    for (field, value) in [(Known::UserId, &user_id), (Known::AnonymousId, &anonymous_id)] {
         if let Some(value) = value {
-            json.push((field, json_string(value)));
+            json.push((field.name(), json_string(value)));
         }
     }
 
     let mut event_name = String::new();
     match event_type {
-        EventType::Track => match event.kind("event") {
+        EventType::Track => match event.kind(Known::Event) {
             FieldKind::String(name) if !name.trim().is_empty() => event_name = name.into_owned(),
             _ => {
                 return Err(EventRejection::new(
@@ -453,16 +541,16 @@ fn normalized_fields(event: &ReceivedEvent, request: &RequestContext) -> Result<
         },
         EventType::Group => json.push((
             "groupId",
-            required_identifier(event, event_type, "groupId", "missing_group_id")?,
+            required_identifier(&event, event_type, Known::GroupId, "missing_group_id")?,
         )),
         EventType::Alias => json.push((
             "previousId",
-            required_identifier(event, event_type, "previousId", "missing_previous_id")?,
+            required_identifier(&event, event_type, Known::PreviousId, "missing_previous_id")?,
         )),
         EventType::Identify | EventType::Page | EventType::Screen => {}
     }
 
-    let message_id = match event.kind("messageId") {
+    let message_id = match event.kind(Known::MessageId) {
         FieldKind::Absent => uuid::Uuid::new_v4().to_string(),
         FieldKind::String(id) if !id.is_empty() && id.chars().count() <= MAX_MESSAGE_ID_CHARS => id.into_owned(),
         _ => {
@@ -474,21 +562,21 @@ fn normalized_fields(event: &ReceivedEvent, request: &RequestContext) -> Result<
     };
     json.push(("messageId", json_string(&message_id)));
 
-    for field in ["context", "properties", "traits", "integrations"] {
+    for field in [Known::Context, Known::Properties, Known::Traits, Known::Integrations] {
         if !matches!(event.kind(field), FieldKind::Absent | FieldKind::Object(_)) {
             return Err(EventRejection::new(
                 "invalid_field",
-                format!("`{field}` must be an object"),
+                format!("`{}` must be an object", field.name()),
             ));
         }
     }
     if let Some(batch_context) = request.context {
-        json.push(("context", merged_context(event, batch_context)));
+        json.push(("context", merged_context(&event, batch_context)));
     }
 
-    let timestamp = optional_timestamp(event, "timestamp")?;
-    let original = optional_timestamp(event, "originalTimestamp")?.or(timestamp);
-    let sent_at = optional_timestamp(event, "sentAt")?.or(request.sent_at);
+    let timestamp = optional_timestamp(&event, Known::Timestamp)?;
+    let original = optional_timestamp(&event, Known::OriginalTimestamp)?.or(timestamp);
+    let sent_at = optional_timestamp(&event, Known::SentAt)?.or(request.sent_at);
     let received_at = request.received_at;
     // Segment's clock-skew correction: the device clock may be wrong, but the gap
     // between creating the event and sending it is measured on that same clock.
@@ -497,11 +585,21 @@ fn normalized_fields(event: &ReceivedEvent, request: &RequestContext) -> Result<
         (Some(original), None) => original,
         (None, _) => received_at,
     };
-    json.push(("receivedAt", json_timestamp(received_at)));
-    json.push(("timestamp", json_timestamp(corrected)));
+    // Without a sentAt, timestamp is originalTimestamp; without any client time, it
+    // is receivedAt: format each distinct time once.
+    let corrected_json = json_timestamp(corrected);
+    let same_or_new = |time: DateTime<Utc>| {
+        if time == corrected {
+            corrected_json.clone()
+        } else {
+            json_timestamp(time)
+        }
+    };
+    json.push(("receivedAt", same_or_new(received_at)));
     if let Some(original) = original {
-        json.push(("originalTimestamp", json_timestamp(original)));
+        json.push(("originalTimestamp", same_or_new(original)));
     }
+    json.push(("timestamp", corrected_json));
     if let Some(sent_at) = sent_at {
         json.push(("sentAt", json_timestamp(sent_at)));
     }
@@ -509,14 +607,14 @@ fn normalized_fields(event: &ReceivedEvent, request: &RequestContext) -> Result<
     json.sort_unstable_by_key(|(key, _)| *key);
 
     // What the sinks index: the identifier as set, or else the field as sent.
-    let as_sent = |field: &str| match event.kind(field) {
+    let as_sent = |field: Known| match event.kind(field) {
         FieldKind::String(text) => Some(text.into_owned()),
         _ => None,
     };
     Ok(SetFields {
         event_type,
-        user_id: user_id.or_else(|| as_sent("userId")),
-        anonymous_id: anonymous_id.or_else(|| as_sent("anonymousId")),
+        user_id: user_id.or_else(|| as_sent(Known::UserId)),
+        anonymous_id: anonymous_id.or_else(|| as_sent(Known::AnonymousId)),
         message_id,
         event_name,
         timestamp: corrected,
@@ -578,13 +676,36 @@ fn json_string(text: &str) -> Vec<u8> {
     serde_json::to_vec(text).expect("a string always serializes")
 }
 
+/// `format_timestamp` as a JSON string (RFC 3339 never needs escaping), written
+/// directly for the years 0–9999 that real events have: chrono's general formatter
+/// cost more than the rest of normalization.
 fn json_timestamp(time: DateTime<Utc>) -> Vec<u8> {
-    // RFC 3339 never needs escaping.
-    format!("\"{}\"", format_timestamp(time)).into_bytes()
+    let (date, clock) = (time.date_naive(), time.time());
+    let leap_second = clock.nanosecond() >= 1_000_000_000;
+    if !(0..=9999).contains(&date.year()) || leap_second {
+        return format!("\"{}\"", format_timestamp(time)).into_bytes();
+    }
+    let mut out = Vec::with_capacity(26);
+    out.push(b'"');
+    let mut digits = |value: u32, width: u32, after: u8| {
+        for power in (0..width).rev() {
+            out.push(b'0' + (value / 10u32.pow(power) % 10) as u8);
+        }
+        out.push(after);
+    };
+    digits(date.year() as u32, 4, b'-');
+    digits(date.month(), 2, b'-');
+    digits(date.day(), 2, b'T');
+    digits(clock.hour(), 2, b':');
+    digits(clock.minute(), 2, b':');
+    digits(clock.second(), 2, b'.');
+    digits(clock.nanosecond() / 1_000_000, 3, b'Z');
+    out.push(b'"');
+    out
 }
 
 /// `userId`-like fields: a non-empty string, or a number (kept as its string form).
-fn identifier(event: &ReceivedEvent, field: &str) -> Result<Option<String>, EventRejection> {
+fn identifier(event: &KnownFields, field: Known) -> Result<Option<String>, EventRejection> {
     match event.kind(field) {
         FieldKind::Absent => Ok(None),
         FieldKind::String(s) if s.trim().is_empty() => Ok(None),
@@ -592,26 +713,26 @@ fn identifier(event: &ReceivedEvent, field: &str) -> Result<Option<String>, Even
         FieldKind::Number(n) => Ok(Some(String::from_utf8_lossy(n).into_owned())),
         FieldKind::Object(_) | FieldKind::Other => Err(EventRejection::new(
             "invalid_field",
-            format!("`{field}` must be a string or a number"),
+            format!("`{}` must be a string or a number", field.name()),
         )),
     }
 }
 
 /// A required `userId`-like field, as the JSON string it is set to.
 fn required_identifier(
-    event: &ReceivedEvent,
+    event: &KnownFields,
     event_type: EventType,
-    field: &str,
+    field: Known,
     code: &'static str,
 ) -> Result<Vec<u8>, EventRejection> {
     let value = identifier(event, field)?
-        .ok_or_else(|| EventRejection::new(code, format!("{} event needs `{field}`", event_type.as_str())))?;
+        .ok_or_else(|| EventRejection::new(code, format!("{} event needs `{}`", event_type.as_str(), field.name())))?;
     Ok(json_string(&value))
 }
 
 /// Batch-level context fills in keys the event's own context lacks.
-fn merged_context(event: &ReceivedEvent, batch_context: &Map<String, Value>) -> Vec<u8> {
-    let mut context: Map<String, Value> = match event.kind("context") {
+fn merged_context(event: &KnownFields, batch_context: &Map<String, Value>) -> Vec<u8> {
+    let mut context: Map<String, Value> = match event.kind(Known::Context) {
         FieldKind::Object(json) => serde_json::from_slice(json).expect("compact JSON from a parsed object"),
         _ => Map::new(),
     };
@@ -621,11 +742,14 @@ fn merged_context(event: &ReceivedEvent, batch_context: &Map<String, Value>) -> 
     serde_json::to_vec(&context).expect("a JSON map always serializes")
 }
 
-fn optional_timestamp(event: &ReceivedEvent, field: &str) -> Result<Option<DateTime<Utc>>, EventRejection> {
+fn optional_timestamp(event: &KnownFields, field: Known) -> Result<Option<DateTime<Utc>>, EventRejection> {
     let invalid = || {
         EventRejection::new(
             "invalid_timestamp",
-            format!("`{field}` must be an RFC 3339 timestamp such as 2024-01-31T12:00:00.000Z"),
+            format!(
+                "`{}` must be an RFC 3339 timestamp such as 2024-01-31T12:00:00.000Z",
+                field.name()
+            ),
         )
     };
     match event.kind(field) {
@@ -821,6 +945,30 @@ mod tests {
         ));
         assert!(matches!(parse_batch(b"[1]", &limits), Err(IntakeError::InvalidBody(_))));
         assert!(matches!(parse_batch(b"{}", &limits), Err(IntakeError::InvalidBody(_))));
+    }
+
+    #[test]
+    fn timestamps_are_written_as_chrono_writes_them() {
+        let times = [
+            "2024-05-01T12:00:10Z",
+            "2024-05-01T12:00:10.5Z",
+            "1969-12-31T23:59:59.999Z",
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.9999Z",
+            "2016-12-31T23:59:60.250Z", // leap second
+            "2024-02-29T01:02:03.004+05:30",
+        ];
+        for text in times {
+            let time = parse_timestamp(text).unwrap();
+            let json = String::from_utf8(json_timestamp(time)).unwrap();
+            assert_eq!(json, format!("\"{}\"", format_timestamp(time)), "{text}");
+        }
+        let before_year_zero =
+            DateTime::parse_from_rfc3339("0001-01-01T00:00:00Z").unwrap().to_utc() - chrono::Duration::days(400);
+        assert_eq!(
+            String::from_utf8(json_timestamp(before_year_zero)).unwrap(),
+            format!("\"{}\"", format_timestamp(before_year_zero))
+        );
     }
 
     #[test]
