@@ -60,6 +60,11 @@ impl<'de> Visitor<'de> for CompactCopy<'_> {
         self.write(&value)
     }
 
+    fn visit_borrowed_str<E: serde::de::Error>(self, value: &'de str) -> Result<(), E> {
+        write_parsed_str(self.out, value, true);
+        Ok(())
+    }
+
     fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<(), E> {
         self.write(value)
     }
@@ -94,7 +99,7 @@ impl<'de> Visitor<'de> for CompactCopy<'_> {
                 self.out.push(b',');
             }
             first = false;
-            serde_json::to_writer(&mut *self.out, key.as_ref()).map_err(serde::de::Error::custom)?;
+            write_parsed_str(self.out, &key, matches!(key, Cow::Borrowed(_)));
             self.out.push(b':');
             map.next_value_seed(CompactCopy { out: self.out })?;
         }
@@ -125,6 +130,20 @@ impl<'de> Deserialize<'de> for Key<'de> {
             }
         }
         deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Writes a string parsed from JSON as a JSON string. serde_json lends out (borrows)
+/// only text that had no escape in the input, so such text has nothing to escape and
+/// is copied between quotes as it is; text it had to unescape is escaped again.
+pub fn write_parsed_str(out: &mut Vec<u8>, text: &str, borrowed: bool) {
+    if borrowed {
+        out.reserve(text.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(out, text).expect("writing to a Vec cannot fail");
     }
 }
 

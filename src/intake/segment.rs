@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::compact_json::{string_value, CompactCopy, Key};
+use super::compact_json::{string_value, write_parsed_str, CompactCopy, Key};
 use super::error::{EventRejection, IntakeError};
 use crate::config::LimitsConfig;
 
@@ -643,19 +643,21 @@ fn write_normalized(event: &ReceivedEvent, set: SetFields, request: &RequestCont
             (Some(_), None) => true,
             (None, Some(_)) => false,
         };
-        let (key, value): (&str, &[u8]) = if takes_own {
-            let field = &event.fields[own];
-            own += 1;
-            (&field.key, &event.values[field.value.clone()])
-        } else {
-            let (key, value) = &set.json[setting];
-            setting += 1;
-            (key, value)
-        };
         if out.len() > 1 {
             out.push(b',');
         }
-        serde_json::to_writer(&mut out, key).expect("writing to a Vec cannot fail");
+        let value = if takes_own {
+            let field = &event.fields[own];
+            own += 1;
+            write_parsed_str(&mut out, &field.key, matches!(field.key, Cow::Borrowed(_)));
+            &event.values[field.value.clone()]
+        } else {
+            let (key, value) = &set.json[setting];
+            setting += 1;
+            // Our own names: plain ASCII, nothing to escape.
+            write_parsed_str(&mut out, key, true);
+            value
+        };
         out.push(b':');
         out.extend_from_slice(value);
     }
