@@ -5,6 +5,9 @@
 # breakwater-load, e.g.
 #   ./scripts/bench-backends.sh --connections 32 --batch-size 100 --duration-seconds 10
 # Needs redis-server, clickhouse-server and tansu (./scripts/test.sh installs them).
+# BENCH_DOWN=clickhouse (or kafka) points that sink at a closed port, as if its
+# backend were down: its copy of every event then goes to its spool.
+# BENCH_POLICY=path runs with that policy file instead of the embedded default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
@@ -38,21 +41,29 @@ wait_for "redis-cli -p $redis_port ping"
 wait_for "curl -sf http://127.0.0.1:$ch_port/?query=SELECT%201"
 wait_for "tansu topic create events --broker tcp://127.0.0.1:$kafka_port --partitions 3"
 
+clickhouse_url="http://127.0.0.1:$ch_port"
+kafka_brokers="127.0.0.1:$kafka_port"
+ready="/health/ready"
+case "${BENCH_DOWN:-}" in
+  "") ;;
+  clickhouse) clickhouse_url="http://127.0.0.1:9"; ready="/health/live" ;;
+  kafka) kafka_brokers="127.0.0.1:9"; ready="/health/live" ;;
+  *) echo "BENCH_DOWN must be clickhouse or kafka, not '$BENCH_DOWN'" >&2; exit 2 ;;
+esac
 cat > "$work/breakwater.toml" <<TOML
 [redis]
 url = "redis://127.0.0.1:$redis_port"
 [clickhouse]
-url = "http://127.0.0.1:$ch_port"
+url = "$clickhouse_url"
 [kafka]
-brokers = "127.0.0.1:$kafka_port"
+brokers = "$kafka_brokers"
 topic = "events"
 TOML
-# BENCH_POLICY=path runs with that policy file instead of the embedded default.
 ./target/release/breakwater serve --config "$work/breakwater.toml" --listen "127.0.0.1:$bw_port" \
   ${BENCH_POLICY:+--policy "$BENCH_POLICY"} --data-dir "$work/data" >"$work/server.log" 2>&1 &
 pids+=($!)
 server_pid=$!
-wait_for "curl -sf http://127.0.0.1:$bw_port/health/ready"
+wait_for "curl -sf http://127.0.0.1:$bw_port$ready"
 
 ./target/release/breakwater-load --target "127.0.0.1:$bw_port" "$@"
 curl -s "http://127.0.0.1:$bw_port/metrics" | grep -E "(delivery_duration_seconds|http_request_duration_seconds|insert_duration_seconds)_bucket.*le=\"(0.5|1|2.5|\+Inf)\"" >&2
@@ -64,4 +75,6 @@ curl -s "http://127.0.0.1:$bw_port/metrics" | awk '
   /^breakwater_sink_delivery_duration_seconds_count/ { match($0, /sink="[a-z]+"/); n[substr($0, RSTART+6, RLENGTH-7)] = $2 }
   /^breakwater_clickhouse_insert_duration_seconds_sum/ { ins = $2 } /^breakwater_clickhouse_insert_duration_seconds_count/ { insn = $2 }
   END { for (k in s) printf "server: mean delivery wait %s %.1f ms\n", k, 1000*s[k]/n[k]; if (insn) printf "server: mean clickhouse INSERT %.1f ms\n", 1000*ins/insn }' >&2
+spooled=$(curl -s "http://127.0.0.1:$bw_port/metrics" | awk '/^breakwater_spool_events\{/ {match($0, /sink="[a-z_]+"/); printf "%s %s; ", substr($0, RSTART+6, RLENGTH-7), $2}')
+echo "server: spooled now: ${spooled:-none}" >&2
 echo "server: clickhouse rows $rows in $inserts INSERTs; redis claim round trips $claims; peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$server_pid/status)" >&2

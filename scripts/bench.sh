@@ -39,4 +39,6 @@ echo "server: $(curl -s "http://127.0.0.1:${port}/metrics" | awk '
   /^breakwater_file_sink_requests_per_fsync_count/ {n=$2}
   /^breakwater_file_sink_fsync_duration_seconds_sum/ {s=$2}
   /^breakwater_spool_appended_events_total/ {sp+=$2}
-  END { if (n > 0) printf "%d fsyncs, %.1f requests per fsync, mean fsync %.2f ms, %d events spooled", n, r/n, 1000*s/n, sp }'); peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$server_pid/status)" >&2
+  /^breakwater_spool_bytes\{/ {sb+=$2}
+  END { if (n > 0) printf "%d fsyncs, %.1f requests per fsync, mean fsync %.2f ms, %d events spooled", n, r/n, 1000*s/n, sp;
+        if (sp > 0) printf " (spool holds %.1f MB, %.0f bytes per event)", sb/1e6, sb/sp }'); peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$server_pid/status)" >&2

@@ -42,12 +42,11 @@ fn a_smaller_spool_in_the_policy_takes_effect_live_and_a_bad_edit_is_refused() {
     assert_eq!(body["file"], policy.display().to_string());
 
     // About 1.5 MB into the spool, with the default 1 GiB limit: all accepted.
-    let padding = "p".repeat(1000);
     for request in 0..60 {
         let batch: Vec<_> = (0..25)
             .map(|i| {
                 let mut event = track(&format!("p{request}-{i}"));
-                event["properties"]["padding"] = json!(padding);
+                event["properties"]["padding"] = json!(incompressible(1000));
                 event
             })
             .collect();
@@ -85,4 +84,14 @@ fn a_smaller_spool_in_the_policy_takes_effect_live_and_a_bad_edit_is_refused() {
     assert_eq!(policy_hash(&server), running);
     assert!(server.log().contains("invalid policy edit; keeping the running policy"));
     assert!(server.log().contains("clickhouse.retry.max_backoff_ms"));
+}
+
+/// Random hex that LZ4 finds nothing to shrink in (spool records are compressed),
+/// so that these bytes fill the spool in full.
+fn incompressible(len: usize) -> String {
+    let mut text: String = (0..len.div_ceil(32))
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    text.truncate(len);
+    text
 }

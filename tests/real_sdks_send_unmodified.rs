@@ -85,12 +85,15 @@ fn sdk_dir(sdk: &Sdk) -> PathBuf {
     dir
 }
 
-fn run_sdk(sdk: &Sdk, server: &Server, write_key: &str, prefix: &str, rounds: u32) -> SdkRun {
+/// Runs one SDK for `rounds` rounds of all six call types. `padding_bytes` of random
+/// hex go into each track event's properties: bytes spool compression cannot shrink.
+fn run_sdk(sdk: &Sdk, server: &Server, write_key: &str, prefix: &str, rounds: u32, padding_bytes: usize) -> SdkRun {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/send_with_sdk.py");
     let output = Command::new("python3")
         .arg(script)
         .args(["--sdk", sdk.module, "--host", &server.url(""), "--write-key", write_key])
         .args(["--prefix", prefix, "--rounds", &rounds.to_string()])
+        .args(["--padding-bytes", &padding_bytes.to_string()])
         .env("PYTHONPATH", sdk_dir(sdk))
         .output()
         .expect("python3 must be installed (scripts/test.sh checks)");
@@ -270,7 +273,7 @@ fn every_sdk_sends_every_call_type_exactly_once_with_its_fields() {
 
     let mut expected = Vec::new();
     for sdk in &SDKS {
-        let run = run_sdk(sdk, &server, sdk.write_key, sdk.release, 10);
+        let run = run_sdk(sdk, &server, sdk.write_key, sdk.release, 10, 0);
         assert!(run.errors.is_empty(), "{}: {:?}", sdk.release, run.errors);
         assert_eq!(run.expected.len(), 60, "{}: six call types × 10 rounds", sdk.release);
         expected.extend(run.expected.into_iter().map(|event| (sdk, event)));
@@ -279,7 +282,7 @@ fn every_sdk_sends_every_call_type_exactly_once_with_its_fields() {
     // A wrong key: each SDK is told 401 once and gives up (it reads the top-level
     // `code` and `message`; without them it would retry ten times).
     for sdk in &SDKS {
-        let run = run_sdk(sdk, &server, "not-a-key", &format!("{}-wrong", sdk.release), 1);
+        let run = run_sdk(sdk, &server, "not-a-key", &format!("{}-wrong", sdk.release), 1, 0);
         assert_eq!(run.errors.len(), 1, "{}: {:?}", sdk.release, run.errors);
         assert_eq!(run.errors[0]["status"], 401, "{}", sdk.release);
         assert_eq!(run.errors[0]["code"], "invalid_write_key", "{}", sdk.release);
@@ -317,17 +320,18 @@ fn sdks_get_200_during_an_outage_and_retry_a_full_spool_until_every_event_lands_
     let segment_latest = &SDKS[2];
 
     // Create the table, then take ClickHouse away.
-    let first = run_sdk(rudder, &server, rudder.write_key, "before", 1);
+    let first = run_sdk(rudder, &server, rudder.write_key, "before", 1, 0);
     assert!(first.errors.is_empty(), "{:?}", first.errors);
     clickhouse_payloads(&clickhouse, 6);
     clickhouse.kill9();
 
     // Down, spool with room: the SDK gets 200 and never knows.
-    let during = run_sdk(rudder, &server, rudder.write_key, "outage", 10);
+    let during = run_sdk(rudder, &server, rudder.write_key, "outage", 10, 0);
     assert!(during.errors.is_empty(), "{:?}", during.errors);
     assert!(server.metric("breakwater_spool_events{sink=\"clickhouse\"}") >= 60.0);
 
-    // Still down, and the 1 MiB spool fills: 503 with Retry-After. The SDKs retry
+    // Still down, and the 1 MiB spool fills (padded events: spool records are
+    // compressed): 503 with Retry-After. The SDKs retry
     // (with backoff; 2.4.0 honours Retry-After) while ClickHouse comes back.
     let mut expected = Vec::new();
     std::thread::scope(|scope| {
@@ -338,7 +342,7 @@ fn sdks_get_200_during_an_outage_and_retry_a_full_spool_until_every_event_lands_
                 scope.spawn(move || {
                     (
                         sdk,
-                        run_sdk(sdk, server, sdk.write_key, &format!("full-{}", sdk.release), 300),
+                        run_sdk(sdk, server, sdk.write_key, &format!("full-{}", sdk.release), 300, 4000),
                     )
                 })
             })

@@ -1,7 +1,8 @@
 //! breakwater-spool-bench: a benchmark (not a test) of the spool on this disk, in
 //! one run: (1) the disk's raw sequential write + fdatasync bandwidth, (2) spool
-//! appends from concurrent writers (group-committed), as events/s and MB/s and as
-//! a fraction of (1), (3) replay of everything appended into the file sink (group
+//! appends from concurrent writers (group-committed), as events/s, as MB/s of event
+//! records made durable and of (compressed) bytes written, each also as a fraction
+//! of (1), (3) replay of everything appended into the file sink (group
 //! commit, fsync) through the default policy stack, as events/s. Bounded by
 //! `--seconds` per phase; works in a temporary directory it deletes.
 
@@ -18,7 +19,7 @@ use breakwater::intake::segment::{EventType, NormalizedEvent};
 use breakwater::policy::LoadedPolicy;
 use breakwater::server::build_delivery;
 use breakwater::sinks::SinkBatch;
-use breakwater::spool::encoded_len;
+use breakwater::spool::{encode, max_encoded_len};
 
 #[derive(Parser)]
 #[command(
@@ -100,10 +101,12 @@ async fn main() {
         .tempdir_in(&base)
         .expect("temp dir");
     let sample = batch(0, 0, args.batch_size);
-    let record_bytes = encoded_len(&sample);
+    // A batch's record uncompressed, and as stored (compressed).
+    let record_bytes = max_encoded_len(&sample);
+    let stored_bytes = encode(&sample, 0).len();
 
-    // (1) Raw bandwidth, with the record size of one append group as the chunk.
-    let chunk = record_bytes * args.writers;
+    // (1) Raw bandwidth, with the stored size of one append group as the chunk.
+    let chunk = stored_bytes * args.writers;
     let (raw_mb_s, raw_syncs) = raw_fdatasync(work.path(), chunk, args.seconds);
 
     // (2) Spool appends. The file sink is the only sink; its spool queue is used directly.
@@ -137,7 +140,9 @@ async fn main() {
     let append_seconds = started.elapsed().as_secs_f64();
     let events = appended.load(Ordering::Relaxed);
     let append_events_s = events as f64 / append_seconds;
-    let append_mb_s = (events as f64 / args.batch_size as f64) * record_bytes as f64 / append_seconds / 1e6;
+    let batches_s = events as f64 / args.batch_size as f64 / append_seconds;
+    let append_mb_s = batches_s * record_bytes as f64 / 1e6;
+    let stored_mb_s = batches_s * stored_bytes as f64 / 1e6;
 
     // (3) Replay everything appended into the file sink, through its policy stack.
     let started = Instant::now();
@@ -166,15 +171,18 @@ async fn main() {
     let report = json!({
         "raw_fdatasync": { "chunk_bytes": chunk, "mb_per_s": raw_mb_s, "fsyncs_per_s": raw_syncs },
         "spool_append": {
-            "writers": args.writers, "events_per_batch": args.batch_size, "record_bytes": record_bytes,
-            "events_per_s": append_events_s, "mb_per_s": append_mb_s,
-            "fraction_of_raw_bandwidth": append_mb_s / raw_mb_s,
+            "writers": args.writers, "events_per_batch": args.batch_size,
+            "record_bytes": record_bytes, "stored_record_bytes": stored_bytes,
+            "events_per_s": append_events_s,
+            "mb_per_s": append_mb_s, "fraction_of_raw_bandwidth": append_mb_s / raw_mb_s,
+            "stored_mb_per_s": stored_mb_s, "stored_fraction_of_raw_bandwidth": stored_mb_s / raw_mb_s,
         },
         "replay_into_file_sink": { "events": replayed, "events_per_s": replay_events_s },
     });
     println!("{}", serde_json::to_string_pretty(&report).expect("json"));
     eprintln!(
-        "raw fdatasync {raw_mb_s:.1} MB/s ({raw_syncs:.0} syncs/s, {chunk} B chunks); spool append {append_events_s:.0} events/s = {append_mb_s:.1} MB/s = {:.0}% of raw; replay into the file sink {replay_events_s:.0} events/s",
-        100.0 * append_mb_s / raw_mb_s
+        "raw fdatasync {raw_mb_s:.1} MB/s ({raw_syncs:.0} syncs/s, {chunk} B chunks); spool append {append_events_s:.0} events/s = {append_mb_s:.1} MB/s of records = {:.0}% of raw, {stored_mb_s:.1} MB/s written ({record_bytes} B records stored in {stored_bytes} B) = {:.0}% of raw; replay into the file sink {replay_events_s:.0} events/s",
+        100.0 * append_mb_s / raw_mb_s,
+        100.0 * stored_mb_s / raw_mb_s
     );
 }

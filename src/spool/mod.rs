@@ -19,7 +19,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
-pub use record::{decode, encode, encoded_len, CorruptRecord};
+pub use record::{decode, encode, max_encoded_len, CorruptRecord};
 
 use crate::sinks::batcher::{BatchLimits, Batcher};
 use crate::sinks::{SinkBatch, SinkError};
@@ -103,7 +103,9 @@ pub struct SinkQueue {
     /// of replay, so they are not delivered twice, and deleted with the next removal.
     delivered_not_removed: std::sync::Mutex<Vec<(u64, u64, usize)>>,
     table: TableDefinition<'static, u64, &'static [u8]>,
-    bytes: AtomicU64,
+    /// Bytes of the stored records. An append counts the room it held (its plain
+    /// size); the writer gives back what compression saved once the record is written.
+    bytes: Arc<AtomicU64>,
     events: AtomicU64,
     records: AtomicU64,
     max_bytes: AtomicU64,
@@ -301,8 +303,10 @@ impl SinkQueue {
             last_key,
         } = stored;
         let next_key = Arc::new(AtomicU64::new(last_key + 1));
+        let bytes = Arc::new(AtomicU64::new(bytes));
         let writer_file = file.clone();
         let writer_keys = next_key.clone();
+        let writer_bytes = bytes.clone();
         let limits = BatchLimits {
             max_events: usize::MAX,
             max_bytes: APPEND_GROUP_BYTES,
@@ -311,10 +315,14 @@ impl SinkQueue {
         let (writer, writer_task) = Batcher::start(spool_writer_name(sink), watch::channel(limits).1, move |group| {
             let file = writer_file.clone();
             let keys = writer_keys.clone();
+            let bytes = writer_bytes.clone();
             async move {
                 tokio::task::spawn_blocking(move || file.run(|db| append_group(db, table, &keys, &group)))
                     .await
                     .unwrap_or_else(|e| Err(SpoolError::Storage(format!("spool writer task failed: {e}"))))
+                    .map(|saved| {
+                        bytes.fetch_sub(saved, Ordering::SeqCst);
+                    })
                     .map_err(|error| SinkError::Io {
                         sink: "spool",
                         message: error.to_string(),
@@ -322,6 +330,7 @@ impl SinkQueue {
             }
         });
         if records > 0 {
+            let bytes = bytes.load(Ordering::SeqCst);
             tracing::info!(sink, records, events, bytes, "spool holds records from before");
         }
         let queue = SinkQueue {
@@ -330,7 +339,7 @@ impl SinkQueue {
             counted_generation: AtomicU64::new(counted_generation),
             delivered_not_removed: std::sync::Mutex::new(Vec::new()),
             table,
-            bytes: AtomicU64::new(bytes),
+            bytes,
             events: AtomicU64::new(events),
             records: AtomicU64::new(records),
             max_bytes: AtomicU64::new(max_bytes),
@@ -350,7 +359,7 @@ impl SinkQueue {
     /// batch: a request refused because a spool is full (503) was then delivered
     /// nowhere, and its retry cannot duplicate what a healthy sink already took.
     pub fn reserve(&self, batch: &SinkBatch) -> Result<SpoolRoom<'_>, SpoolError> {
-        let size = encoded_len(batch) as u64;
+        let size = max_encoded_len(batch) as u64;
         let max_bytes = self.max_bytes.load(Ordering::Relaxed);
         let held = self.reserved.fetch_add(size, Ordering::SeqCst);
         let stored = self.bytes.load(Ordering::SeqCst);
@@ -562,22 +571,28 @@ fn spool_writer_name(sink: &'static str) -> &'static str {
     }
 }
 
+/// Writes the group in one commit. Returns the bytes compression saved against the
+/// room the appends held.
 fn append_group(
     db: &Database,
     table: TableDefinition<'static, u64, &'static [u8]>,
     keys: &AtomicU64,
     group: &[Arc<SinkBatch>],
-) -> Result<(), redb::Error> {
+) -> Result<u64, redb::Error> {
     let txn = db.begin_write()?;
+    let mut saved = 0;
     {
         let mut queue = txn.open_table(table)?;
         let created = now_ms();
         for batch in group {
             let key = keys.fetch_add(1, Ordering::SeqCst);
-            queue.insert(key, encode(batch, created).as_slice())?;
+            let record = encode(batch, created);
+            saved += (max_encoded_len(batch) - record.len()) as u64;
+            queue.insert(key, record.as_slice())?;
         }
     }
-    Ok(txn.commit()?)
+    txn.commit()?;
+    Ok(saved)
 }
 
 /// What one queue holds.

@@ -2,19 +2,31 @@
 //!
 //! ```text
 //! magic "BWS1" | crc32 of body (u32 LE) | body length (u32 LE) | body
+//! magic "BWS2" | crc32 of stored (u32 LE) | stored length (u32 LE) | stored
+//!   stored: body length (u32 LE) | body compressed as one LZ4 block
 //! body: created_at_ms i64 | source str | event count u32 | events
 //! event: message_id str | type u8 | user_id opt-str | anonymous_id opt-str
 //!        | event_name str | timestamp_ms i64 | received_at_ms i64 | json bytes
 //! str/bytes: u32 LE length + bytes; opt-str: u8 0|1 then str
 //! ```
+//!
+//! Records are written compressed (`BWS2`) unless compression would not make them
+//! smaller; both forms are read. Analytics events compress well (field names,
+//! library context and timestamps repeat within a batch), so the spool holds
+//! several times more events per byte and writes that many fewer bytes.
 
 use std::sync::Arc;
 
 use crate::intake::segment::{EventType, NormalizedEvent};
 use crate::sinks::SinkBatch;
 
-const MAGIC: &[u8; 4] = b"BWS1";
+/// A record whose body is stored as it is.
+const PLAIN: &[u8; 4] = b"BWS1";
+/// A record whose body is stored LZ4-compressed.
+const COMPRESSED: &[u8; 4] = b"BWS2";
 const HEADER_BYTES: usize = 12;
+/// LZ4 cannot expand data more than about 255-fold; a length claiming more is corrupt.
+const MAX_LZ4_EXPANSION: usize = 255;
 
 /// Why a stored record could not be read back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,8 +39,9 @@ pub enum CorruptRecord {
     Body(&'static str),
 }
 
-/// Exact size `encode` will produce, for spool accounting before encoding.
-pub fn encoded_len(batch: &SinkBatch) -> usize {
+/// The most bytes `encode` can produce for the batch (the size of its plain record),
+/// for holding room in the spool before encoding.
+pub fn max_encoded_len(batch: &SinkBatch) -> usize {
     let events: usize = batch
         .events
         .iter()
@@ -51,9 +64,28 @@ fn opt_len(value: &Option<String>) -> usize {
     1 + value.as_ref().map_or(0, |v| 4 + v.len())
 }
 
+/// The batch as a record: compressed, or plain when compression does not pay.
 pub fn encode(batch: &SinkBatch, created_at_ms: i64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(encoded_len(batch));
-    out.extend_from_slice(MAGIC);
+    let plain = encode_plain(batch, created_at_ms);
+    let body = &plain[HEADER_BYTES..];
+    let mut out = vec![0; HEADER_BYTES + 4 + lz4_flex::block::get_maximum_output_size(body.len())];
+    let Ok(compressed_len) = lz4_flex::block::compress_into(body, &mut out[HEADER_BYTES + 4..]) else {
+        return plain;
+    };
+    let stored_len = 4 + compressed_len;
+    if HEADER_BYTES + stored_len >= plain.len() {
+        return plain;
+    }
+    out.truncate(HEADER_BYTES + stored_len);
+    out[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    out[..4].copy_from_slice(COMPRESSED);
+    seal(&mut out);
+    out
+}
+
+fn encode_plain(batch: &SinkBatch, created_at_ms: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(max_encoded_len(batch));
+    out.extend_from_slice(PLAIN);
     out.extend_from_slice(&[0; 8]);
     out.extend_from_slice(&created_at_ms.to_le_bytes());
     put_bytes(&mut out, batch.source.as_bytes());
@@ -68,27 +100,44 @@ pub fn encode(batch: &SinkBatch, created_at_ms: i64) -> Vec<u8> {
         out.extend_from_slice(&event.received_at_ms.to_le_bytes());
         put_bytes(&mut out, &event.json);
     }
-    let body_len = (out.len() - HEADER_BYTES) as u32;
-    let crc = crc32fast::hash(&out[HEADER_BYTES..]);
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
-    out[8..12].copy_from_slice(&body_len.to_le_bytes());
+    seal(&mut out);
     out
+}
+
+/// Fills in the header's checksum and length of what follows the header.
+fn seal(record: &mut [u8]) {
+    let stored = &record[HEADER_BYTES..];
+    let (crc, len) = (crc32fast::hash(stored), stored.len() as u32);
+    record[4..8].copy_from_slice(&crc.to_le_bytes());
+    record[8..12].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Reads a record back: its creation time and its batch.
 pub fn decode(bytes: &[u8]) -> Result<(i64, SinkBatch), CorruptRecord> {
-    if bytes.len() < HEADER_BYTES || &bytes[..4] != MAGIC {
+    if bytes.len() < HEADER_BYTES {
         return Err(CorruptRecord::Header);
     }
+    let compressed = match &bytes[..4] {
+        magic if magic == PLAIN => false,
+        magic if magic == COMPRESSED => true,
+        _ => return Err(CorruptRecord::Header),
+    };
     let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
-    let body_len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
-    let body = &bytes[HEADER_BYTES..];
-    if body.len() != body_len {
+    let stored_len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+    let stored = &bytes[HEADER_BYTES..];
+    if stored.len() != stored_len {
         return Err(CorruptRecord::Body("length does not match the header"));
     }
-    if crc32fast::hash(body) != crc {
+    if crc32fast::hash(stored) != crc {
         return Err(CorruptRecord::Checksum);
     }
+    let decompressed;
+    let body = if compressed {
+        decompressed = decompress(stored)?;
+        &decompressed[..]
+    } else {
+        stored
+    };
     let mut reader = Reader { bytes: body };
     let created_at_ms = reader.i64()?;
     let source: Arc<str> = Arc::from(reader.string()?);
@@ -118,6 +167,21 @@ pub fn decode(bytes: &[u8]) -> Result<(i64, SinkBatch), CorruptRecord> {
         return Err(CorruptRecord::Body("trailing bytes"));
     }
     Ok((created_at_ms, SinkBatch { source, events }))
+}
+
+/// `body length | LZ4 block` back to the body.
+fn decompress(stored: &[u8]) -> Result<Vec<u8>, CorruptRecord> {
+    let mut reader = Reader { bytes: stored };
+    let body_len = reader.u32()? as usize;
+    let block = reader.bytes;
+    if body_len > block.len().saturating_mul(MAX_LZ4_EXPANSION) {
+        return Err(CorruptRecord::Body("compressed length out of range"));
+    }
+    let mut body = vec![0; body_len];
+    match lz4_flex::block::decompress_into(block, &mut body) {
+        Ok(written) if written == body_len => Ok(body),
+        _ => Err(CorruptRecord::Body("compressed body does not decompress")),
+    }
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -206,27 +270,79 @@ mod tests {
         }
     }
 
-    #[test]
-    fn round_trip_and_exact_length() {
-        let batch = sample(7);
-        let bytes = encode(&batch, 42);
-        assert_eq!(bytes.len(), encoded_len(&batch));
-        let (created, back) = decode(&bytes).unwrap();
-        assert_eq!(created, 42);
+    fn assert_round_trip(bytes: &[u8], batch: &SinkBatch, created_at_ms: i64) {
+        let (created, back) = decode(bytes).unwrap();
+        assert_eq!(created, created_at_ms);
         assert_eq!(back.source, batch.source);
         assert_eq!(format!("{:?}", back.events), format!("{:?}", batch.events));
     }
 
     #[test]
+    fn plain_records_have_the_exact_announced_length_and_still_decode() {
+        let batch = sample(7);
+        let plain = encode_plain(&batch, 42);
+        assert_eq!(&plain[..4], PLAIN);
+        assert_eq!(plain.len(), max_encoded_len(&batch));
+        assert_round_trip(&plain, &batch, 42);
+    }
+
+    #[test]
+    fn repetitive_batches_are_stored_compressed_and_round_trip() {
+        let batch = sample(100);
+        let bytes = encode(&batch, 42);
+        assert_eq!(&bytes[..4], COMPRESSED);
+        assert!(
+            bytes.len() * 3 < max_encoded_len(&batch),
+            "{} of {}",
+            bytes.len(),
+            max_encoded_len(&batch)
+        );
+        assert_round_trip(&bytes, &batch, 42);
+    }
+
+    #[test]
+    fn incompressible_batches_are_stored_plain() {
+        let mut batch = sample(1);
+        // A xorshift stream: nothing for LZ4 to find.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        batch.events[0].json = (0..4096)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let bytes = encode(&batch, 1);
+        assert_eq!(&bytes[..4], PLAIN);
+        assert!(bytes.len() <= max_encoded_len(&batch));
+        assert_round_trip(&bytes, &batch, 1);
+    }
+
+    #[test]
     fn any_flipped_bit_or_cut_is_detected() {
-        let bytes = encode(&sample(3), 1);
-        for position in 0..bytes.len() {
-            let mut damaged = bytes.clone();
-            damaged[position] ^= 0x10;
-            assert!(decode(&damaged).is_err(), "flip at {position} went unnoticed");
+        for bytes in [encode_plain(&sample(3), 1), encode(&sample(30), 1)] {
+            for position in 0..bytes.len() {
+                let mut damaged = bytes.clone();
+                damaged[position] ^= 0x10;
+                assert!(decode(&damaged).is_err(), "flip at {position} went unnoticed");
+            }
+            for cut in 0..bytes.len() {
+                assert!(decode(&bytes[..cut]).is_err(), "cut at {cut} went unnoticed");
+            }
         }
-        for cut in 0..bytes.len() {
-            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut} went unnoticed");
-        }
+    }
+
+    #[test]
+    fn a_compressed_length_beyond_what_lz4_can_produce_is_corrupt() {
+        let mut record = Vec::from(&COMPRESSED[..]);
+        record.extend_from_slice(&[0; 8]);
+        record.extend_from_slice(&u32::MAX.to_le_bytes());
+        record.extend_from_slice(&[0x10, b'x']);
+        seal(&mut record);
+        assert_eq!(
+            decode(&record).unwrap_err(),
+            CorruptRecord::Body("compressed length out of range")
+        );
     }
 }

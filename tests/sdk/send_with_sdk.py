@@ -13,6 +13,7 @@ import argparse
 import copy
 import datetime
 import json
+import secrets
 import sys
 import time
 
@@ -22,6 +23,8 @@ parser.add_argument("--host", required=True)
 parser.add_argument("--write-key", required=True)
 parser.add_argument("--prefix", required=True, help="messageId prefix, unique per run")
 parser.add_argument("--rounds", type=int, default=10, help="each round sends all six call types")
+parser.add_argument("--padding-bytes", type=int, default=0,
+                    help="random hex added to each track event's properties (incompressible bytes)")
 args = parser.parse_args()
 
 if args.sdk == "segment":
@@ -69,6 +72,8 @@ for r in range(args.rounds):
     context = {"app": {"name": "sdk-compat", "build": str(r)}, "locale": "fr-CH"}
 
     properties = {"revenue": 12.5 + r, "currency": "CHF", "items": [{"sku": "a-1", "qty": 2}], "note": "Zoë \"Q\""}
+    if args.padding_bytes:
+        properties["padding"] = secrets.token_hex(args.padding_bytes)[: args.padding_bytes]
     client.track(user_id=user, event="Order Completed", properties=own(properties), context=own(context),
                  timestamp=when, message_id=f"{p}-track")
     expect("track", f"{p}-track", userId=user, event="Order Completed", properties=properties, context=context)

@@ -699,6 +699,15 @@ fn signal(pid: u32, signal: i32) {
     }
 }
 
+/// `len` random hex digits.
+fn random_hex(len: usize) -> String {
+    let mut text: String = (0..len.div_ceil(32))
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    text.truncate(len);
+    text
+}
+
 /// One writer: HTTP batches and WebSocket frames at its share of the rate. A
 /// refused or failed request is retried (same ids) up to 3 times, as SDKs do.
 fn load_writer(scenario: &Scenario, writer: usize, shared: &Shared) {
@@ -718,7 +727,13 @@ fn load_writer(scenario: &Scenario, writer: usize, shared: &Shared) {
             .collect();
         let events: Vec<Value> = ids
             .iter()
-            .map(|id| json!({ "type": "track", "messageId": id, "userId": format!("user-{}", request % 97), "event": "Chaos Tested", "properties": { "writer": writer } }))
+            .map(|id| {
+                let mut event = json!({ "type": "track", "messageId": id, "userId": format!("user-{}", request % 97), "event": "Chaos Tested", "properties": { "writer": writer } });
+                if load.event_padding_bytes > 0 {
+                    event["properties"]["padding"] = json!(random_hex(load.event_padding_bytes));
+                }
+                event
+            })
             .collect();
         lock(&shared.sent).extend(ids.iter().cloned());
         let over_websocket = (request % 100) < (load.websocket_share * 100.0) as u64;

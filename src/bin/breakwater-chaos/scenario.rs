@@ -44,6 +44,10 @@ pub struct Load {
     pub duration_seconds: f64,
     #[serde(default = "default_writers")]
     pub writers: usize,
+    /// Random hex added to each event (`properties.padding`): bytes that spool
+    /// compression cannot shrink, for scenarios that must fill a spool.
+    #[serde(default)]
+    pub event_padding_bytes: usize,
 }
 
 fn default_writers() -> usize {
