@@ -8,6 +8,9 @@
 # BENCH_DOWN=clickhouse (or kafka) points that sink at a closed port, as if its
 # backend were down: its copy of every event then goes to its spool.
 # BENCH_POLICY=path runs with that policy file instead of the embedded default.
+# BENCH_CLICKHOUSE_ACKNOWLEDGE=on_spool acknowledges ClickHouse's copy once it is
+# spooled (delivered behind the ack); the run then also waits, up to 5 minutes, for
+# that spool to drain and reports how long the drain took after the load ended.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
@@ -55,6 +58,7 @@ cat > "$work/breakwater.toml" <<TOML
 url = "redis://127.0.0.1:$redis_port"
 [clickhouse]
 url = "$clickhouse_url"
+acknowledge = "${BENCH_CLICKHOUSE_ACKNOWLEDGE:-on_delivery}"
 [kafka]
 brokers = "$kafka_brokers"
 topic = "events"
@@ -66,6 +70,13 @@ server_pid=$!
 wait_for "curl -sf http://127.0.0.1:$bw_port$ready"
 
 ./target/release/breakwater-load --target "127.0.0.1:$bw_port" "$@"
+if [ "${BENCH_CLICKHOUSE_ACKNOWLEDGE:-}" = on_spool ] && [ -z "${BENCH_DOWN:-}" ]; then
+  load_ended=$(date +%s.%N)
+  spool_events() { curl -s "http://127.0.0.1:$bw_port/metrics" | awk '/^breakwater_spool_events\{sink="clickhouse"\}/ {print $2}'; }
+  for _ in $(seq 1 3000); do [ "$(spool_events)" = 0 ] && break; sleep 0.1; done
+  awk -v s="$load_ended" -v e="$(date +%s.%N)" -v left="$(spool_events)" \
+    'BEGIN { printf "server: clickhouse spool drained %.1f s after the load ended (%s events left)\n", e - s, left }' >&2
+fi
 curl -s "http://127.0.0.1:$bw_port/metrics" | grep -E "(delivery_duration_seconds|http_request_duration_seconds|insert_duration_seconds)_bucket.*le=\"(0.5|1|2.5|\+Inf)\"" >&2
 rows=$(curl -s "http://127.0.0.1:$ch_port/?query=SELECT%20count()%20FROM%20breakwater.events")
 inserts=$(curl -s "http://127.0.0.1:$bw_port/metrics" | awk '/^breakwater_clickhouse_events_per_insert_count/ {print $2}')

@@ -321,6 +321,8 @@ pub struct ClickHouseConfig {
     /// Whole INSERT deadline.
     pub insert_timeout_ms: u64,
     pub compression: ClickHouseCompression,
+    /// When a request counts as durable for this sink (see [`Acknowledge`]).
+    pub acknowledge: Acknowledge,
 }
 
 impl Default for ClickHouseConfig {
@@ -335,8 +337,26 @@ impl Default for ClickHouseConfig {
             create_table: true,
             insert_timeout_ms: 10_000,
             compression: ClickHouseCompression::Lz4,
+            acknowledge: Acknowledge::OnDelivery,
         }
     }
+}
+
+/// When a request's events count as durable for one sink. Both honour the contract
+/// (a 200 only once every event is delivered or fsynced into the spool); they differ
+/// in what the client waits for and in how the sink is written to.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Acknowledge {
+    /// The request waits for the sink to confirm the write; the spool takes the
+    /// events only when the sink cannot (down, breaker open, timed out).
+    #[default]
+    OnDelivery,
+    /// The request waits only for the spool's fsync; the replayer delivers from the
+    /// spool behind the ack, unpaced, in rounds of `spool.replay_batch_events`. The
+    /// sink gets fewer, larger writes (what ClickHouse wants), and the client's
+    /// latency no longer includes the sink's; every event is written to disk first.
+    OnSpool,
 }
 
 /// What a Kafka message's key is.
@@ -364,6 +384,8 @@ pub struct KafkaConfig {
     /// Any other librdkafka setting (e.g. `security.protocol`, `sasl.mechanism`).
     /// These are passed through as given; secrets here are never logged.
     pub librdkafka: std::collections::BTreeMap<String, String>,
+    /// When a request counts as durable for this sink (see [`Acknowledge`]).
+    pub acknowledge: Acknowledge,
 }
 
 impl Default for KafkaConfig {
@@ -375,6 +397,7 @@ impl Default for KafkaConfig {
             compression: "lz4".into(),
             message_timeout_ms: 30_000,
             librdkafka: Default::default(),
+            acknowledge: Acknowledge::OnDelivery,
         }
     }
 }
@@ -697,6 +720,16 @@ impl Config {
         self.file_sink
             .enabled
             .unwrap_or(self.clickhouse.is_none() && self.kafka.is_none())
+    }
+
+    /// When a request counts as durable for the named sink (the file sink is
+    /// always written before the ack).
+    pub fn acknowledge(&self, sink: &str) -> Acknowledge {
+        match sink {
+            "clickhouse" => self.clickhouse.as_ref().map(|c| c.acknowledge).unwrap_or_default(),
+            "kafka" => self.kafka.as_ref().map(|c| c.acknowledge).unwrap_or_default(),
+            _ => Acknowledge::OnDelivery,
+        }
     }
 
     /// Resolves every source's key (from the config, an env var or a file), adding

@@ -1,8 +1,8 @@
 //! ClickHouse frozen, then killed and restarted, under load: intake keeps
 //! answering 200, the spool takes what ClickHouse cannot, the breaker opens and
 //! closes again, and after recovery every acknowledged event is in ClickHouse
-//! exactly once. Also: breakwater `kill -9` with a non-empty spool, and a start-up
-//! while ClickHouse is not there at all.
+//! exactly once. Also: breakwater `kill -9` with a non-empty spool, a start-up
+//! while ClickHouse is not there at all, and a sink acknowledged on spool.
 
 mod support;
 
@@ -19,6 +19,10 @@ const DATABASE: &str = "outage";
 
 /// Quick breaker and short timeouts so the test runs in seconds.
 fn config(dir: &std::path::Path, clickhouse_port: u16) -> String {
+    config_acknowledged(dir, clickhouse_port, "on_delivery")
+}
+
+fn config_acknowledged(dir: &std::path::Path, clickhouse_port: u16, acknowledge: &str) -> String {
     let policy = policy_file(
         dir,
         "fast.toml",
@@ -30,7 +34,7 @@ fn config(dir: &std::path::Path, clickhouse_port: u16) -> String {
         ],
     );
     format!(
-        "[server]\npolicy_file = \"{}\"\n\n[clickhouse]\nurl = \"http://127.0.0.1:{clickhouse_port}\"\ndatabase = \"{DATABASE}\"\ninsert_timeout_ms = 3000\n",
+        "[server]\npolicy_file = \"{}\"\n\n[clickhouse]\nurl = \"http://127.0.0.1:{clickhouse_port}\"\ndatabase = \"{DATABASE}\"\ninsert_timeout_ms = 3000\nacknowledge = \"{acknowledge}\"\n",
         policy.display()
     )
 }
@@ -160,4 +164,91 @@ fn a_spool_left_by_kill_9_is_replayed_after_restart_and_startup_needs_no_clickho
     assert_eq!(status, 200);
     wait_for_empty_spool(&restarted);
     assert_exactly_once(&clickhouse, &acked);
+}
+
+#[test]
+fn acknowledged_on_spool_clients_never_wait_for_clickhouse_and_every_event_arrives_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clickhouse = ClickHouse::start();
+    let server = Server::start_with(&config_acknowledged(dir.path(), clickhouse.http_port, "on_spool"), &[]);
+    let acked = Mutex::new(HashSet::new());
+    let acked_requests = std::sync::atomic::AtomicUsize::new(0);
+    let acked_while_frozen = std::sync::atomic::AtomicUsize::new(0);
+    let frozen = AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
+    let refused = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for writer in 0..4 {
+            let (acked, acked_requests, acked_while_frozen, frozen, stop, refused, server) = (
+                &acked,
+                &acked_requests,
+                &acked_while_frozen,
+                &frozen,
+                &stop,
+                &refused,
+                &server,
+            );
+            scope.spawn(move || {
+                let mut request = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    request += 1;
+                    let batch: Vec<_> = (0..20).map(|i| track(&format!("s{writer}-r{request}-e{i}"))).collect();
+                    let was_frozen = frozen.load(Ordering::Relaxed);
+                    let (status, body) = post_json(server, "/v1/batch", &json!({ "batch": batch }));
+                    if status == 200 {
+                        acked
+                            .lock()
+                            .unwrap()
+                            .extend(batch.iter().map(|e| e["messageId"].as_str().unwrap().to_string()));
+                        acked_requests.fetch_add(1, Ordering::Relaxed);
+                        if was_frozen && frozen.load(Ordering::Relaxed) {
+                            acked_while_frozen.fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else {
+                        refused.lock().unwrap().push((status, body));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        // A stalled ClickHouse (no error, no answer): acks must not wait for it.
+        clickhouse.freeze();
+        frozen.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_secs(2));
+        frozen.store(false, Ordering::Relaxed);
+        clickhouse.thaw();
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let refused = refused.into_inner().unwrap();
+    assert!(
+        refused.is_empty(),
+        "every request is acknowledged from the spool: {refused:?}"
+    );
+    let acked = acked.into_inner().unwrap();
+    assert!(acked.len() > 500, "load was too light to prove much: {}", acked.len());
+    let while_frozen = acked_while_frozen.into_inner();
+    assert!(
+        while_frozen >= 20,
+        "requests kept being acknowledged while ClickHouse was frozen: {while_frozen}"
+    );
+    assert_eq!(
+        server.metric("breakwater_spool_appended_events_total{sink=\"clickhouse\"}"),
+        acked.len() as f64,
+        "every acknowledged event went through the spool"
+    );
+    wait_for_empty_spool(&server);
+    assert_exactly_once(&clickhouse, &acked);
+    // Delivery behind the ack joins requests: fewer INSERTs than requests.
+    let inserts = server.metric("breakwater_clickhouse_events_per_insert_count");
+    let requests = acked_requests.into_inner() as f64;
+    eprintln!(
+        "acknowledged {} events in {requests} requests ({while_frozen} while ClickHouse was frozen); {inserts} INSERTs",
+        acked.len()
+    );
+    assert!(
+        inserts > 0.0 && inserts < requests / 2.0,
+        "{inserts} INSERTs for {requests} acknowledged requests"
+    );
 }

@@ -1,7 +1,8 @@
 //! From validated events to durable ones: dedup (in-process, then Redis when
 //! configured), one batch per request to every sink at once through its resilience
-//! stack, the sink's spool when the sink cannot take it now, the dead-letter table
-//! when it never will, then the dedup commit. Calls `dedup`, `resilience`, `spool`;
+//! stack, the sink's spool when the sink cannot take it now (or straight to the
+//! spool for a sink acknowledged on spool), the dead-letter table when it never
+//! will, then the dedup commit. Calls `dedup`, `resilience`, `spool`;
 //! knows nothing of HTTP. Work runs on its own task, so a client hanging up cannot
 //! interrupt it between "durable" and "seen".
 
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use tokio_util::task::TaskTracker;
 
+use crate::config::Acknowledge;
 use crate::dedup::redis::{ClaimOutcome, RedisDedup, RedisDedupError};
 use crate::dedup::{DedupKey, LocalDedup, Verdict};
 use crate::intake::segment::NormalizedEvent;
@@ -54,6 +56,8 @@ struct Dedup {
 #[derive(Clone)]
 pub struct SinkRoute {
     pub sink: ResilientSink,
+    /// Whether a request waits for the sink or only for the sink's spool.
+    pub acknowledge: Acknowledge,
     pub queue: Arc<SinkQueue>,
     pub health: Arc<DependencyHealth>,
 }
@@ -193,7 +197,8 @@ async fn ingest_to_completion(
     })
 }
 
-/// Makes the batch durable for every sink at once: delivered through the sink's
+/// Makes the batch durable for every sink at once: spooled for a sink acknowledged
+/// on spool; otherwise delivered through the sink's
 /// stack, or else in that sink's spool (retryable failure, open breaker, timeout),
 /// or in the dead-letter table (the sink rejected the data for good). A full spool
 /// is found before any sink is called (room is held in every spool up front); after
@@ -213,6 +218,13 @@ async fn deliver_everywhere(
     let deliveries = routes.iter().zip(rooms).map(|(route, room)| {
         let batch = batch.clone();
         async move {
+            if route.acknowledge == Acknowledge::OnSpool {
+                // The replayer delivers it from there, behind the ack.
+                return match route.queue.append_into(room, batch).await {
+                    Ok(()) => Ok(Outcome::Spooled),
+                    Err(error) => Err(PipelineError::Spool(error)),
+                };
+            }
             let started = Instant::now();
             let result = route.sink.call(batch.clone()).await;
             metrics::histogram!(metric::SINK_DELIVERY_DURATION, "sink" => route.sink.name)

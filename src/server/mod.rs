@@ -197,6 +197,7 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
             route.queue.clone(),
             route.sink.clone(),
             policy.clone(),
+            replay::Pace::of(route.acknowledge),
         )));
     }
 
@@ -410,6 +411,7 @@ pub fn build_delivery(
         let queue = spool.queue(inner.name).expect("a queue per sink");
         routes.push(SinkRoute {
             sink,
+            acknowledge: config.acknowledge(inner.name),
             queue,
             health: inner.health,
         });

@@ -6,6 +6,10 @@
 //! `replay_events_per_second`, so a recovering backend is not stampeded and live
 //! traffic keeps its share. Records are deleted only after the sink acknowledged
 //! them; a record the sink rejects for good moves to the dead-letter table.
+//!
+//! For a sink acknowledged on spool the spool is the normal path, not a detour: the
+//! replayer then runs unpaced (one round at a time, each as large as what waited,
+//! up to `replay_batch_events`), and does not log every drain.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +19,7 @@ use tokio::sync::watch;
 use tower_resilience::circuitbreaker::CircuitState;
 
 use super::{SinkQueue, Spool, StoredBatch};
+use crate::config::Acknowledge;
 use crate::policy::{LoadedPolicy, SpoolPolicy};
 use crate::resilience::ResilientSink;
 use crate::telemetry::metric;
@@ -23,14 +28,35 @@ use crate::telemetry::metric;
 /// empty queue.
 const IDLE_CHECK: Duration = Duration::from_millis(250);
 
+/// How the replayer paces its rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// Catching up after an outage: to the policy's `replay_events_per_second`.
+    Policy,
+    /// Delivering behind an ack on spool: as fast as the sink takes the rounds.
+    Unpaced,
+}
+
+impl Pace {
+    pub fn of(acknowledge: Acknowledge) -> Pace {
+        match acknowledge {
+            Acknowledge::OnDelivery => Pace::Policy,
+            Acknowledge::OnSpool => Pace::Unpaced,
+        }
+    }
+}
+
 /// Runs until the process ends.
 pub async fn run(
     spool: Arc<Spool>,
     queue: Arc<SinkQueue>,
     sink: ResilientSink,
     policy: watch::Receiver<Arc<LoadedPolicy>>,
+    pace: Pace,
 ) {
     let name = queue.sink;
+    // Start and end of a drain are news only when the spool is a detour.
+    let log_drains = pace == Pace::Policy;
     let mut draining = false;
     loop {
         // After an I/O error: recount once the file is back, and retry deleting what
@@ -40,7 +66,7 @@ pub async fn run(
             let _ = tokio::task::spawn_blocking(move || upkeep_queue.upkeep()).await;
         }
         if queue.events() == 0 {
-            if draining {
+            if draining && log_drains {
                 tracing::info!(sink = name, "spool drained: replay finished");
                 draining = false;
             }
@@ -75,7 +101,7 @@ pub async fn run(
                 continue;
             }
         };
-        if !draining {
+        if !draining && log_drains {
             tracing::info!(sink = name, events = queue.events(), "replay started");
             draining = true;
         }
@@ -122,6 +148,9 @@ pub async fn run(
         if failed {
             // The breaker sees the failures and opens; wait for it rather than spin.
             tokio::time::sleep(IDLE_CHECK).await;
+            continue;
+        }
+        if pace == Pace::Unpaced {
             continue;
         }
         // Pace: this round may take at most events / rate seconds.
