@@ -1,5 +1,6 @@
 //! Dedup shared by every instance through Redis (fred): one pooled client for the
-//! process, one pipelined round trip per request for the check, one for the commit.
+//! process, one script call (one round trip) per request for the check, one for the
+//! commit.
 //!
 //! Every command goes through the policy's `[redis]` stack (timeout, retry,
 //! breaker): with Redis down, the breaker opens and requests stop waiting for it.
@@ -9,14 +10,16 @@
 //! (delivered; expires after `ttl_seconds`). Claim is `SET NX GET PX`: one command
 //! says "mine now", "already delivered" or "someone else's". Commit overwrites the
 //! claim with `s` only after the events are durable; a failed request deletes its
-//! own claims (compare-and-delete), so the client's retry is free to succeed.
+//! own claims (compare-and-delete), so the client's retry is free to succeed. Each
+//! of the three runs as one Lua script over all of a request's keys: a pipeline of
+//! one command per key cost Redis and the client several times more CPU.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fred::clients::Pool;
-use fred::interfaces::{ClientLike, KeysInterface, LuaInterface};
-use fred::prelude::{Builder, Config as FredConfig, Expiration, ReconnectPolicy, SetOptions, Value};
+use fred::interfaces::{ClientLike, LuaInterface};
+use fred::prelude::{Builder, Config as FredConfig, ReconnectPolicy, Value};
 
 use crate::config::{redact_url, RedisConfig};
 use crate::policy::CallPolicy;
@@ -26,8 +29,15 @@ use crate::telemetry::metric;
 
 pub const DEPENDENCY_NAME: &str = "redis";
 
-/// Value of a key whose event is delivered.
-const SEEN: &str = "s";
+// The scripts, each over all of a request's keys. A delivered key holds `s`.
+
+/// Claims every key (KEYS) for the token ARGV[1] for ARGV[2] ms, unless it is held:
+/// per key 0 (claimed now), 1 (already delivered) or 2 (another request holds it).
+const CLAIM_SCRIPT: &str = "local out = {} for i, key in ipairs(KEYS) do local old = redis.call('SET', key, ARGV[1], 'NX', 'GET', 'PX', ARGV[2]) if not old then out[i] = 0 elseif old == 's' then out[i] = 1 else out[i] = 2 end end return out";
+const CLAIMED: i64 = 0;
+const ALREADY_SEEN: i64 = 1;
+/// Marks every key (KEYS) delivered for ARGV[1] seconds.
+const COMMIT_SCRIPT: &str = "for _, key in ipairs(KEYS) do redis.call('SET', key, 's', 'EX', ARGV[1]) end return #KEYS";
 /// Deletes each key that still holds the caller's claim token (and no other).
 const RELEASE_SCRIPT: &str = "local n = 0 for _, key in ipairs(KEYS) do if redis.call('GET', key) == ARGV[1] then n = n + redis.call('DEL', key) end end return n";
 /// Pause between re-checks of ids another request holds.
@@ -265,50 +275,45 @@ impl RedisClient {
         result
     }
 
-    /// One pipelined `SET key token NX GET PX pending_ttl` per key. `None`: another
-    /// request holds the key.
+    /// One script call (one round trip, one command for Redis to parse): per key,
+    /// `SET key token NX GET PX pending_ttl`. `None`: another request holds the key.
     async fn claim_round(&self, token: &str, keys: &[String]) -> Result<Vec<Option<ClaimOutcome>>, RedisDedupError> {
-        let pipeline = self.pool.next_connected().pipeline();
-        for key in keys {
-            let _: () = pipeline
-                .set(
-                    key.as_str(),
-                    token,
-                    Some(Expiration::PX(self.pending_ttl_ms)),
-                    Some(SetOptions::NX),
-                    true,
-                )
-                .await
-                .map_err(|e| unavailable("claim", e))?;
-        }
-        let replies = pipeline.try_all::<Value>().await;
+        let answers: Result<Vec<i64>, _> = self
+            .pool
+            .next_connected()
+            .eval(
+                CLAIM_SCRIPT,
+                keys.to_vec(),
+                vec![token.to_string(), self.pending_ttl_ms.to_string()],
+            )
+            .await;
         count_round_trip("claim");
-        let mut outcomes = Vec::with_capacity(replies.len());
-        for reply in replies {
-            let value = reply.map_err(|e| unavailable("claim", e))?;
-            outcomes.push(match value {
-                Value::Null => Some(ClaimOutcome::Claimed),
-                other if other.as_str().as_deref() == Some(SEEN) => Some(ClaimOutcome::Seen),
-                _ => None,
-            });
+        let answers = answers.map_err(|e| unavailable("claim", e))?;
+        if answers.len() != keys.len() {
+            return Err(unavailable_because(
+                "claim",
+                format!("{} answers for {} keys", answers.len(), keys.len()),
+            ));
         }
-        Ok(outcomes)
+        Ok(answers
+            .into_iter()
+            .map(|answer| match answer {
+                CLAIMED => Some(ClaimOutcome::Claimed),
+                ALREADY_SEEN => Some(ClaimOutcome::Seen),
+                _ => None,
+            })
+            .collect())
     }
 
+    /// One script call: per key, `SET key s EX ttl`.
     async fn commit_round(&self, keys: &[String]) -> Result<(), RedisDedupError> {
-        let pipeline = self.pool.next_connected().pipeline();
-        for key in keys {
-            let _: () = pipeline
-                .set(key.as_str(), SEEN, Some(Expiration::EX(self.ttl_seconds)), None, false)
-                .await
-                .map_err(|e| unavailable("commit", e))?;
-        }
-        let replies = pipeline.try_all::<Value>().await;
+        let committed: Result<Value, _> = self
+            .pool
+            .next_connected()
+            .eval(COMMIT_SCRIPT, keys.to_vec(), self.ttl_seconds.to_string())
+            .await;
         count_round_trip("commit");
-        for reply in replies {
-            reply.map_err(|e| unavailable("commit", e))?;
-        }
-        Ok(())
+        committed.map(|_| ()).map_err(|e| unavailable("commit", e))
     }
 
     /// One script call: one round trip. (All keys in one call: standalone Redis or
@@ -325,8 +330,12 @@ impl RedisClient {
 }
 
 fn unavailable(operation: &'static str, error: fred::error::Error) -> RedisDedupError {
+    unavailable_because(operation, error.to_string())
+}
+
+fn unavailable_because(operation: &'static str, why: String) -> RedisDedupError {
     metrics::counter!(metric::REDIS_ERRORS, "operation" => operation).increment(1);
-    RedisDedupError::Unavailable(error.to_string())
+    RedisDedupError::Unavailable(why)
 }
 
 fn count_round_trip(operation: &'static str) {
