@@ -88,4 +88,5 @@ curl -s "http://127.0.0.1:$bw_port/metrics" | awk '
   END { for (k in s) printf "server: mean delivery wait %s %.1f ms\n", k, 1000*s[k]/n[k]; if (insn) printf "server: mean clickhouse INSERT %.1f ms\n", 1000*ins/insn }' >&2
 spooled=$(curl -s "http://127.0.0.1:$bw_port/metrics" | awk '/^breakwater_spool_events\{/ {match($0, /sink="[a-z_]+"/); printf "%s %s; ", substr($0, RSTART+6, RLENGTH-7), $2}')
 echo "server: spooled now: ${spooled:-none}" >&2
+redis-cli -p "$redis_port" info commandstats | grep -E "^cmdstat_(eval|set|evalsha)" | sed 's/^/redis: /' >&2
 echo "server: clickhouse rows $rows in $inserts INSERTs; redis claim round trips $claims; peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$server_pid/status)" >&2

@@ -8,8 +8,8 @@
 //! them; a record the sink rejects for good moves to the dead-letter table.
 //!
 //! For a sink acknowledged on spool the spool is the normal path, not a detour: the
-//! replayer then runs unpaced (one round at a time, each as large as what waited,
-//! up to `replay_batch_events`), and does not log every drain.
+//! replayer then runs unpaced: one round at a time, each waiting up to the sink's
+//! batch `linger_ms` for `replay_batch_events` to queue; no drain is logged.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,8 +20,10 @@ use tower_resilience::circuitbreaker::CircuitState;
 
 use super::{SinkQueue, Spool, StoredBatch};
 use crate::config::Acknowledge;
+use crate::intake::segment::NormalizedEvent;
 use crate::policy::{LoadedPolicy, SpoolPolicy};
 use crate::resilience::ResilientSink;
+use crate::sinks::SinkBatch;
 use crate::telemetry::metric;
 
 /// How long the replayer waits before looking again at an open breaker or an
@@ -42,6 +44,67 @@ impl Pace {
         match acknowledge {
             Acknowledge::OnDelivery => Pace::Policy,
             Acknowledge::OnSpool => Pace::Unpaced,
+        }
+    }
+}
+
+/// A record as `SinkQueue::remove_keys` takes it: key, stored bytes, events.
+type RecordKey = (u64, u64, usize);
+
+/// One sink call of a replay round: consecutive records of one source joined into
+/// one batch of at most `max_events` events (a record is never split), so a round
+/// is a few calls, not one per spooled request.
+struct ReplayCall {
+    records: Vec<RecordKey>,
+    batch: Arc<SinkBatch>,
+}
+
+fn join_records(records: Vec<StoredBatch>, max_events: usize) -> Vec<ReplayCall> {
+    let mut calls = Vec::new();
+    let mut keys: Vec<RecordKey> = Vec::new();
+    let mut events: Vec<NormalizedEvent> = Vec::new();
+    let mut source: Option<Arc<str>> = None;
+    for record in records {
+        let count = record.batch.events.len();
+        let same_source = source.as_ref() == Some(&record.batch.source);
+        if !keys.is_empty() && (!same_source || events.len() + count > max_events) {
+            calls.push(ReplayCall {
+                records: std::mem::take(&mut keys),
+                batch: Arc::new(SinkBatch {
+                    source: source.take().expect("a source with every record"),
+                    events: std::mem::take(&mut events),
+                }),
+            });
+        }
+        keys.push((record.key, record.stored_bytes, count));
+        // The round owns what it read: the events move, they are not copied.
+        let batch = Arc::try_unwrap(record.batch).unwrap_or_else(|shared| SinkBatch {
+            source: shared.source.clone(),
+            events: shared.events.clone(),
+        });
+        source.get_or_insert(batch.source);
+        events.extend(batch.events);
+    }
+    if let Some(source) = source {
+        calls.push(ReplayCall {
+            records: keys,
+            batch: Arc::new(SinkBatch { source, events }),
+        });
+    }
+    calls
+}
+
+/// Behind an ack on spool: waits up to the sink's batch `linger` for a full round
+/// to queue, so the sink gets fewer, larger writes (ClickHouse wants about one
+/// INSERT a second, not hundreds).
+async fn wait_for_a_full_round(queue: &SinkQueue, round_events: usize, linger: Duration) {
+    let deadline = tokio::time::Instant::now() + linger;
+    while queue.events() < round_events as u64 {
+        if tokio::time::timeout_at(deadline, queue.appended.notified())
+            .await
+            .is_err()
+        {
+            return;
         }
     }
 }
@@ -77,7 +140,18 @@ pub async fn run(
             continue;
         }
         let state = sink.breaker();
-        let settings: SpoolPolicy = crate::server::sink_policy(&policy.borrow().policy, name).spool.clone();
+        let (settings, linger, max_call_events): (SpoolPolicy, Duration, usize) = {
+            let current = policy.borrow();
+            let sink_policy = crate::server::sink_policy(&current.policy, name);
+            (
+                sink_policy.spool.clone(),
+                Duration::from_millis(sink_policy.batch.linger_ms),
+                sink_policy.batch.max_events,
+            )
+        };
+        if pace == Pace::Unpaced && state == CircuitState::Closed {
+            wait_for_a_full_round(&queue, settings.replay_batch_events, linger).await;
+        }
         // Not closed: one record, as a probe; closed: a full round.
         let max_records = if state == CircuitState::Closed { usize::MAX } else { 1 };
         let read_queue = queue.clone();
@@ -107,23 +181,24 @@ pub async fn run(
         }
         let started = Instant::now();
         let events: usize = records.iter().map(|r| r.batch.events.len()).sum();
-        let outcomes = join_all(records.iter().map(|record| sink.call(record.batch.clone()))).await;
-        let mut done: Vec<&StoredBatch> = Vec::new();
+        let calls = join_records(records, max_call_events);
+        let outcomes = join_all(calls.iter().map(|call| sink.call(call.batch.clone()))).await;
+        let mut done: Vec<RecordKey> = Vec::new();
         let mut failed = false;
-        for (record, outcome) in records.iter().zip(outcomes) {
+        for (call, outcome) in calls.iter().zip(outcomes) {
             match outcome {
-                Ok(()) => done.push(record),
+                Ok(()) => done.extend_from_slice(&call.records),
                 Err(error) if !error.is_retryable() => {
                     let kept = {
                         let spool = spool.clone();
-                        let batch = record.batch.clone();
+                        let batch = call.batch.clone();
                         let message = error.to_string();
                         tokio::task::spawn_blocking(move || spool.add_dead_letter(name, &message, &batch)).await
                     };
                     match kept {
                         Ok(Ok(())) => {
-                            tracing::warn!(sink = name, %error, events = record.batch.events.len(), "replayed batch rejected: moved to dead letters");
-                            done.push(record);
+                            tracing::warn!(sink = name, %error, events = call.batch.events.len(), "replayed batch rejected: moved to dead letters");
+                            done.extend_from_slice(&call.records);
                         }
                         _ => failed = true,
                     }
@@ -131,14 +206,10 @@ pub async fn run(
                 Err(_) => failed = true,
             }
         }
-        let delivered: u64 = done.iter().map(|r| r.batch.events.len() as u64).sum();
+        let delivered: u64 = done.iter().map(|(_, _, events)| *events as u64).sum();
         if !done.is_empty() {
             let remove_queue = queue.clone();
-            let keys: Vec<(u64, u64, usize)> = done
-                .iter()
-                .map(|r| (r.key, r.stored_bytes, r.batch.events.len()))
-                .collect();
-            let removed = tokio::task::spawn_blocking(move || remove_queue.remove_keys(&keys)).await;
+            let removed = tokio::task::spawn_blocking(move || remove_queue.remove_keys(&done)).await;
             if !matches!(removed, Ok(Ok(()))) {
                 // The queue keeps them out of replay and deletes them later.
                 tracing::error!(sink = name, "could not delete replayed records yet");
@@ -158,5 +229,71 @@ pub async fn run(
         if let Some(rest) = budget.checked_sub(started.elapsed()) {
             tokio::time::sleep(rest).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: u64, source: &str, events: usize) -> StoredBatch {
+        StoredBatch {
+            key,
+            created_at_ms: 0,
+            stored_bytes: 10 * key,
+            batch: Arc::new(SinkBatch {
+                source: Arc::from(source),
+                events: (0..events)
+                    .map(|i| NormalizedEvent::for_tests(&format!("{key}-{i}"), b"{}"))
+                    .collect(),
+            }),
+        }
+    }
+
+    fn shape(calls: &[ReplayCall]) -> Vec<(String, Vec<u64>, Vec<String>)> {
+        calls
+            .iter()
+            .map(|call| {
+                (
+                    call.batch.source.to_string(),
+                    call.records.iter().map(|(key, _, _)| *key).collect(),
+                    call.batch.events.iter().map(|e| e.message_id.clone()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn consecutive_records_of_one_source_are_joined_up_to_the_event_limit_in_order() {
+        let records = vec![
+            record(1, "a", 2),
+            record(2, "a", 1),
+            record(3, "b", 1),
+            record(4, "a", 2),
+            record(5, "a", 2),
+        ];
+        let calls = join_records(records, 4);
+        let ids = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            shape(&calls),
+            vec![
+                ("a".into(), vec![1, 2], ids(&["1-0", "1-1", "2-0"])),
+                ("b".into(), vec![3], ids(&["3-0"])),
+                ("a".into(), vec![4, 5], ids(&["4-0", "4-1", "5-0", "5-1"])),
+            ]
+        );
+        assert_eq!(calls[0].records, vec![(1, 10, 2), (2, 20, 1)], "keys for removal");
+    }
+
+    #[test]
+    fn a_record_larger_than_the_limit_is_one_call_and_never_split() {
+        let calls = join_records(vec![record(1, "a", 1), record(2, "a", 5), record(3, "a", 1)], 3);
+        let keys: Vec<Vec<u64>> = calls
+            .iter()
+            .map(|c| c.records.iter().map(|(key, _, _)| *key).collect())
+            .collect();
+        assert_eq!(keys, vec![vec![1], vec![2], vec![3]]);
+        assert_eq!(calls[1].batch.events.len(), 5);
+        assert!(join_records(Vec::new(), 3).is_empty());
     }
 }
