@@ -72,35 +72,64 @@ fn assert_exactly_once(clickhouse: &ClickHouse, acked: &HashSet<String>) {
     assert_eq!(final_count, acked.len(), "rows (FINAL) vs acknowledged events");
 }
 
+/// What four writers saw while `scenario` ran: 20-event requests, one every
+/// `pause` per writer, until the scenario returns.
+struct Load {
+    acked: HashSet<String>,
+    acked_requests: usize,
+    /// Requests sent and acknowledged while `during` was set throughout.
+    acked_during: usize,
+    refused: Vec<(u16, serde_json::Value)>,
+}
+
+fn under_load(server: &Server, prefix: &str, pause: Duration, during: &AtomicBool, scenario: impl FnOnce()) -> Load {
+    let load = Mutex::new(Load {
+        acked: HashSet::new(),
+        acked_requests: 0,
+        acked_during: 0,
+        refused: Vec::new(),
+    });
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for writer in 0..4 {
+            let (load, stop) = (&load, &stop);
+            scope.spawn(move || {
+                let mut request = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    request += 1;
+                    let batch: Vec<_> = (0..20)
+                        .map(|i| track(&format!("{prefix}{writer}-r{request}-e{i}")))
+                        .collect();
+                    let during_before = during.load(Ordering::Relaxed);
+                    let (status, body) = post_json(server, "/v1/batch", &json!({ "batch": batch }));
+                    let mut load = load.lock().unwrap();
+                    if status == 200 {
+                        load.acked
+                            .extend(batch.iter().map(|e| e["messageId"].as_str().unwrap().to_string()));
+                        load.acked_requests += 1;
+                        if during_before && during.load(Ordering::Relaxed) {
+                            load.acked_during += 1;
+                        }
+                    } else {
+                        load.refused.push((status, body));
+                    }
+                    drop(load);
+                    std::thread::sleep(pause);
+                }
+            });
+        }
+        scenario();
+        stop.store(true, Ordering::Relaxed);
+    });
+    load.into_inner().unwrap()
+}
+
 #[test]
 fn freeze_and_kill_under_load_lose_nothing_and_double_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut clickhouse = ClickHouse::start();
     let server = Server::start_with(&config(dir.path(), clickhouse.http_port), &[]);
-    let acked = Mutex::new(HashSet::new());
-    let stop = AtomicBool::new(false);
-    let refused = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for writer in 0..4 {
-            let (acked, stop, refused, server) = (&acked, &stop, &refused, &server);
-            scope.spawn(move || {
-                let mut request = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    request += 1;
-                    let batch: Vec<_> = (0..20).map(|i| track(&format!("w{writer}-r{request}-e{i}"))).collect();
-                    let (status, body) = post_json(server, "/v1/batch", &json!({ "batch": batch }));
-                    if status == 200 {
-                        acked
-                            .lock()
-                            .unwrap()
-                            .extend(batch.iter().map(|e| e["messageId"].as_str().unwrap().to_string()));
-                    } else {
-                        refused.lock().unwrap().push((status, body));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            });
-        }
+    let load = under_load(&server, "w", Duration::from_millis(20), &AtomicBool::new(false), || {
         std::thread::sleep(Duration::from_secs(1));
         clickhouse.freeze();
         std::thread::sleep(Duration::from_secs(3));
@@ -110,12 +139,11 @@ fn freeze_and_kill_under_load_lose_nothing_and_double_nothing() {
         std::thread::sleep(Duration::from_secs(2));
         clickhouse.restart();
         std::thread::sleep(Duration::from_secs(1));
-        stop.store(true, Ordering::Relaxed);
     });
-    let refused = refused.into_inner().unwrap();
     assert!(
-        refused.is_empty(),
-        "intake must keep answering 200 through the outage: {refused:?}"
+        load.refused.is_empty(),
+        "intake must keep answering 200 through the outage: {:?}",
+        load.refused
     );
     assert!(
         server.metric("breakwater_spool_appended_events_total{sink=\"clickhouse\"}") > 0.0,
@@ -126,7 +154,7 @@ fn freeze_and_kill_under_load_lose_nothing_and_double_nothing() {
         "the breaker opened"
     );
     wait_for_empty_spool(&server);
-    let acked = acked.into_inner().unwrap();
+    let acked = load.acked;
     assert!(acked.len() > 500, "load was too light to prove much: {}", acked.len());
     assert_exactly_once(&clickhouse, &acked);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -171,46 +199,8 @@ fn acknowledged_on_spool_clients_never_wait_for_clickhouse_and_every_event_arriv
     let dir = tempfile::tempdir().unwrap();
     let clickhouse = ClickHouse::start();
     let server = Server::start_with(&config_acknowledged(dir.path(), clickhouse.http_port, "on_spool"), &[]);
-    let acked = Mutex::new(HashSet::new());
-    let acked_requests = std::sync::atomic::AtomicUsize::new(0);
-    let acked_while_frozen = std::sync::atomic::AtomicUsize::new(0);
     let frozen = AtomicBool::new(false);
-    let stop = AtomicBool::new(false);
-    let refused = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for writer in 0..4 {
-            let (acked, acked_requests, acked_while_frozen, frozen, stop, refused, server) = (
-                &acked,
-                &acked_requests,
-                &acked_while_frozen,
-                &frozen,
-                &stop,
-                &refused,
-                &server,
-            );
-            scope.spawn(move || {
-                let mut request = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    request += 1;
-                    let batch: Vec<_> = (0..20).map(|i| track(&format!("s{writer}-r{request}-e{i}"))).collect();
-                    let was_frozen = frozen.load(Ordering::Relaxed);
-                    let (status, body) = post_json(server, "/v1/batch", &json!({ "batch": batch }));
-                    if status == 200 {
-                        acked
-                            .lock()
-                            .unwrap()
-                            .extend(batch.iter().map(|e| e["messageId"].as_str().unwrap().to_string()));
-                        acked_requests.fetch_add(1, Ordering::Relaxed);
-                        if was_frozen && frozen.load(Ordering::Relaxed) {
-                            acked_while_frozen.fetch_add(1, Ordering::Relaxed);
-                        }
-                    } else {
-                        refused.lock().unwrap().push((status, body));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            });
-        }
+    let load = under_load(&server, "s", Duration::from_millis(5), &frozen, || {
         std::thread::sleep(Duration::from_secs(1));
         // A stalled ClickHouse (no error, no answer): acks must not wait for it.
         clickhouse.freeze();
@@ -219,16 +209,15 @@ fn acknowledged_on_spool_clients_never_wait_for_clickhouse_and_every_event_arriv
         frozen.store(false, Ordering::Relaxed);
         clickhouse.thaw();
         std::thread::sleep(Duration::from_secs(1));
-        stop.store(true, Ordering::Relaxed);
     });
-    let refused = refused.into_inner().unwrap();
     assert!(
-        refused.is_empty(),
-        "every request is acknowledged from the spool: {refused:?}"
+        load.refused.is_empty(),
+        "every request is acknowledged from the spool: {:?}",
+        load.refused
     );
-    let acked = acked.into_inner().unwrap();
+    let acked = load.acked;
     assert!(acked.len() > 500, "load was too light to prove much: {}", acked.len());
-    let while_frozen = acked_while_frozen.into_inner();
+    let while_frozen = load.acked_during;
     assert!(
         while_frozen >= 20,
         "requests kept being acknowledged while ClickHouse was frozen: {while_frozen}"
@@ -242,7 +231,7 @@ fn acknowledged_on_spool_clients_never_wait_for_clickhouse_and_every_event_arriv
     assert_exactly_once(&clickhouse, &acked);
     // Delivery behind the ack joins requests: fewer INSERTs than requests.
     let inserts = server.metric("breakwater_clickhouse_events_per_insert_count");
-    let requests = acked_requests.into_inner() as f64;
+    let requests = load.acked_requests as f64;
     eprintln!(
         "acknowledged {} events in {requests} requests ({while_frozen} while ClickHouse was frozen); {inserts} INSERTs",
         acked.len()
