@@ -222,18 +222,22 @@ fn every_event_lands_once_in_clickhouse_and_kafka_with_its_fields() {
         "a key spread over partitions: {partitions_of_user:?}"
     );
 
-    // Redis: delivered ids are marked seen with the configured TTL.
-    assert_eq!(
-        redis.command(&["GET", "breakwater:dedup:default:big-7"]).trim(),
-        "$1\r\ns"
-    );
-    let ttl: i64 = redis
-        .command(&["TTL", "breakwater:dedup:default:big-7"])
-        .trim()
-        .trim_start_matches(':')
-        .parse()
-        .unwrap();
-    assert!((86_000..=86_400).contains(&ttl), "ttl {ttl}");
+    // Redis: a delivered id names its request's token, whose status says delivered;
+    // both are kept for the configured TTL.
+    let reply = redis.command(&["GET", "breakwater:dedup:default:big-7"]);
+    let token = reply.lines().nth(1).unwrap_or_default().to_string();
+    assert!(token.starts_with("c:"), "{reply:?}");
+    let status_key = format!("breakwater:dedup::claim:{token}");
+    assert_eq!(redis.command(&["GET", &status_key]).trim(), "$1\r\nd");
+    for key in ["breakwater:dedup:default:big-7", status_key.as_str()] {
+        let ttl: i64 = redis
+            .command(&["TTL", key])
+            .trim()
+            .trim_start_matches(':')
+            .parse()
+            .unwrap();
+        assert!((86_000..=86_400).contains(&ttl), "ttl of {key}: {ttl}");
+    }
     // One claim round trip per request that had new ids, never one per event.
     let claims = server.metric("breakwater_redis_round_trips_total{operation=\"claim\"}");
     let requests = 6.0 + 2.0 + 12.0 * 9.0;

@@ -1,7 +1,8 @@
 //! Two breakwater instances sharing one Redis store a messageId once, whichever
 //! instance receives it and even when both receive it at the same time. An id
 //! another instance is still delivering makes the request wait, then 503, and is
-//! free once that claim expires; an id another instance delivered is a duplicate.
+//! free once that claim expires; an id another instance delivered is a duplicate;
+//! keys written by the earlier key layout are understood.
 //! A Redis that is down does not stop intake (dedup fails open, counted).
 
 mod support;
@@ -58,21 +59,33 @@ fn the_same_message_id_sent_to_both_instances_is_stored_once() {
     assert_eq!(duplicated.trim(), "0", "some message ids were stored twice");
 }
 
-/// The key breakwater keeps for `message_id`, found from one it wrote for a
-/// first event (`<prefix>:<source>:<messageId>`).
-fn dedup_key_prefix(redis: &Redis, server: &Server) -> String {
+/// Where breakwater keeps its dedup state, found from what it wrote for a first
+/// event: the prefix of id keys (`<prefix>:<source>:`, followed by a messageId)
+/// and of status keys (`<prefix>::claim:`, followed by a request's token).
+fn dedup_key_prefixes(redis: &Redis, server: &Server) -> (String, String) {
     let (status, body) = post_json(server, "/v1/batch", &batch("probe", 1));
     assert_eq!(status, 200, "{body}");
-    let keys = redis.command(&["KEYS", "*:probe-0"]);
-    let key = keys
-        .lines()
-        .find(|line| line.ends_with(":probe-0"))
-        .unwrap_or_else(|| panic!("no dedup key for probe-0 in {keys:?}"));
-    key.trim_end_matches("probe-0").to_string()
+    let find = |pattern: &str, marker: &str| {
+        let keys = redis.command(&["KEYS", pattern]);
+        let key = keys
+            .lines()
+            .find(|line| line.contains(marker))
+            .unwrap_or_else(|| panic!("no key like {pattern} in {keys:?}"))
+            .to_string();
+        key[..key.find(marker).unwrap() + marker.len()].to_string()
+    };
+    let id_prefix = find("*:probe-0", ":probe-0").trim_end_matches("probe-0").to_string();
+    let status_prefix = find("*::claim:*", "::claim:");
+    (id_prefix, status_prefix)
 }
 
 fn delivered_ids(server: &Server, id: &str) -> usize {
     server.sink_events().iter().filter(|e| e["messageId"] == id).count()
+}
+
+fn set(redis: &Redis, args: &[&str]) {
+    let reply = redis.command(&[&["SET"], args].concat());
+    assert!(reply.starts_with("+OK"), "SET {args:?}: {reply:?}");
 }
 
 #[test]
@@ -84,45 +97,64 @@ fn an_id_held_by_another_instance_waits_then_503s_and_is_free_once_that_claim_ex
         redis.url()
     );
     let server = Server::start_with(&config, &[]);
-    let prefix = dedup_key_prefix(&redis, &server);
+    let (ids, statuses) = dedup_key_prefixes(&redis, &server);
 
-    // Another instance is delivering held-0 right now (its claim expires in 1.5 s).
-    let held_key = format!("{prefix}held-0");
-    assert!(redis
-        .command(&["SET", &held_key, "p:other-instance:1", "PX", "1500"])
-        .starts_with("+OK"));
-    let request = json!({ "batch": [track("held-0"), track("free-0")] });
-    let (status, body) = post_json(&server, "/v1/batch", &request);
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"]["code"], "in_flight_elsewhere", "{body}");
-    // Nothing of the refused request was written or kept claimed.
+    // Another instance is delivering held-0 and held-1 right now; its claims lapse in
+    // 1.5 s (it died mid-request). held-0 as this release writes a claim (the id
+    // names the request's token, whose status is pending), held-1 as an earlier
+    // release did (the token itself, expiring).
+    let other = "c:000000000000000000000001";
+    set(&redis, &[&format!("{ids}held-0"), other, "EX", "60"]);
+    set(&redis, &[&format!("{statuses}{other}"), "p", "PX", "1500"]);
+    set(&redis, &[&format!("{ids}held-1"), "p:old-instance:1", "PX", "1500"]);
+    for held in ["held-0", "held-1"] {
+        let request = json!({ "batch": [track(held), track("free-0")] });
+        let (status, body) = post_json(&server, "/v1/batch", &request);
+        assert_eq!(status, 503, "{held}: {body}");
+        assert_eq!(body["error"]["code"], "in_flight_elsewhere", "{body}");
+    }
+    // Nothing of the refused requests was written or kept claimed.
     assert_eq!(delivered_ids(&server, "free-0"), 0);
     assert!(
-        redis.command(&["GET", &format!("{prefix}free-0")]).starts_with("$-1"),
+        redis.command(&["GET", &format!("{ids}free-0")]).starts_with("$-1"),
         "the refused request released its own claims"
     );
 
-    // Once the other claim expires (its instance died mid-request), the retry lands.
+    // Once the other claims lapse, the retry lands.
     std::thread::sleep(std::time::Duration::from_millis(1600));
+    let request = json!({ "batch": [track("held-0"), track("held-1"), track("free-0")] });
     let (status, body) = post_json(&server, "/v1/batch", &request);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["duplicates"].as_u64(), None, "both were new: {body}");
-    assert_eq!(
-        (delivered_ids(&server, "held-0"), delivered_ids(&server, "free-0")),
-        (1, 1)
-    );
+    assert_eq!(body["duplicates"].as_u64(), None, "all were new: {body}");
+    for id in ["held-0", "held-1", "free-0"] {
+        assert_eq!(delivered_ids(&server, id), 1, "{id}");
+    }
+    // held-0 now names this request's token, whose status says delivered.
+    let reply = redis.command(&["GET", &format!("{ids}held-0")]);
+    let token = reply.lines().nth(1).unwrap_or_default();
+    assert!(token.starts_with("c:") && token != other, "{reply:?}");
     assert!(
-        redis.command(&["GET", &held_key]).contains("\r\ns\r\n"),
-        "held-0 is now marked delivered"
+        redis
+            .command(&["GET", &format!("{statuses}{token}")])
+            .contains("\r\nd\r\n"),
+        "the request's status is delivered"
     );
+    let (_, body) = post_json(&server, "/v1/batch", &request);
+    assert_eq!(body["duplicates"].as_u64(), Some(3), "{body}");
 
-    // An id another instance delivered is acknowledged as a duplicate, not written.
-    assert!(redis
-        .command(&["SET", &format!("{prefix}elsewhere-0"), "s", "EX", "60"])
-        .starts_with("+OK"));
-    let (status, body) = post_json(&server, "/v1/batch", &json!({ "batch": [track("elsewhere-0")] }));
-    assert_eq!((status, body["duplicates"].as_u64()), (200, Some(1)), "{body}");
-    assert_eq!(delivered_ids(&server, "elsewhere-0"), 0);
+    // Ids another instance delivered are duplicates, not written: one as this
+    // release marks them (its request's status is delivered), one as an earlier did.
+    let done = "c:000000000000000000000002";
+    set(&redis, &[&format!("{ids}elsewhere-0"), done, "EX", "60"]);
+    set(&redis, &[&format!("{statuses}{done}"), "d", "EX", "60"]);
+    set(&redis, &[&format!("{ids}elsewhere-1"), "s", "EX", "60"]);
+    let request = json!({ "batch": [track("elsewhere-0"), track("elsewhere-1")] });
+    let (status, body) = post_json(&server, "/v1/batch", &request);
+    assert_eq!((status, body["duplicates"].as_u64()), (200, Some(2)), "{body}");
+    assert_eq!(
+        delivered_ids(&server, "elsewhere-0") + delivered_ids(&server, "elsewhere-1"),
+        0
+    );
 }
 
 #[test]

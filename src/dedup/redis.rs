@@ -5,21 +5,28 @@
 //! Every command goes through the policy's `[redis]` stack (timeout, retry,
 //! breaker): with Redis down, the breaker opens and requests stop waiting for it.
 //!
-//! Per id, the key `<prefix>:<source>:<messageId>` holds either a claim token (a
-//! request somewhere is delivering it; expires after `pending_ttl_ms`) or `s`
-//! (delivered; expires after `ttl_seconds`). Claim is `SET NX GET PX`: one command
-//! says "mine now", "already delivered" or "someone else's". Commit overwrites the
-//! claim with `s` only after the events are durable; a failed request deletes its
-//! own claims (compare-and-delete), so the client's retry is free to succeed. Each
-//! of the three runs as one Lua script over all of a request's keys: a pipeline of
-//! one command per key cost Redis and the client several times more CPU.
+//! Per id, the key `<prefix>:<source>:<messageId>` holds the token of the request
+//! that claimed it (`c:` and 24 hex digits; expires after `ttl_seconds`), and per
+//! request the status key `<prefix>::claim:<token>` says what became of it: `p`
+//! (being delivered; expires after `pending_ttl_ms`) or `d` (delivered; expires
+//! after `ttl_seconds`). An id is therefore "mine now", "already delivered" (its
+//! owner's status is `d`) or "someone else's" (`p`); an owner whose status expired
+//! without `d` died mid-request, and its ids are free to claim again. One write per
+//! id (the claim) and one per request (the commit), where a claim and a commit per
+//! id cost Redis twice the CPU. A failed request deletes its own claims
+//! (compare-and-delete) and its status, so the client's retry is free to succeed.
+//! Claim and release are each one Lua script over all of a request's keys, the
+//! commit one `SET`: one command for Redis to parse per request, not one per id.
+//!
+//! Keys written by earlier releases are understood: `s` is delivered, a `p:` token
+//! a claim in flight (it expires on its own).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fred::clients::Pool;
-use fred::interfaces::{ClientLike, LuaInterface};
-use fred::prelude::{Builder, Config as FredConfig, ReconnectPolicy, Value};
+use fred::interfaces::{ClientLike, KeysInterface, LuaInterface};
+use fred::prelude::{Builder, Config as FredConfig, Expiration, ReconnectPolicy, Value};
 
 use crate::config::{redact_url, RedisConfig};
 use crate::policy::CallPolicy;
@@ -29,17 +36,36 @@ use crate::telemetry::metric;
 
 pub const DEPENDENCY_NAME: &str = "redis";
 
-// The scripts, each over all of a request's keys. A delivered key holds `s`.
+// The scripts, each over all of a request's keys (KEYS).
 
-/// Claims every key (KEYS) for the token ARGV[1] for ARGV[2] ms, unless it is held:
-/// per key 0 (claimed now), 1 (already delivered) or 2 (another request holds it).
-const CLAIM_SCRIPT: &str = "local out = {} for i, key in ipairs(KEYS) do local old = redis.call('SET', key, ARGV[1], 'NX', 'GET', 'PX', ARGV[2]) if not old then out[i] = 0 elseif old == 's' then out[i] = 1 else out[i] = 2 end end return out";
+/// ARGV: token, status key, pending_ttl_ms, ttl_seconds, status key prefix. Per key
+/// 0 (claimed now), 1 (already delivered) or 2 (another request holds it); sets the
+/// status key to `p` when anything was claimed.
+const CLAIM_SCRIPT: &str = "local token, ttl, prefix = ARGV[1], ARGV[4], ARGV[5] \
+local out, owners, claimed = {}, {}, false \
+for i, key in ipairs(KEYS) do \
+  local old = redis.call('SET', key, token, 'NX', 'GET', 'EX', ttl) \
+  if not old or old == token then out[i] = 0 \
+  elseif old == 's' then out[i] = 1 \
+  elseif string.sub(old, 1, 2) ~= 'c:' then out[i] = 2 \
+  else \
+    local state = owners[old] \
+    if state == nil then state = redis.call('GET', prefix .. old) or 'gone'; owners[old] = state end \
+    if state == 'd' then out[i] = 1 \
+    elseif state == 'p' then out[i] = 2 \
+    else redis.call('SET', key, token, 'EX', ttl); out[i] = 0 end \
+  end \
+  if out[i] == 0 then claimed = true end \
+end \
+if claimed then redis.call('SET', ARGV[2], 'p', 'PX', ARGV[3]) end \
+return out";
 const CLAIMED: i64 = 0;
 const ALREADY_SEEN: i64 = 1;
-/// Marks every key (KEYS) delivered for ARGV[1] seconds.
-const COMMIT_SCRIPT: &str = "for _, key in ipairs(KEYS) do redis.call('SET', key, 's', 'EX', ARGV[1]) end return #KEYS";
-/// Deletes each key that still holds the caller's claim token (and no other).
-const RELEASE_SCRIPT: &str = "local n = 0 for _, key in ipairs(KEYS) do if redis.call('GET', key) == ARGV[1] then n = n + redis.call('DEL', key) end end return n";
+/// A status key's value once its request is delivered.
+const DELIVERED: &str = "d";
+/// ARGV: token, status key. Deletes each key that still holds the token (and no
+/// other), then the status key.
+const RELEASE_SCRIPT: &str = "local n = 0 for _, key in ipairs(KEYS) do if redis.call('GET', key) == ARGV[1] then n = n + redis.call('DEL', key) end end redis.call('DEL', ARGV[2]) return n";
 /// Pause between re-checks of ids another request holds.
 const HELD_RECHECK: Duration = Duration::from_millis(50);
 
@@ -92,7 +118,7 @@ impl Claim {
 #[derive(Debug, Clone)]
 pub enum RedisCommand {
     Claim { token: Arc<str>, keys: Arc<Vec<String>> },
-    Commit { keys: Arc<Vec<String>> },
+    Commit { token: Arc<str> },
     Release { token: Arc<str>, keys: Arc<Vec<String>> },
 }
 
@@ -106,6 +132,8 @@ pub enum RedisReply {
 /// The fred side: one pool and the key settings; runs one command per call.
 struct RedisClient {
     pool: Pool,
+    /// `<prefix>::claim:`, followed by a token: that request's status key.
+    status_prefix: String,
     ttl_seconds: i64,
     pending_ttl_ms: i64,
     health: Arc<DependencyHealth>,
@@ -115,7 +143,6 @@ pub struct RedisDedup {
     guard: Resilient<RedisCommand, RedisReply, RedisDedupError>,
     key_prefix: String,
     pending_wait: Duration,
-    instance: String,
     health: Arc<DependencyHealth>,
 }
 
@@ -144,6 +171,7 @@ impl RedisDedup {
         let health = Arc::new(DependencyHealth::default());
         let client = Arc::new(RedisClient {
             pool,
+            status_prefix: format!("{}::claim:", config.key_prefix),
             ttl_seconds: config.ttl_seconds as i64,
             pending_ttl_ms: config.pending_ttl_ms as i64,
             health: health.clone(),
@@ -156,7 +184,6 @@ impl RedisDedup {
             guard: Resilient::new(DEPENDENCY_NAME, inner, calls)?,
             key_prefix: config.key_prefix.clone(),
             pending_wait: Duration::from_millis(config.pending_wait_ms),
-            instance: uuid::Uuid::new_v4().simple().to_string(),
             health,
         })
     }
@@ -187,7 +214,7 @@ impl RedisDedup {
         source: &str,
         message_ids: &[&str],
     ) -> Result<(Vec<ClaimOutcome>, Claim), RedisDedupError> {
-        let token: Arc<str> = Arc::from(format!("p:{}:{}", self.instance, uuid::Uuid::new_v4().simple()));
+        let token: Arc<str> = Arc::from(format!("c:{}", &uuid::Uuid::new_v4().simple().to_string()[..24]));
         let keys: Vec<String> = message_ids.iter().map(|id| self.key(source, id)).collect();
         let deadline = tokio::time::Instant::now() + self.pending_wait;
         // "Seen" is final; only the other ids are claimed again on a retry.
@@ -238,9 +265,7 @@ impl RedisDedup {
             return Ok(());
         }
         self.guard
-            .call(RedisCommand::Commit {
-                keys: Arc::new(claim.keys),
-            })
+            .call(RedisCommand::Commit { token: claim.token })
             .await
             .map(|_| ())
     }
@@ -265,7 +290,7 @@ impl RedisClient {
     async fn execute(&self, command: RedisCommand) -> Result<RedisReply, RedisDedupError> {
         let result = match command {
             RedisCommand::Claim { token, keys } => self.claim_round(&token, &keys).await.map(RedisReply::Claimed),
-            RedisCommand::Commit { keys } => self.commit_round(&keys).await.map(|()| RedisReply::Done),
+            RedisCommand::Commit { token } => self.commit_round(&token).await.map(|()| RedisReply::Done),
             RedisCommand::Release { token, keys } => self.release_round(&token, &keys).await.map(|()| RedisReply::Done),
         };
         match &result {
@@ -275,8 +300,8 @@ impl RedisClient {
         result
     }
 
-    /// One script call (one round trip, one command for Redis to parse): per key,
-    /// `SET key token NX GET PX pending_ttl`. `None`: another request holds the key.
+    /// One script call: claims what is free, says what is delivered or held.
+    /// `None`: another request holds the key.
     async fn claim_round(&self, token: &str, keys: &[String]) -> Result<Vec<Option<ClaimOutcome>>, RedisDedupError> {
         let answers: Result<Vec<i64>, _> = self
             .pool
@@ -284,7 +309,13 @@ impl RedisClient {
             .eval(
                 CLAIM_SCRIPT,
                 keys.to_vec(),
-                vec![token.to_string(), self.pending_ttl_ms.to_string()],
+                vec![
+                    token.to_string(),
+                    self.status_key(token),
+                    self.pending_ttl_ms.to_string(),
+                    self.ttl_seconds.to_string(),
+                    self.status_prefix.clone(),
+                ],
             )
             .await;
         count_round_trip("claim");
@@ -305,15 +336,25 @@ impl RedisClient {
             .collect())
     }
 
-    /// One script call: per key, `SET key s EX ttl`.
-    async fn commit_round(&self, keys: &[String]) -> Result<(), RedisDedupError> {
-        let committed: Result<Value, _> = self
+    /// One `SET` for the whole request: its status becomes "delivered".
+    async fn commit_round(&self, token: &str) -> Result<(), RedisDedupError> {
+        let committed: Result<(), _> = self
             .pool
             .next_connected()
-            .eval(COMMIT_SCRIPT, keys.to_vec(), self.ttl_seconds.to_string())
+            .set(
+                self.status_key(token),
+                DELIVERED,
+                Some(Expiration::EX(self.ttl_seconds)),
+                None,
+                false,
+            )
             .await;
         count_round_trip("commit");
-        committed.map(|_| ()).map_err(|e| unavailable("commit", e))
+        committed.map_err(|e| unavailable("commit", e))
+    }
+
+    fn status_key(&self, token: &str) -> String {
+        format!("{}{token}", self.status_prefix)
     }
 
     /// One script call: one round trip. (All keys in one call: standalone Redis or
@@ -322,7 +363,11 @@ impl RedisClient {
         let released: Result<Value, _> = self
             .pool
             .next_connected()
-            .eval(RELEASE_SCRIPT, keys.to_vec(), token)
+            .eval(
+                RELEASE_SCRIPT,
+                keys.to_vec(),
+                vec![token.to_string(), self.status_key(token)],
+            )
             .await;
         count_round_trip("release");
         released.map(|_| ()).map_err(|e| unavailable("release", e))
