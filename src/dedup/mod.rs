@@ -6,6 +6,7 @@
 
 pub mod redis;
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -129,7 +130,8 @@ impl LocalDedup {
         if seen_at_unix_seconds + self.window_seconds <= now_unix_seconds() {
             return;
         }
-        self.insert_seen(&mut self.shard(key), key, seen_at_unix_seconds, now_unix_seconds());
+        let evicted_early = self.insert_seen(&mut self.shard(key), key, seen_at_unix_seconds, now_unix_seconds());
+        metrics::counter!(metric::DEDUP_EVICTED_EARLY).increment(evicted_early);
     }
 
     /// Claims the ids of one request. Returns a verdict per key, in order: an id
@@ -204,26 +206,27 @@ impl LocalDedup {
 
     fn release(&self, owner: u64, keys: &[DedupKey]) {
         for &key in keys {
-            let mut shard = self.shard(key);
-            if shard.pending.get(&key).is_some_and(|p| p.owner == owner) {
-                shard.pending.remove(&key);
-            }
+            remove_pending(&mut self.shard(key), key, owner);
         }
     }
 
     fn commit(&self, owner: u64, keys: &[DedupKey]) {
         let now = now_unix_seconds();
+        let mut evicted_early = 0;
         for &key in keys {
             let mut shard = self.shard(key);
-            if shard.pending.get(&key).is_some_and(|p| p.owner == owner) {
-                shard.pending.remove(&key);
-            }
-            self.insert_seen(&mut shard, key, now, now);
+            remove_pending(&mut shard, key, owner);
+            evicted_early += self.insert_seen(&mut shard, key, now, now);
         }
+        metrics::counter!(metric::DEDUP_EVICTED_EARLY).increment(evicted_early);
         metrics::gauge!(metric::DEDUP_ENTRIES).set(self.len() as f64);
     }
 
-    fn insert_seen(&self, shard: &mut Shard, key: DedupKey, seen_at: u64, now: u64) {
+    /// Marks `key` seen and forgets what expired or overflows the bound; returns how
+    /// many ids were forgotten before their window ended (for the caller to count
+    /// once, not per id).
+    fn insert_seen(&self, shard: &mut Shard, key: DedupKey, seen_at: u64, now: u64) -> u64 {
+        let mut evicted_early = 0;
         if shard.seen.insert(key, seen_at).is_none() {
             self.entries.fetch_add(1, Ordering::Relaxed);
         }
@@ -234,14 +237,28 @@ impl LocalDedup {
                 break;
             }
             shard.order.pop_front();
-            // Only forget the id if this queue entry is its latest sighting.
-            if shard.seen.get(&oldest) == Some(&oldest_at) {
-                shard.seen.remove(&oldest);
+            // Only forget the id if this queue entry is its latest sighting (one
+            // lookup: the set is large, and each lookup is a cache miss).
+            if let Entry::Occupied(entry) = shard.seen.entry(oldest) {
+                if *entry.get() != oldest_at {
+                    continue;
+                }
+                entry.remove();
                 self.entries.fetch_sub(1, Ordering::Relaxed);
                 if !expired {
-                    metrics::counter!(metric::DEDUP_EVICTED_EARLY).increment(1);
+                    evicted_early += 1;
                 }
             }
+        }
+        evicted_early
+    }
+}
+
+/// Drops `key`'s in-flight mark if `owner` holds it.
+fn remove_pending(shard: &mut Shard, key: DedupKey, owner: u64) {
+    if let Entry::Occupied(entry) = shard.pending.entry(key) {
+        if entry.get().owner == owner {
+            entry.remove();
         }
     }
 }
