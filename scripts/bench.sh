@@ -7,6 +7,9 @@
 # BENCH_SINK_DOWN=1 adds a ClickHouse sink that is down (nothing listens on its
 # port): every event is then written to the file sink and to ClickHouse's spool.
 # BENCH_CONFIG=path uses that config file instead of none (the embedded default).
+# BENCH_SERVER=path serves with that breakwater binary instead of this build's
+# (scripts/bench-ab.sh compares two builds this way). The server line on stderr
+# includes the server's CPU time during the load (user + system, /proc/<pid>/stat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +21,7 @@ if [ "${BENCH_SINK_DOWN:-0}" = 1 ]; then
   config="$data_dir/breakwater.toml"
   printf '[file_sink]\nenabled = true\n[clickhouse]\nurl = "http://127.0.0.1:9"\n' >"$config"
 fi
-./target/release/breakwater serve --listen "127.0.0.1:${port}" --data-dir "$data_dir" --config "$config" \
+"${BENCH_SERVER:-./target/release/breakwater}" serve --listen "127.0.0.1:${port}" --data-dir "$data_dir" --config "$config" \
   >"$data_dir/server.log" 2>&1 &
 server_pid=$!
 cleanup() {
@@ -33,8 +36,11 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$server_pid/stat"; }
+ticks_before=$(cpu_ticks)
 ./target/release/breakwater-load --target "127.0.0.1:${port}" "$@"
-echo "server: $(curl -s "http://127.0.0.1:${port}/metrics" | awk '
+cpu_seconds=$(awk -v t=$(($(cpu_ticks) - ticks_before)) -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }')
+echo "server: CPU ${cpu_seconds} s during the load; $(curl -s "http://127.0.0.1:${port}/metrics" | awk '
   /^breakwater_file_sink_requests_per_fsync_sum/ {r=$2}
   /^breakwater_file_sink_requests_per_fsync_count/ {n=$2}
   /^breakwater_file_sink_fsync_duration_seconds_sum/ {s=$2}

@@ -82,6 +82,12 @@ struct Load {
     refused: Vec<(u16, serde_json::Value)>,
 }
 
+impl Load {
+    fn assert_none_refused(&self, why: &str) {
+        assert!(self.refused.is_empty(), "{why}: {:?}", self.refused);
+    }
+}
+
 fn under_load(server: &Server, prefix: &str, pause: Duration, during: &AtomicBool, scenario: impl FnOnce()) -> Load {
     let load = Mutex::new(Load {
         acked: HashSet::new(),
@@ -140,11 +146,7 @@ fn freeze_and_kill_under_load_lose_nothing_and_double_nothing() {
         clickhouse.restart();
         std::thread::sleep(Duration::from_secs(1));
     });
-    assert!(
-        load.refused.is_empty(),
-        "intake must keep answering 200 through the outage: {:?}",
-        load.refused
-    );
+    load.assert_none_refused("intake must keep answering 200 through the outage");
     assert!(
         server.metric("breakwater_spool_appended_events_total{sink=\"clickhouse\"}") > 0.0,
         "the spool was used"
@@ -210,11 +212,7 @@ fn acknowledged_on_spool_clients_never_wait_for_clickhouse_and_every_event_arriv
         clickhouse.thaw();
         std::thread::sleep(Duration::from_secs(1));
     });
-    assert!(
-        load.refused.is_empty(),
-        "every request is acknowledged from the spool: {:?}",
-        load.refused
-    );
+    load.assert_none_refused("every request is acknowledged from the spool");
     let acked = load.acked;
     assert!(acked.len() > 500, "load was too light to prove much: {}", acked.len());
     let while_frozen = load.acked_during;

@@ -12,8 +12,9 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 /// A DeserializeSeed that writes the value it is given to `out` as compact JSON:
-/// no whitespace, strings re-escaped the way serde_json writes them, numbers as
-/// serde_json formats them. Object keys keep their order and duplicates.
+/// no whitespace; strings that had no escape copied as they are, others escaped
+/// again the way serde_json writes them; numbers as serde_json formats them.
+/// Object keys keep their order and duplicates.
 pub struct CompactCopy<'o> {
     pub out: &'o mut Vec<u8>,
 }

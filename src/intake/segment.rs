@@ -764,6 +764,7 @@ fn optional_timestamp(event: &KnownFields, field: Known) -> Result<Option<DateTi
 fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc))
 }
+
 /// RFC 3339 in UTC with milliseconds, as Segment writes them.
 pub fn format_timestamp(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Millis, true)
