@@ -353,7 +353,8 @@ pub enum Acknowledge {
     #[default]
     OnDelivery,
     /// The request waits only for the spool's fsync; the replayer delivers from the
-    /// spool behind the ack, unpaced, in rounds of `spool.replay_batch_events`. The
+    /// spool behind the ack, unpaced, in rounds of up to `spool.replay_batch_events`
+    /// (each waiting up to the sink's `batch.linger_ms` to fill). The
     /// sink gets fewer, larger writes (what ClickHouse wants), and the client's
     /// latency no longer includes the sink's; every event is written to disk first.
     OnSpool,

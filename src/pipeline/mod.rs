@@ -18,7 +18,7 @@ use crate::dedup::{DedupKey, LocalDedup, Verdict};
 use crate::intake::segment::NormalizedEvent;
 use crate::resilience::ResilientSink;
 use crate::sinks::{DependencyHealth, SinkBatch, SinkError};
-use crate::spool::{SinkQueue, Spool, SpoolError};
+use crate::spool::{SinkQueue, Spool, SpoolError, SpoolRoom};
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
@@ -220,10 +220,7 @@ async fn deliver_everywhere(
         async move {
             if route.acknowledge == Acknowledge::OnSpool {
                 // The replayer delivers it from there, behind the ack.
-                return match route.queue.append_into(room, batch).await {
-                    Ok(()) => Ok(Outcome::Spooled),
-                    Err(error) => Err(PipelineError::Spool(error)),
-                };
+                return spool_into(route, room, batch).await;
             }
             let started = Instant::now();
             let result = route.sink.call(batch.clone()).await;
@@ -233,10 +230,7 @@ async fn deliver_everywhere(
                 Ok(()) => Ok(Outcome::Delivered),
                 Err(error) if error.is_retryable() => {
                     tracing::debug!(sink = route.sink.name, %error, events, "sink unavailable: spooling");
-                    match route.queue.append_into(room, batch).await {
-                        Ok(()) => Ok(Outcome::Spooled),
-                        Err(error) => Err(PipelineError::Spool(error)),
-                    }
+                    spool_into(route, room, batch).await
                 }
                 Err(error) => {
                     static REJECTED: Throttle = Throttle::new(WARN_EVERY);
@@ -269,4 +263,14 @@ async fn deliver_everywhere(
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// The sink's copy into its spool, in the room held for it.
+async fn spool_into(route: &SinkRoute, room: SpoolRoom<'_>, batch: Arc<SinkBatch>) -> Result<Outcome, PipelineError> {
+    route
+        .queue
+        .append_into(room, batch)
+        .await
+        .map(|()| Outcome::Spooled)
+        .map_err(PipelineError::Spool)
 }
