@@ -11,6 +11,8 @@
 # BENCH_CLICKHOUSE_ACKNOWLEDGE=on_spool acknowledges ClickHouse's copy once it is
 # spooled (delivered behind the ack); the run then also waits, up to 5 minutes, for
 # that spool to drain and reports how long the drain took after the load ended.
+# BENCH_SERVER=path serves with that breakwater binary instead of this build's (to
+# compare two builds); the last line includes the server's CPU time during the load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
@@ -63,13 +65,16 @@ acknowledge = "${BENCH_CLICKHOUSE_ACKNOWLEDGE:-on_delivery}"
 brokers = "$kafka_brokers"
 topic = "events"
 TOML
-./target/release/breakwater serve --config "$work/breakwater.toml" --listen "127.0.0.1:$bw_port" \
+"${BENCH_SERVER:-./target/release/breakwater}" serve --config "$work/breakwater.toml" --listen "127.0.0.1:$bw_port" \
   ${BENCH_POLICY:+--policy "$BENCH_POLICY"} --data-dir "$work/data" >"$work/server.log" 2>&1 &
 pids+=($!)
 server_pid=$!
 wait_for "curl -sf http://127.0.0.1:$bw_port$ready"
 
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$server_pid/stat"; }
+ticks_before=$(cpu_ticks)
 ./target/release/breakwater-load --target "127.0.0.1:$bw_port" "$@"
+cpu_seconds=$(awk -v t=$(($(cpu_ticks) - ticks_before)) -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }')
 if [ "${BENCH_CLICKHOUSE_ACKNOWLEDGE:-}" = on_spool ] && [ -z "${BENCH_DOWN:-}" ]; then
   load_ended=$(date +%s.%N)
   spool_events() { curl -s "http://127.0.0.1:$bw_port/metrics" | awk '/^breakwater_spool_events\{sink="clickhouse"\}/ {print $2}'; }
@@ -89,4 +94,4 @@ curl -s "http://127.0.0.1:$bw_port/metrics" | awk '
 spooled=$(curl -s "http://127.0.0.1:$bw_port/metrics" | awk '/^breakwater_spool_events\{/ {match($0, /sink="[a-z_]+"/); printf "%s %s; ", substr($0, RSTART+6, RLENGTH-7), $2}')
 echo "server: spooled now: ${spooled:-none}" >&2
 redis-cli -p "$redis_port" info commandstats | grep -E "^cmdstat_(eval|set|evalsha)" | sed 's/^/redis: /' >&2
-echo "server: clickhouse rows $rows in $inserts INSERTs; redis claim round trips $claims; peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$server_pid/status)" >&2
+echo "server: clickhouse rows $rows in $inserts INSERTs; redis claim round trips $claims; CPU ${cpu_seconds} s during the load; peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$server_pid/status)" >&2

@@ -15,15 +15,25 @@ use support::*;
 const WRITERS: usize = 8;
 const EVENTS_PER_REQUEST: usize = 50;
 
-/// Sends batches from several threads until the server dies; returns
-/// (acknowledged ids, every batch attempted).
-fn load_until_killed(server: &mut Server, run_for: Duration, round: usize) -> (HashSet<String>, Vec<Value>) {
+/// What one round of load saw: the acknowledged ids, every batch attempted, and
+/// why each writer stopped (the first answer that was not a 200, or the error).
+struct Round {
+    acked: HashSet<String>,
+    attempted: Vec<Value>,
+    stopped_by: Vec<String>,
+}
+
+/// Sends batches from several threads until the server dies.
+fn load_until_killed(server: &mut Server, run_for: Duration, round: usize) -> Round {
     let acked = Mutex::new(HashSet::new());
     let attempted = Mutex::new(Vec::new());
+    let stopped_by = Mutex::new(Vec::new());
     let stop = AtomicBool::new(false);
+    let started = std::time::Instant::now();
     std::thread::scope(|scope| {
         for writer in 0..WRITERS {
-            let (acked, attempted, stop, url) = (&acked, &attempted, &stop, server.url("/v1/batch"));
+            let (acked, attempted, stopped_by, stop, url) =
+                (&acked, &attempted, &stopped_by, &stop, server.url("/v1/batch"));
             scope.spawn(move || {
                 let client = client();
                 let mut request = 0;
@@ -45,7 +55,22 @@ fn load_until_killed(server: &mut Server, run_for: Duration, round: usize) -> (H
                                 acked.insert(event["messageId"].as_str().unwrap().to_string());
                             }
                         }
-                        _ => break,
+                        Ok(response) => {
+                            let status = response.status();
+                            let body = response.text().unwrap_or_default();
+                            stopped_by.lock().unwrap().push(format!(
+                                "writer {writer}, request {request}, at {:?}: {status} {body}",
+                                started.elapsed()
+                            ));
+                            break;
+                        }
+                        Err(error) => {
+                            stopped_by.lock().unwrap().push(format!(
+                                "writer {writer}, request {request}, at {:?}: {error}",
+                                started.elapsed()
+                            ));
+                            break;
+                        }
                     }
                 }
             });
@@ -54,7 +79,11 @@ fn load_until_killed(server: &mut Server, run_for: Duration, round: usize) -> (H
         server.kill9();
         stop.store(true, Ordering::Relaxed);
     });
-    (acked.into_inner().unwrap(), attempted.into_inner().unwrap())
+    Round {
+        acked: acked.into_inner().unwrap(),
+        attempted: attempted.into_inner().unwrap(),
+        stopped_by: stopped_by.into_inner().unwrap(),
+    }
 }
 
 #[test]
@@ -63,10 +92,16 @@ fn acknowledged_events_survive_kill_9_exactly_once() {
     let mut all_acked = HashSet::new();
     let mut all_attempted = Vec::new();
     for (round, run_ms) in [700u64, 1100, 1500].into_iter().enumerate() {
-        let (acked, attempted) = load_until_killed(&mut server, Duration::from_millis(run_ms), round);
+        let Round {
+            acked,
+            attempted,
+            stopped_by,
+        } = load_until_killed(&mut server, Duration::from_millis(run_ms), round);
         assert!(
             acked.len() >= EVENTS_PER_REQUEST,
-            "round {round}: nothing was acknowledged"
+            "round {round}: nothing was acknowledged; the writers stopped on:\n{}\nserver log:\n{}",
+            stopped_by.join("\n"),
+            server.log()
         );
         all_acked.extend(acked);
         all_attempted.extend(attempted);

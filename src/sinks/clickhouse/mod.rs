@@ -22,6 +22,10 @@ use schema::Layout;
 
 pub const SINK_NAME: &str = "clickhouse";
 
+/// An INSERT's RowBinary is sent in chunks of about this size (each compressed on
+/// its own when LZ4 is on); a chunk ends after the row that reaches it.
+const INSERT_CHUNK_BYTES: usize = 1 << 20;
+
 /// The ClickHouse sink: a batcher whose flush is one INSERT.
 pub struct ClickHouseSink;
 
@@ -108,16 +112,12 @@ impl Inserter {
         self.client.query(sql).execute().await.map_err(classify)
     }
 
-    /// One INSERT of every event of the group.
+    /// One INSERT of every event of the group, encoded and sent in chunks of about
+    /// `INSERT_CHUNK_BYTES`: a 100,000-event INSERT is never held encoded whole, and
+    /// each chunk reuses memory the last one freed instead of faulting in fresh pages.
     pub async fn insert(&self, group: &[Arc<SinkBatch>]) -> Result<(), SinkError> {
         let layout = self.prepare().await?;
         let events: usize = group.iter().map(|b| b.events.len()).sum();
-        let mut rows = Vec::with_capacity(group.iter().map(|b| b.json_bytes() + b.events.len() * 96).sum());
-        for batch in group {
-            for event in &batch.events {
-                row_binary::encode_row(layout, &batch.source, event, &mut rows);
-            }
-        }
         let sql = format!(
             "INSERT INTO `{}`.`{}` ({}) FORMAT RowBinary",
             self.database,
@@ -133,7 +133,19 @@ impl Inserter {
         }
         let started = Instant::now();
         let sent = async {
-            insert.send(Bytes::from(rows)).await?;
+            let mut chunk = Vec::with_capacity(INSERT_CHUNK_BYTES);
+            for batch in group {
+                for event in &batch.events {
+                    row_binary::encode_row(layout, &batch.source, event, &mut chunk);
+                    if chunk.len() >= INSERT_CHUNK_BYTES {
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(INSERT_CHUNK_BYTES));
+                        insert.send(Bytes::from(full)).await?;
+                    }
+                }
+            }
+            if !chunk.is_empty() {
+                insert.send(Bytes::from(chunk)).await?;
+            }
             insert.end().await
         };
         match tokio::time::timeout(self.insert_timeout, sent).await {
