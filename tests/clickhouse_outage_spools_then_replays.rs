@@ -239,3 +239,63 @@ fn acknowledged_on_spool_clients_never_wait_for_clickhouse_and_every_event_arriv
         "{inserts} INSERTs for {requests} acknowledged requests"
     );
 }
+
+/// With `policies/large-inserts.toml` an INSERT carries megabytes of RowBinary,
+/// which the sink encodes and sends in chunks of about 1 MiB: every row arrives
+/// whole and in one piece, whatever chunk its bytes fell into.
+#[test]
+fn large_inserts_sent_in_chunks_arrive_whole() {
+    let clickhouse = ClickHouse::start();
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/large-inserts.toml");
+    let server = Server::start_with(
+        &format!(
+            "[server]\npolicy_file = \"{}\"\n\n[clickhouse]\nurl = \"http://127.0.0.1:{}\"\ndatabase = \"{DATABASE}\"\nacknowledge = \"on_spool\"\n",
+            policy.display(),
+            clickhouse.http_port
+        ),
+        &[],
+    );
+    // 6,000 events of about 1.6 KB each, from 4 clients at once; the pad differs per
+    // event so a row put together from the wrong bytes cannot pass.
+    let pad = |i: usize| format!("{i:06}-{}", "x".repeat(1500));
+    std::thread::scope(|scope| {
+        for client_index in 0..4 {
+            let server = &server;
+            scope.spawn(move || {
+                for request in 0..15 {
+                    let batch: Vec<_> = (0..100)
+                        .map(|e| {
+                            let i = (client_index * 15 + request) * 100 + e;
+                            json!({
+                                "type": "track", "messageId": format!("big-{i}"), "anonymousId": "a",
+                                "event": "Chunked", "properties": { "i": i, "pad": pad(i) }
+                            })
+                        })
+                        .collect();
+                    let (status, body) = post_json(server, "/v1/batch", &json!({ "batch": batch }));
+                    assert_eq!(status, 200, "client {client_index}: {body}");
+                }
+            });
+        }
+    });
+    wait_for_empty_spool(&server);
+    let table = format!("{DATABASE}.events");
+    clickhouse.wait_for_count(&table, 6000);
+    let inserts = server.metric("breakwater_clickhouse_events_per_insert_count");
+    let events_per_insert = server.metric("breakwater_clickhouse_events_per_insert_sum") / inserts;
+    assert!(
+        events_per_insert >= 1000.0,
+        "INSERTs too small to span chunks: {inserts} INSERTs, {events_per_insert} events each"
+    );
+    let rows = clickhouse.rows(&format!("SELECT message_id, payload FROM {table}"));
+    let mut seen = HashSet::new();
+    for row in &rows {
+        let payload: serde_json::Value = serde_json::from_str(row["payload"].as_str().unwrap()).unwrap();
+        let i = payload["properties"]["i"].as_u64().unwrap() as usize;
+        assert_eq!(row["message_id"], format!("big-{i}"), "message_id column of event {i}");
+        assert_eq!(payload["properties"]["pad"], pad(i), "payload of event {i}");
+        assert!(seen.insert(i), "event {i} stored twice");
+    }
+    assert_eq!(seen.len(), 6000);
+    eprintln!("6,000 events in {inserts} INSERTs, {events_per_insert:.0} events each");
+}
