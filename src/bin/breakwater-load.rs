@@ -1,5 +1,6 @@
 //! breakwater-load: a bounded load generator for benchmarks (not tests). Sends
-//! realistic ~400-byte track events (or larger, `--event-bytes`) with unique
+//! realistic ~400-byte track and identify events (`--identify-percent`; larger
+//! with `--event-bytes`) with unique
 //! messageIds over N connections — HTTP `/v1/batch` requests on keep-alive
 //! connections, or WebSocket frames on `/v1/ws` — as fast as acks allow or at a
 //! fixed rate, for a duration or a number of requests; then reports acked events/s
@@ -61,6 +62,11 @@ struct Args {
     /// event; larger sizes pad a property).
     #[arg(long, default_value_t = 400)]
     event_bytes: usize,
+    /// Share of the events, in percent, that are identify calls (traits, no event
+    /// name) instead of track calls; the rest are track. 0 keeps runs comparable
+    /// with the published figures, which were all track.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    identify_percent: u8,
     /// Also measure a minimal server (reads each body, answers 200) with the same
     /// load, first, and report the target as a fraction of it.
     #[arg(long)]
@@ -81,11 +87,31 @@ struct WorkerResult {
     errors: u64,
 }
 
-/// Appends one realistic track event (~400 bytes of JSON) to `body`. Written with a
-/// format string, not a JSON tree, so the generator spends little of the CPU it
-/// shares with the server.
-fn push_event(body: &mut String, run_id: &str, worker: usize, sequence: u64, padding: &str) {
+/// Appends one realistic event (~400 bytes of JSON) to `body`: an identify call for
+/// `identify_percent` of the sequence numbers, a track call for the others. Written
+/// with a format string, not a JSON tree, so the generator spends little of the CPU
+/// it shares with the server.
+fn push_event(body: &mut String, run_id: &str, worker: usize, sequence: u64, padding: &str, identify_percent: u8) {
     use std::fmt::Write;
+    if sequence % 100 < u64::from(identify_percent) {
+        let _ = write!(
+            body,
+            concat!(
+                r#"{{"type":"identify","messageId":"{run}-{worker}-{seq}","userId":"user-{user}","#,
+                r#""traits":{{"email":"user-{user}@example.com","plan":"pro","company":"Example GmbH","logins":{logins}{padding}}},"#,
+                r#""context":{{"library":{{"name":"analytics-python","version":"2.3.2"}},"ip":"192.0.2.10","#,
+                r#""userAgent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36","locale":"de-DE"}},"#,
+                r#""timestamp":"2024-05-01T12:00:00.000Z"}}"#
+            ),
+            run = run_id,
+            worker = worker,
+            seq = sequence,
+            user = sequence % 10_000,
+            logins = sequence % 500,
+            padding = padding,
+        );
+        return;
+    }
     let _ = write!(
         body,
         concat!(
@@ -126,7 +152,7 @@ fn batch_body(run: &Run, index: usize, sequence: &mut u64, frame_id: Option<u64>
             body.push(',');
         }
         *sequence += 1;
-        push_event(&mut body, run_id, index, *sequence, padding);
+        push_event(&mut body, run_id, index, *sequence, padding, args.identify_percent);
     }
     body.push_str("]}");
     body
@@ -352,6 +378,7 @@ impl Measured {
             "connections": args.connections,
             "batch_size": args.batch_size,
             "event_bytes": args.event_bytes.max(BASE_EVENT_BYTES),
+            "identify_percent": args.identify_percent,
             "rate_events_per_second": args.rate,
             "duration_seconds": self.elapsed,
             "requests_ok": self.total.ok_requests,
@@ -585,6 +612,51 @@ mod reference {
                     return;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Events for sequence numbers 1..=200 of one worker, parsed back.
+    fn events(identify_percent: u8, event_bytes: usize) -> Vec<(usize, serde_json::Value)> {
+        let padding = padding_for(event_bytes);
+        (1..=200)
+            .map(|sequence| {
+                let mut body = String::new();
+                push_event(&mut body, "run", 3, sequence, &padding, identify_percent);
+                let event = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+                (body.len(), event)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_are_valid_json_of_the_asked_mix_and_size() {
+        for (percent, expected_identify) in [(0, 0), (20, 40), (100, 200)] {
+            let events = events(percent, 400);
+            let identify = events.iter().filter(|(_, e)| e["type"] == "identify").count();
+            assert_eq!(identify, expected_identify, "identify share at {percent} %");
+            for (size, event) in &events {
+                assert!((350..=450).contains(size), "{size} bytes: {event}");
+                assert!(event["userId"].is_string() && event["context"]["library"].is_object());
+                match event["type"].as_str() {
+                    Some("identify") => assert!(event["traits"]["email"].is_string(), "{event}"),
+                    Some("track") => assert!(event["event"].is_string() && event["properties"].is_object()),
+                    other => panic!("unexpected type {other:?}"),
+                }
+            }
+            let ids: std::collections::HashSet<_> = events.iter().map(|(_, e)| e["messageId"].to_string()).collect();
+            assert_eq!(ids.len(), events.len(), "messageIds are unique");
+        }
+    }
+
+    #[test]
+    fn event_bytes_pads_both_kinds() {
+        for (size, event) in events(50, 2000) {
+            assert!((1950..=2050).contains(&size), "{size} bytes: {event}");
         }
     }
 }
