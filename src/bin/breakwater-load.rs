@@ -93,42 +93,31 @@ struct WorkerResult {
 /// it shares with the server.
 fn push_event(body: &mut String, run_id: &str, worker: usize, sequence: u64, padding: &str, identify_percent: u8) {
     use std::fmt::Write;
-    if sequence % 100 < u64::from(identify_percent) {
-        let _ = write!(
-            body,
-            concat!(
-                r#"{{"type":"identify","messageId":"{run}-{worker}-{seq}","userId":"user-{user}","#,
-                r#""traits":{{"email":"user-{user}@example.com","plan":"pro","company":"Example GmbH","logins":{logins}{padding}}},"#,
-                r#""context":{{"library":{{"name":"analytics-python","version":"2.3.2"}},"ip":"192.0.2.10","#,
-                r#""userAgent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36","locale":"de-DE"}},"#,
-                r#""timestamp":"2024-05-01T12:00:00.000Z"}}"#
-            ),
-            run = run_id,
-            worker = worker,
-            seq = sequence,
-            user = sequence % 10_000,
-            logins = sequence % 500,
-            padding = padding,
-        );
-        return;
-    }
+    let identify = sequence % 100 < u64::from(identify_percent);
+    let kind = if identify { "identify" } else { "track" };
+    let user = sequence % 10_000;
     let _ = write!(
         body,
-        concat!(
-            r#"{{"type":"track","messageId":"{run}-{worker}-{seq}","userId":"user-{user}","event":"Product Viewed","#,
-            r#""properties":{{"product_id":"sku-{sku}","category":"outdoor","price":129.99,"currency":"EUR","position":{position}{padding}}},"#,
-            r#""context":{{"library":{{"name":"analytics-python","version":"2.3.2"}},"ip":"192.0.2.10","#,
-            r#""userAgent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36","locale":"de-DE"}},"#,
-            r#""timestamp":"2024-05-01T12:00:00.000Z"}}"#
-        ),
-        run = run_id,
-        worker = worker,
-        seq = sequence,
-        user = sequence % 10_000,
-        sku = sequence % 5_000,
-        position = sequence % 20,
-        padding = padding,
+        r#"{{"type":"{kind}","messageId":"{run_id}-{worker}-{sequence}","userId":"user-{user}","#
     );
+    let _ = if identify {
+        let logins = sequence % 500;
+        write!(
+            body,
+            r#""traits":{{"email":"user-{user}@example.com","plan":"pro","company":"Example GmbH","logins":{logins}{padding}}},"#
+        )
+    } else {
+        let (sku, position) = (sequence % 5_000, sequence % 20);
+        write!(
+            body,
+            r#""event":"Product Viewed","properties":{{"product_id":"sku-{sku}","category":"outdoor","price":129.99,"currency":"EUR","position":{position}{padding}}},"#
+        )
+    };
+    body.push_str(concat!(
+        r#""context":{"library":{"name":"analytics-python","version":"2.3.2"},"ip":"192.0.2.10","#,
+        r#""userAgent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36","locale":"de-DE"},"#,
+        r#""timestamp":"2024-05-01T12:00:00.000Z"}"#
+    ));
 }
 
 /// The padding property that brings an event to about `event_bytes`.
