@@ -15,6 +15,7 @@
 # compare two builds); the last line includes the server's CPU time during the load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -71,10 +72,7 @@ pids+=($!)
 server_pid=$!
 wait_for "curl -sf http://127.0.0.1:$bw_port$ready"
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$server_pid/stat"; }
-ticks_before=$(cpu_ticks)
-./target/release/breakwater-load --target "127.0.0.1:$bw_port" "$@"
-cpu_seconds=$(awk -v t=$(($(cpu_ticks) - ticks_before)) -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }')
+load_with_server_cpu "$server_pid" "127.0.0.1:$bw_port" "$@"
 if [ "${BENCH_CLICKHOUSE_ACKNOWLEDGE:-}" = on_spool ] && [ -z "${BENCH_DOWN:-}" ]; then
   load_ended=$(date +%s.%N)
   spool_events() { curl -s "http://127.0.0.1:$bw_port/metrics" | awk '/^breakwater_spool_events\{sink="clickhouse"\}/ {print $2}'; }

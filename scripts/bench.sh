@@ -12,6 +12,7 @@
 # includes the server's CPU time during the load (user + system, /proc/<pid>/stat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 
 port="${BENCH_PORT:-18631}"
 cargo build --release --locked --bins >&2
@@ -36,10 +37,7 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$server_pid/stat"; }
-ticks_before=$(cpu_ticks)
-./target/release/breakwater-load --target "127.0.0.1:${port}" "$@"
-cpu_seconds=$(awk -v t=$(($(cpu_ticks) - ticks_before)) -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }')
+load_with_server_cpu "$server_pid" "127.0.0.1:${port}" "$@"
 echo "server: CPU ${cpu_seconds} s during the load; $(curl -s "http://127.0.0.1:${port}/metrics" | awk '
   /^breakwater_file_sink_requests_per_fsync_sum/ {r=$2}
   /^breakwater_file_sink_requests_per_fsync_count/ {n=$2}

@@ -43,7 +43,7 @@ fn load_until_killed(server: &mut Server, run_for: Duration, round: usize) -> Ro
                         .collect::<Vec<_>>() });
                     request += 1;
                     attempted.lock().unwrap().push(batch.clone());
-                    match client
+                    let stopped_on = match client
                         .post(&url)
                         .header("content-type", "application/json")
                         .body(batch.to_string())
@@ -54,24 +54,16 @@ fn load_until_killed(server: &mut Server, run_for: Duration, round: usize) -> Ro
                             for event in batch["batch"].as_array().unwrap() {
                                 acked.insert(event["messageId"].as_str().unwrap().to_string());
                             }
+                            continue;
                         }
-                        Ok(response) => {
-                            let status = response.status();
-                            let body = response.text().unwrap_or_default();
-                            stopped_by.lock().unwrap().push(format!(
-                                "writer {writer}, request {request}, at {:?}: {status} {body}",
-                                started.elapsed()
-                            ));
-                            break;
-                        }
-                        Err(error) => {
-                            stopped_by.lock().unwrap().push(format!(
-                                "writer {writer}, request {request}, at {:?}: {error}",
-                                started.elapsed()
-                            ));
-                            break;
-                        }
-                    }
+                        Ok(response) => format!("{} {}", response.status(), response.text().unwrap_or_default()),
+                        Err(error) => error.to_string(),
+                    };
+                    stopped_by.lock().unwrap().push(format!(
+                        "writer {writer}, request {request}, at {:?}: {stopped_on}",
+                        started.elapsed()
+                    ));
+                    break;
                 }
             });
         }

@@ -175,7 +175,12 @@ async fn main() {
     let replay_seconds = started.elapsed().as_secs_f64();
     let replay_events_s = replayed as f64 / replay_seconds;
     // What the file sink wrote (and fdatasynced) while replaying: uncompressed JSON.
-    let replay_written_mb_s = dir_bytes(&config.server.data_dir.join("events")) as f64 / 1e6 / replay_seconds;
+    let replay_written_bytes: u64 = breakwater::sinks::file::list_files(&config.server.data_dir.join("events"))
+        .expect("list the file sink's files")
+        .iter()
+        .map(|(_, path)| std::fs::metadata(path).expect("file sink file").len())
+        .sum();
+    let replay_written_mb_s = replay_written_bytes as f64 / 1e6 / replay_seconds;
 
     let report = json!({
         "raw_fdatasync": { "chunk_bytes": chunk, "mb_per_s": raw_mb_s, "fsyncs_per_s": raw_syncs },
@@ -198,17 +203,4 @@ async fn main() {
         100.0 * stored_mb_s / raw_mb_s,
         100.0 * replay_written_mb_s / raw_mb_s
     );
-}
-
-/// Total size of the files directly in `dir` (0 when it does not exist).
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
