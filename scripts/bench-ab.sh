@@ -6,7 +6,7 @@
 # At a fixed --rate both serve the same events, so CPU seconds compare the code's
 # cost per event even when the machine is noisy; as fast as acks allow, compare
 # events/s.
-#   cargo build --release --bins && cp target/release/breakwater /tmp/bw-new
+#   cargo build --release --bins --features tools && cp target/release/breakwater /tmp/bw-new
 #   git stash && cargo build --release --bin breakwater && cp target/release/breakwater /tmp/bw-old && git stash pop
 #   ./scripts/bench-ab.sh /tmp/bw-old /tmp/bw-new --connections 32 --batch-size 100 --duration-seconds 8 --rate 200000
 # BENCH_ROUNDS (default 3) sets how many A/B pairs run.

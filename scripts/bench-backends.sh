@@ -21,7 +21,7 @@ export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_for() { for _ in $(seq 1 300); do if eval "$1" >/dev/null 2>&1; then return 0; fi; sleep 0.1; done; echo "timed out: $1" >&2; exit 1; }
 
-cargo build --release --locked --bins >&2
+cargo build --release --locked --bins --features tools >&2
 work="$(mktemp -d)"
 pids=()
 cleanup() {

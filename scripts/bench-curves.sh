@@ -15,7 +15,7 @@ curves=("$@")
 out=target/bench/curves.jsonl
 mkdir -p target/bench
 : >"$out"
-cargo build --release --locked --bins >&2
+cargo build --release --locked --bins --features tools >&2
 
 point() { # curve label load-arguments... (BENCH_SINK_DOWN=1 point ... for a sink down)
   local curve=$1 label=$2

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
 
 port="${BENCH_PORT:-18631}"
-cargo build --release --locked --bins >&2
+cargo build --release --locked --bins --features tools >&2
 data_dir="$(mktemp -d)"
 config="${BENCH_CONFIG:-/dev/null}"  # BENCH_CONFIG=path: a config file of your own
 if [ "${BENCH_SINK_DOWN:-0}" = 1 ]; then

@@ -67,7 +67,7 @@ log "format"
 cargo fmt --all -- --check
 
 log "lint"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 log "supply chain (deny.toml)"
 cargo deny --locked check licenses bans sources
@@ -86,7 +86,7 @@ if ! cargo deny --locked check advisories; then
 fi
 
 log "build"
-cargo build --all-targets --locked
+cargo build --workspace --all-targets --all-features --locked
 
 log "tests"
-cargo nextest run --locked --no-fail-fast --failure-output final
+cargo nextest run --workspace --all-features --locked --no-fail-fast --failure-output final

@@ -7,10 +7,12 @@ mod support;
 use std::sync::Arc;
 
 use breakwater::config::ClickHouseConfig;
-use breakwater::intake::segment::{normalize, EventType, ReceivedEvent, RequestContext};
+use breakwater::event::EventType;
+use breakwater::event::SinkBatch;
+use breakwater::intake::segment::{normalize, ReceivedEvent, RequestContext};
 use breakwater::sinks::clickhouse::schema::Layout;
 use breakwater::sinks::clickhouse::Inserter;
-use breakwater::sinks::SinkBatch;
+use breakwater::sinks::SinkError;
 use serde_json::json;
 use support::backends::ClickHouse;
 
@@ -59,6 +61,7 @@ fn errors_are_sorted_into_permanent_and_retryable() {
     );
     let error = runtime
         .block_on(inserter(clickhouse.url(), "mismatch", false).insert(&batch()))
+        .map_err(SinkError::from)
         .unwrap_err();
     assert!(!error.is_retryable(), "schema mismatch must be permanent, got {error}");
     assert_eq!(error.kind(), "rejected");
@@ -66,6 +69,7 @@ fn errors_are_sorted_into_permanent_and_retryable() {
     // A missing table is an operator's fix away: retryable.
     let error = runtime
         .block_on(inserter(clickhouse.url(), "absent", false).insert(&batch()))
+        .map_err(SinkError::from)
         .unwrap_err();
     assert!(error.is_retryable(), "missing table must be retryable, got {error}");
 
@@ -73,6 +77,7 @@ fn errors_are_sorted_into_permanent_and_retryable() {
     let port = support::backends::free_port();
     let error = runtime
         .block_on(inserter(format!("http://127.0.0.1:{port}"), "x", true).insert(&batch()))
+        .map_err(SinkError::from)
         .unwrap_err();
     assert!(
         error.is_retryable(),

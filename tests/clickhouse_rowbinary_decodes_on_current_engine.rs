@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
-use breakwater::intake::segment::{normalize, EventType, NormalizedEvent, ReceivedEvent, RequestContext};
+use breakwater::event::{EventType, NormalizedEvent};
+use breakwater::intake::segment::{normalize, ReceivedEvent, RequestContext};
 use breakwater::sinks::clickhouse::row_binary::encode_row;
 use breakwater::sinks::clickhouse::schema::{self, Layout};
 use serde_json::{json, Value};

@@ -7,8 +7,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use breakwater::intake::segment::{EventType, NormalizedEvent};
-use breakwater::sinks::SinkBatch;
+use breakwater::event::SinkBatch;
+use breakwater::event::{NormalizedEvent, SinkKind};
 use breakwater::spool::Spool;
 use proptest::prelude::*;
 
@@ -32,14 +32,14 @@ fn batch(record: u64, events: usize) -> Arc<SinkBatch> {
         source: Arc::from("web"),
         events: (0..events)
             .map(|i| NormalizedEvent {
-                message_id: format!("r{record}-e{i}"),
-                event_type: EventType::Track,
                 user_id: Some("u".into()),
                 anonymous_id: None,
-                event_name: "e".into(),
                 timestamp_ms: 1,
                 received_at_ms: 2,
-                json: format!("{{\"r\":{record},\"e\":{i}}}").into_bytes(),
+                ..NormalizedEvent::fixture(
+                    &format!("r{record}-e{i}"),
+                    format!("{{\"r\":{record},\"e\":{i}}}").as_bytes(),
+                )
             })
             .collect(),
     })
@@ -48,7 +48,7 @@ fn batch(record: u64, events: usize) -> Arc<SinkBatch> {
 /// Record ids in the spool, oldest first.
 fn stored(spool: &Spool) -> Vec<u64> {
     spool
-        .queue("clickhouse")
+        .queue(SinkKind::ClickHouse)
         .unwrap()
         .read_oldest(usize::MAX, usize::MAX)
         .unwrap()
@@ -65,7 +65,7 @@ fn stored(spool: &Spool) -> Vec<u64> {
 }
 
 fn open(dir: &std::path::Path) -> Spool {
-    Spool::open(dir, &[("clickhouse", 1 << 30)]).unwrap()
+    Spool::open(dir, &[(SinkKind::ClickHouse, 1 << 30)]).unwrap()
 }
 
 proptest! {
@@ -82,12 +82,12 @@ proptest! {
             match step {
                 Step::Append(events) => {
                     next_record += 1;
-                    let queue = spool.queue("clickhouse").unwrap();
+                    let queue = spool.queue(SinkKind::ClickHouse).unwrap();
                     runtime.block_on(queue.append(batch(next_record, events))).unwrap();
                     model.push_back((next_record, events));
                 }
                 Step::Ack(count) => {
-                    let queue = spool.queue("clickhouse").unwrap();
+                    let queue = spool.queue(SinkKind::ClickHouse).unwrap();
                     let oldest = queue.read_oldest(usize::MAX, count).unwrap();
                     let handed_out: Vec<u64> = oldest
                         .iter()
@@ -95,7 +95,7 @@ proptest! {
                         .collect();
                     let expected: Vec<u64> = model.iter().take(count).map(|(r, _)| *r).collect();
                     prop_assert_eq!(&handed_out, &expected, "oldest records handed out");
-                    let keys: Vec<_> = oldest.iter().map(|s| (s.key, s.stored_bytes, s.batch.events.len())).collect();
+                    let keys: Vec<_> = oldest.iter().map(|s| s.record_key()).collect();
                     queue.remove_keys(&keys).unwrap();
                     for _ in 0..handed_out.len() {
                         model.pop_front();
@@ -109,7 +109,7 @@ proptest! {
             let expected: Vec<u64> = model.iter().map(|(r, _)| *r).collect();
             prop_assert_eq!(stored(&spool), expected, "spool contents vs model");
             let events: usize = model.iter().map(|(_, e)| e).sum();
-            prop_assert_eq!(spool.queue("clickhouse").unwrap().events(), events as u64, "event count");
+            prop_assert_eq!(spool.queue(SinkKind::ClickHouse).unwrap().events(), events as u64, "event count");
         }
     }
 }
@@ -120,9 +120,9 @@ fn a_spool_in_use_is_refused_never_set_aside() {
     let dir = tempfile::tempdir().unwrap();
     let spool = runtime.block_on(async { open(dir.path()) });
     runtime
-        .block_on(spool.queue("clickhouse").unwrap().append(batch(1, 3)))
+        .block_on(spool.queue(SinkKind::ClickHouse).unwrap().append(batch(1, 3)))
         .unwrap();
-    let second = runtime.block_on(async { Spool::open(dir.path(), &[("clickhouse", 1 << 30)]) });
+    let second = runtime.block_on(async { Spool::open(dir.path(), &[(SinkKind::ClickHouse, 1 << 30)]) });
     assert!(second.is_err(), "a second open must fail");
     assert_eq!(stored(&spool), [1], "the first spool keeps its records");
     let names: Vec<_> = std::fs::read_dir(dir.path())
@@ -137,7 +137,7 @@ fn a_corrupt_record_is_quarantined_and_start_up_goes_on() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spool = runtime.block_on(async { open(dir.path()) });
-    let queue = spool.queue("clickhouse").unwrap();
+    let queue = spool.queue(SinkKind::ClickHouse).unwrap();
     runtime.block_on(queue.append(batch(1, 2))).unwrap();
     runtime.block_on(queue.append(batch(2, 2))).unwrap();
     drop(queue);

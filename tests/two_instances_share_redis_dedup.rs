@@ -100,13 +100,12 @@ fn an_id_held_by_another_instance_waits_then_503s_and_is_free_once_that_claim_ex
     let (ids, statuses) = dedup_key_prefixes(&redis, &server);
 
     // Another instance is delivering held-0 and held-1 right now; its claims lapse in
-    // 1.5 s (it died mid-request). held-0 as this release writes a claim (the id
-    // names the request's token, whose status is pending), held-1 as an earlier
-    // release did (the token itself, expiring).
+    // 1.5 s (it died mid-request): each id names that request's token, whose status
+    // is pending until it expires.
     let other = "c:000000000000000000000001";
     set(&redis, &[&format!("{ids}held-0"), other, "EX", "60"]);
+    set(&redis, &[&format!("{ids}held-1"), other, "EX", "60"]);
     set(&redis, &[&format!("{statuses}{other}"), "p", "PX", "1500"]);
-    set(&redis, &[&format!("{ids}held-1"), "p:old-instance:1", "PX", "1500"]);
     for held in ["held-0", "held-1"] {
         let request = json!({ "batch": [track(held), track("free-0")] });
         let (status, body) = post_json(&server, "/v1/batch", &request);
@@ -142,12 +141,12 @@ fn an_id_held_by_another_instance_waits_then_503s_and_is_free_once_that_claim_ex
     let (_, body) = post_json(&server, "/v1/batch", &request);
     assert_eq!(body["duplicates"].as_u64(), Some(3), "{body}");
 
-    // Ids another instance delivered are duplicates, not written: one as this
-    // release marks them (its request's status is delivered), one as an earlier did.
+    // Ids another instance delivered are duplicates, not written (its request's
+    // status is delivered).
     let done = "c:000000000000000000000002";
     set(&redis, &[&format!("{ids}elsewhere-0"), done, "EX", "60"]);
+    set(&redis, &[&format!("{ids}elsewhere-1"), done, "EX", "60"]);
     set(&redis, &[&format!("{statuses}{done}"), "d", "EX", "60"]);
-    set(&redis, &[&format!("{ids}elsewhere-1"), "s", "EX", "60"]);
     let request = json!({ "batch": [track("elsewhere-0"), track("elsewhere-1")] });
     let (status, body) = post_json(&server, "/v1/batch", &request);
     assert_eq!((status, body["duplicates"].as_u64()), (200, Some(2)), "{body}");

@@ -2,7 +2,7 @@
 //! answer with a result, never a panic; what they accept is valid JSON.
 #![no_main]
 
-use breakwater::intake::segment::EventType;
+use breakwater::event::EventType;
 use breakwater::intake::RouteKind;
 use libfuzzer_sys::fuzz_target;
 

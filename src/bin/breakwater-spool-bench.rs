@@ -15,10 +15,10 @@ use clap::Parser;
 use serde_json::json;
 
 use breakwater::config::Config;
-use breakwater::intake::segment::{EventType, NormalizedEvent};
+use breakwater::event::NormalizedEvent;
+use breakwater::event::SinkBatch;
+use breakwater::pipeline::assemble::build_delivery;
 use breakwater::policy::LoadedPolicy;
-use breakwater::server::build_delivery;
-use breakwater::sinks::SinkBatch;
 use breakwater::spool::{encode, max_encoded_len};
 
 /// The server's allocator (src/main.rs), so append and replay spend the CPU they
@@ -59,14 +59,12 @@ fn batch(writer: usize, sequence: u64, size: usize) -> Arc<SinkBatch> {
                 r#"{{"context":{{"ip":"192.0.2.10","library":{{"name":"analytics-python","version":"2.3.2"}},"locale":"de-DE"}},"event":"Product Viewed","messageId":"{id}","properties":{{"category":"outdoor","currency":"EUR","price":129.99,"product_id":"sku-{i}"}},"receivedAt":"2026-11-27T12:00:00.000Z","sourceName":"default","timestamp":"2026-11-27T12:00:00.000Z","type":"track","userId":"user-{i}"}}"#
             );
             NormalizedEvent {
-                message_id: id,
-                event_type: EventType::Track,
                 user_id: Some(format!("user-{i}")),
                 anonymous_id: None,
                 event_name: "Product Viewed".into(),
                 timestamp_ms: 1_764_244_800_000,
                 received_at_ms: 1_764_244_800_000,
-                json: json.into_bytes(),
+                ..NormalizedEvent::fixture(&id, json.as_bytes())
             }
         })
         .collect();
@@ -165,12 +163,9 @@ async fn main() {
         for result in futures_util::future::join_all(calls).await {
             result.expect("replay into the file sink");
         }
-        let keys: Vec<_> = records
-            .iter()
-            .map(|r| (r.key, r.stored_bytes, r.batch.events.len()))
-            .collect();
+        let keys: Vec<_> = records.iter().map(|r| r.record_key()).collect();
         route.queue.remove_keys(&keys).expect("remove");
-        replayed += keys.iter().map(|k| k.2 as u64).sum::<u64>();
+        replayed += keys.iter().map(|k| k.events as u64).sum::<u64>();
     }
     let replay_seconds = started.elapsed().as_secs_f64();
     let replay_events_s = replayed as f64 / replay_seconds;

@@ -17,9 +17,6 @@
 //! (compare-and-delete) and its status, so the client's retry is free to succeed.
 //! Claim and release are each one Lua script over all of a request's keys, the
 //! commit one `SET`: one command for Redis to parse per request, not one per id.
-//!
-//! Keys written by earlier releases are understood: `s` is delivered, a `p:` token
-//! a claim in flight (it expires on its own).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,8 +43,6 @@ local out, owners, claimed = {}, {}, false \
 for i, key in ipairs(KEYS) do \
   local old = redis.call('SET', key, token, 'NX', 'GET', 'EX', ttl) \
   if not old or old == token then out[i] = 0 \
-  elseif old == 's' then out[i] = 1 \
-  elseif string.sub(old, 1, 2) ~= 'c:' then out[i] = 2 \
   else \
     local state = owners[old] \
     if state == nil then state = redis.call('GET', prefix .. old) or 'gone'; owners[old] = state end \
@@ -250,7 +245,7 @@ impl RedisDedup {
             }
             self.release(&claim).await;
             let pause =
-                HELD_RECHECK + Duration::from_millis(crate::resilience::random_below(HELD_RECHECK.as_millis() as u64));
+                HELD_RECHECK + Duration::from_millis(crate::clock::random_below(HELD_RECHECK.as_millis() as u64));
             if tokio::time::Instant::now() + pause > deadline {
                 return Err(RedisDedupError::HeldElsewhere(held));
             }

@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::event::SinkKind;
+
 /// The policy shipped in `policies/default.toml`, used when no file is configured.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../policies/default.toml");
 
@@ -58,6 +60,24 @@ pub struct SinkPolicy {
     pub spool: SpoolPolicy,
 }
 
+impl Policy {
+    /// The section of one sink.
+    pub fn sink(&self, sink: SinkKind) -> &SinkPolicy {
+        match sink {
+            SinkKind::File => &self.file,
+            SinkKind::ClickHouse => &self.clickhouse,
+            SinkKind::Kafka => &self.kafka,
+        }
+    }
+}
+
+/// A key that was in the schema once and is refused with the reason it went.
+const REMOVED_KEYS: &[(&str, &str)] = &[(
+    "honour_retry_after",
+    "removed: no backend breakwater calls hands a Retry-After to its client (ClickHouse's, \
+     Kafka's and Redis's clients do not expose one), so it never did anything; delete the line",
+)];
+
 impl SinkPolicy {
     pub fn calls(&self) -> CallPolicy {
         CallPolicy {
@@ -87,8 +107,6 @@ pub struct RetryPolicy {
     pub max_backoff_ms: u64,
     pub multiplier: f64,
     pub jitter: Jitter,
-    /// Wait at least what a backend's `Retry-After` asks for, when it gives one.
-    pub honour_retry_after: bool,
     /// Retries may add at most this percentage on top of first attempts (per 10 s),
     /// so a struggling backend never sees a retry storm.
     pub budget_percent: u32,
@@ -219,10 +237,14 @@ pub fn parse(text: &str, file: &str, path: Option<PathBuf>) -> Result<LoadedPoli
             .span()
             .map(|span| key_at(text, span.start))
             .unwrap_or_else(|| "-".into());
+        let why = REMOVED_KEYS
+            .iter()
+            .find(|(removed, _)| key.ends_with(removed))
+            .map_or_else(|| e.message().to_string(), |(_, why)| why.to_string());
         PolicyError {
             file: file.to_string(),
             key,
-            why: e.message().to_string(),
+            why,
         }
     })?;
     validate(&policy).map_err(|(key, why)| PolicyError {
@@ -257,11 +279,8 @@ fn key_at(text: &str, offset: usize) -> String {
 
 fn validate(policy: &Policy) -> Result<(), (String, String)> {
     validate_calls("redis", &policy.redis)?;
-    for (name, sink) in [
-        ("clickhouse", &policy.clickhouse),
-        ("kafka", &policy.kafka),
-        ("file", &policy.file),
-    ] {
+    for kind in [SinkKind::ClickHouse, SinkKind::Kafka, SinkKind::File] {
+        let (name, sink) = (kind.name(), policy.sink(kind));
         validate_calls(name, &sink.calls())?;
         let fail = |key: &str, why: &str| Err((format!("{name}.{key}"), why.to_string()));
         if sink.batch.max_events == 0 {
@@ -381,6 +400,14 @@ mod tests {
         let text = EMBEDDED_DEFAULT.replacen("max_attempts = 3", "max_atempts = 3", 1);
         let err = parse(&text, "p.toml", None).unwrap_err().to_string();
         assert!(err.contains("max_atempts"), "{err}");
+    }
+
+    #[test]
+    fn a_removed_key_is_refused_with_the_reason() {
+        let text = EMBEDDED_DEFAULT.replacen("jitter = \"full\"", "jitter = \"full\"\nhonour_retry_after = true", 1);
+        let err = parse(&text, "old.toml", None).unwrap_err().to_string();
+        assert!(err.contains("honour_retry_after"), "{err}");
+        assert!(err.contains("removed"), "{err}");
     }
 
     #[test]

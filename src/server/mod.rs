@@ -1,107 +1,48 @@
-//! Start-up, the shared `AppState`, the router and graceful shutdown. Builds every
-//! long-lived part once (dedup, sinks, stores, metrics) and wires them together;
-//! holds no request logic of its own.
+//! The composition root: start-up, the shared `AppState`, the router, the listener
+//! and graceful shutdown. Builds every long-lived part once (dedup, sinks, spool,
+//! stores, metrics) and wires them together; holds no request logic of its own.
+//! `state.rs` is the state and router, `ops.rs` the operator endpoints,
+//! `connections.rs` the accept loop, `shutdown.rs` the stop order, `series.rs`
+//! the metric series registered at start-up, `data_dir.rs` the data directory lock.
+//!
+//! Invariant: nothing but `cli` imports `server`; nothing below it names `AppState`.
 
 mod connections;
+mod data_dir;
 mod ops;
+mod series;
+mod shutdown;
+mod state;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::Uri;
-use axum::Router;
-use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-use crate::config::{Config, ConfigError, LimitsConfig, WebSocketConfig, WRITE_KEYS_ENV};
+use crate::config::{Config, ConfigError, Source, WRITE_KEYS_ENV};
 use crate::dedup::redis::RedisDedup;
 use crate::dedup::{DedupKey, LocalDedup};
 use crate::intake::auth::WriteKeys;
-use crate::intake::error::IntakeError;
+use crate::intake::rate_limit::SourceRateLimits;
 use crate::intake::rejected_store::RejectedStore;
 use crate::intake::websocket::ConnectionRegistry;
-use crate::pipeline::Pipeline;
-use crate::pipeline::SinkRoute;
-use crate::policy::{reload, BatchPolicy, CallPolicy, LoadedPolicy, Policy, PolicyError, SinkPolicy};
-use crate::resilience::{self, ResilientSink};
-use crate::sinks::batcher::BatchLimits;
-use crate::sinks::clickhouse::ClickHouseSink;
-use crate::sinks::file::{self, FileSink};
-use crate::sinks::kafka::KafkaSink;
-use crate::sinks::{DependencyHealth, NamedSink};
-use crate::spool::{replay, Spool, SpoolError};
+use crate::intake::{InFlightLimit, IntakeState};
+use crate::pipeline::assemble::{build_delivery, AssembleError, Delivery, PolicyApplier};
+use crate::pipeline::replay::Replayer;
+use crate::pipeline::{Pipeline, SinkRoute};
+use crate::policy::{reload, LoadedPolicy, Policy, PolicyError};
+use crate::resilience;
+use crate::spool::Spool;
 use crate::telemetry::{self, metric};
-
-/// Everything handlers share, built once at start-up.
-pub struct AppState {
-    pub limits: LimitsConfig,
-    pub body_read_timeout: Duration,
-    pub write_keys: WriteKeys,
-    pub source_rate_limits: crate::intake::rate_limit::SourceRateLimits,
-    pub pipeline: Pipeline,
-    /// Present when dedup is shared through Redis.
-    pub redis_health: Option<Arc<DependencyHealth>>,
-    /// Reads the Redis breaker's state, when dedup is shared through Redis.
-    pub redis_breaker: Option<resilience::BreakerState>,
-    /// The resilience policy in force.
-    pub policy: watch::Receiver<Arc<LoadedPolicy>>,
-    pub rejected_store: Arc<RejectedStore>,
-    pub in_flight: InFlightLimit,
-    pub websocket: WebSocketConfig,
-    /// Live WebSocket connections.
-    pub websockets: Arc<ConnectionRegistry>,
-    pub metrics: PrometheusHandle,
-    pub shutting_down: AtomicBool,
-}
-
-/// Caps requests processed at once; past the cap a request is refused with 503
-/// straight away rather than queued (queues hide overload until memory runs out).
-pub struct InFlightLimit {
-    current: AtomicUsize,
-    max: usize,
-}
-
-/// Held for the duration of one request.
-pub struct InFlightGuard<'a>(&'a InFlightLimit);
-
-impl InFlightLimit {
-    pub fn new(max: usize) -> Self {
-        Self {
-            current: AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    pub fn enter(&self) -> Result<InFlightGuard<'_>, IntakeError> {
-        let previous = self.current.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlightGuard(self);
-        if previous >= self.max {
-            return Err(IntakeError::Overloaded);
-        }
-        metrics::gauge!(metric::REQUESTS_IN_FLIGHT).increment(1.0);
-        Ok(guard)
-    }
-
-    pub fn current(&self) -> usize {
-        self.current.load(Ordering::Relaxed).min(self.max)
-    }
-
-    pub fn max(&self) -> usize {
-        self.max
-    }
-}
-
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        let previous = self.0.current.fetch_sub(1, Ordering::AcqRel);
-        if previous <= self.0.max {
-            metrics::gauge!(metric::REQUESTS_IN_FLIGHT).decrement(1.0);
-        }
-    }
-}
+use connections::ListenerSettings;
+pub use data_dir::lock_data_dir;
+use shutdown::Shutdown;
+pub use state::{router, AppState};
 
 /// Why the server could not start. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -128,36 +69,173 @@ pub enum StartupError {
     Backend(String),
     #[error("invalid policy: {0}")]
     Policy(#[from] PolicyError),
-    #[error("cannot open the spool: {0}")]
-    Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Assemble(#[from] AssembleError),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
 }
 
 /// Runs the server until SIGINT/SIGTERM, then drains and returns.
 pub async fn serve(config: Config) -> Result<(), StartupError> {
+    Server::start(config).await?.run().await
+}
+
+/// A started server: every part built, the listener bound.
+struct Server {
+    /// Everything handlers share.
+    state: Arc<AppState>,
+    listener: TcpListener,
+    listener_settings: ListenerSettings,
+    /// Replayers and the policy applier: they run until shutdown, then stop.
+    maintenance: Vec<JoinHandle<()>>,
+    /// The sinks' own tasks (batchers, Kafka watchers), awaited last.
+    sink_tasks: Vec<JoinHandle<()>>,
+    /// How long each shutdown step may take.
+    shutdown_timeout: Duration,
+    /// `<data_dir>/breakwater.lock`, held for the process's life.
+    _lock: std::fs::File,
+}
+
+/// The resilience policy in force and its change feed.
+type PolicyFeed = watch::Receiver<Arc<LoadedPolicy>>;
+
+impl Server {
+    /// Builds every part in order; any failure is a clear `StartupError`.
+    async fn start(config: Config) -> Result<Server, StartupError> {
+        let sources = check_sources(&config)?;
+        let lock = prepare_data_dir(&config)?;
+        let metrics = telemetry::install_metrics().map_err(StartupError::Metrics)?;
+        let dedup = Arc::new(local_dedup(&config));
+        let policy = load_policy(&config)?;
+        let current = policy.borrow().clone();
+        let delivery = build_delivery(&config, &current.policy, &config.server.data_dir, |event| {
+            dedup.restore(
+                DedupKey::new(event.source, event.message_id),
+                event.received_at_unix_seconds,
+            )
+        })?;
+        let shared_dedup = connect_shared_dedup(&config, &current.policy)?;
+        let Delivery {
+            routes,
+            spool,
+            background: sink_tasks,
+            batch_limits,
+        } = delivery;
+        let applier = PolicyApplier {
+            config: config.clone(),
+            policy: policy.clone(),
+            routes: routes.clone(),
+            redis: shared_dedup.clone(),
+            batch_limits,
+        };
+        let maintenance = start_maintenance(&routes, &spool, &policy, applier);
+        metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
+        tracing::info!(
+            sinks = routes.iter().map(|r| r.kind.name()).collect::<Vec<_>>().join(","),
+            shared_dedup = shared_dedup.is_some(),
+            spool = %spool.path().display(),
+            "pipeline built"
+        );
+        let write_keys = WriteKeys::new(&sources);
+        series::preregister(&routes, shared_dedup.is_some(), &write_keys.source_names());
+        let pipeline = Pipeline::new(dedup, shared_dedup.clone(), routes, spool);
+        let intake = build_intake(&config, write_keys, pipeline)?;
+        let state = Arc::new(AppState {
+            intake,
+            redis_health: shared_dedup.as_ref().map(|redis| redis.health()),
+            redis_breaker: shared_dedup.map(|redis| Arc::new(move || redis.breaker()) as resilience::BreakerState),
+            policy,
+            metrics,
+        });
+        let (listener, listener_settings) = bind(&config, sources.len()).await?;
+        Ok(Server {
+            state,
+            listener,
+            listener_settings,
+            maintenance,
+            sink_tasks,
+            shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
+            _lock: lock,
+        })
+    }
+
+    /// Serves until a stop signal, then shuts down in order (`shutdown.rs`).
+    async fn run(self) -> Result<(), StartupError> {
+        let shutdown = Shutdown::listen(self.state.intake.clone(), self.shutdown_timeout);
+        let serving = connections::serve(
+            self.listener,
+            router(self.state.clone()),
+            self.listener_settings,
+            shutdown.stop_signal(),
+        );
+        shutdown.finish_serving(serving).await;
+        let intake = self.state.intake.clone();
+        // Handlers hold the state; once it is gone only the sinks' tasks remain.
+        drop(self.state);
+        shutdown.drain(intake, self.maintenance, self.sink_tasks).await;
+        tracing::info!("breakwater stopped");
+        Ok(())
+    }
+}
+
+/// Background work that runs until shutdown: a replayer per sink, and the policy
+/// applier.
+fn start_maintenance(
+    routes: &[SinkRoute],
+    spool: &Arc<Spool>,
+    policy: &PolicyFeed,
+    applier: PolicyApplier,
+) -> Vec<JoinHandle<()>> {
+    let mut maintenance: Vec<JoinHandle<()>> = routes
+        .iter()
+        .map(|route| tokio::spawn(Replayer::new(spool.clone(), route, policy.clone()).run()))
+        .collect();
+    maintenance.push(tokio::spawn(applier.run()));
+    maintenance
+}
+
+/// Dedup shared through Redis, when configured (it connects in the background).
+fn connect_shared_dedup(config: &Config, policy: &Policy) -> Result<Option<Arc<RedisDedup>>, StartupError> {
+    let Some(redis) = &config.redis else {
+        return Ok(None);
+    };
+    let dedup = RedisDedup::connect(redis, &policy.redis).map_err(StartupError::Backend)?;
+    Ok(Some(Arc::new(dedup)))
+}
+
+/// The sources with their keys; an open server only on loopback.
+fn check_sources(config: &Config) -> Result<Vec<Source>, StartupError> {
     let sources = config.resolve_sources(std::env::var(WRITE_KEYS_ENV).ok().as_deref())?;
     let listen = config.server.listen;
     if sources.is_empty() && !listen.ip().is_loopback() {
         return Err(StartupError::OpenOnNonLoopback(listen));
     }
-    let data_dir = config.server.data_dir.clone();
-    let data_dir_error = |source| StartupError::DataDir {
+    Ok(sources)
+}
+
+/// Creates the data directory and takes its lock.
+fn prepare_data_dir(config: &Config) -> Result<std::fs::File, StartupError> {
+    let data_dir = &config.server.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|source| StartupError::DataDir {
         path: data_dir.clone(),
         source,
-    };
-    std::fs::create_dir_all(&data_dir).map_err(data_dir_error)?;
-    let _lock = lock_data_dir(&data_dir)?;
-    let metrics = telemetry::install_metrics().map_err(StartupError::Metrics)?;
+    })?;
+    lock_data_dir(data_dir)
+}
 
+/// The in-process seen-set: the only dedup on the embedded default, the local
+/// cache in front of Redis otherwise.
+fn local_dedup(config: &Config) -> LocalDedup {
     let window = Duration::from_secs(config.dedup.window_seconds);
-    let local_entries = match &config.redis {
+    let entries = match &config.redis {
         Some(redis) => redis.local_cache_entries,
         None => config.dedup.max_entries,
     };
-    let dedup = Arc::new(LocalDedup::new(window, local_entries));
+    LocalDedup::new(window, entries)
+}
 
-    // The policy in force, reloaded on change when it comes from a file.
+/// The policy in force, reloaded on change when it comes from a file.
+fn load_policy(config: &Config) -> Result<PolicyFeed, StartupError> {
     let loaded = match &config.server.policy_file {
         Some(path) => LoadedPolicy::from_file(path)?,
         None => LoadedPolicy::embedded(),
@@ -172,163 +250,68 @@ pub async fn serve(config: Config) -> Result<(), StartupError> {
             .unwrap_or_else(|| "<embedded default>".into()),
         "policy loaded"
     );
-    let policy = match &config.server.policy_file {
+    Ok(match &config.server.policy_file {
         Some(path) => reload::watch_file(path.clone(), loaded),
         None => watch::channel(Arc::new(loaded)).1,
-    };
-    let current = policy.borrow().clone();
+    })
+}
 
-    let Delivery {
-        routes,
-        spool,
-        background,
-        batch_limits,
-    } = build_delivery(&config, &current.policy, &data_dir, |event| {
-        dedup.restore(
-            DedupKey::new(event.source, event.message_id),
-            event.received_at_unix_seconds,
-        )
-    })?;
-    // Background work that runs until shutdown: replayers and the policy applier.
-    let mut maintenance = Vec::new();
-    for route in &routes {
-        maintenance.push(tokio::spawn(replay::run(
-            spool.clone(),
-            route.queue.clone(),
-            route.sink.clone(),
-            policy.clone(),
-            replay::Pace::of(route.acknowledge),
-        )));
-    }
-
-    let shared_dedup = match &config.redis {
-        Some(redis) => Some(Arc::new(
-            RedisDedup::connect(redis, &current.policy.redis).map_err(StartupError::Backend)?,
-        )),
-        None => None,
-    };
-    maintenance.push(tokio::spawn(apply_policy_changes(
-        config.clone(),
-        policy.clone(),
-        routes.clone(),
-        shared_dedup.clone(),
-        batch_limits,
-    )));
-    metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
-    let write_keys = WriteKeys::new(&sources);
-    let source_names = write_keys.source_names();
-    preregister_series(&routes, shared_dedup.is_some(), &source_names);
-    tracing::info!(
-        sinks = routes.iter().map(|r| r.sink.name).collect::<Vec<_>>().join(","),
-        shared_dedup = shared_dedup.is_some(),
-        spool = %spool.path().display(),
-        "pipeline built"
-    );
+/// Intake's own state: keys, rate limits, the rejected store, limits.
+fn build_intake(config: &Config, write_keys: WriteKeys, pipeline: Pipeline) -> Result<Arc<IntakeState>, StartupError> {
+    let data_dir = &config.server.data_dir;
     let rejected_store =
-        RejectedStore::open(&data_dir.join("rejected"), config.rejected_store.max_bytes).map_err(data_dir_error)?;
-
+        RejectedStore::open(&data_dir.join("rejected"), config.rejected_store.max_bytes).map_err(|source| {
+            StartupError::DataDir {
+                path: data_dir.clone(),
+                source,
+            }
+        })?;
     if write_keys.is_open() {
         tracing::warn!("no write keys configured: accepting unauthenticated events (loopback only)");
     }
-    let source_rate_limits = crate::intake::rate_limit::SourceRateLimits::new(
-        &config.limits,
-        &config.sources,
-        source_names.iter().map(|name| &**name),
-    );
-    let state = Arc::new(AppState {
-        source_rate_limits,
+    let source_names = write_keys.source_names();
+    let source_rate_limits =
+        SourceRateLimits::new(&config.limits, &config.sources, source_names.iter().map(|name| &**name));
+    Ok(Arc::new(IntakeState {
         limits: config.limits.clone(),
         body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
         write_keys,
-        redis_health: shared_dedup.as_ref().map(|redis| redis.health()),
-        redis_breaker: shared_dedup.as_ref().map(|redis| {
-            let redis = redis.clone();
-            Arc::new(move || redis.breaker()) as resilience::BreakerState
-        }),
-        pipeline: Pipeline::new(dedup, shared_dedup, routes, spool),
-        policy,
+        source_rate_limits,
+        pipeline,
         rejected_store: Arc::new(rejected_store),
         in_flight: InFlightLimit::new(config.server.max_in_flight_requests),
         websocket: config.websocket.clone(),
         websockets: ConnectionRegistry::new(config.websocket.max_connections),
-        metrics,
         shutting_down: AtomicBool::new(false),
-    });
+    }))
+}
 
+/// Binds the listener (with TLS when configured).
+async fn bind(config: &Config, sources: usize) -> Result<(TcpListener, ListenerSettings), StartupError> {
     let tls = match &config.server.tls {
         Some(tls) => Some(connections::load_tls(&tls.cert_file, &tls.key_file).map_err(StartupError::Tls)?),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listen = config.server.listen;
+    let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| StartupError::Bind { addr: listen, source })?;
     let bound = listener.local_addr().map_err(StartupError::Serve)?;
     tracing::info!(
         addr = %bound,
         tls = tls.is_some(),
-        data_dir = %data_dir.display(),
-        sources = sources.len(),
+        data_dir = %config.server.data_dir.display(),
+        sources,
         version = env!("CARGO_PKG_VERSION"),
         "breakwater listening"
     );
-
-    let (stop_sender, stop) = watch::channel(false);
-    {
-        let state = state.clone();
-        tokio::spawn(async move {
-            wait_for_stop_signal().await;
-            state.shutting_down.store(true, Ordering::Relaxed);
-            state.websockets.begin_shutdown();
-            tracing::info!("shutdown requested: no new connections; finishing in-flight requests");
-            let _ = stop_sender.send(true);
-        });
-    }
-    let shutdown_timeout = Duration::from_millis(config.server.shutdown_timeout_ms);
-    let listener_settings = connections::ListenerSettings {
+    let settings = ListenerSettings {
         max_connections: config.server.max_connections,
         header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
-        tls: tls.clone(),
+        tls,
     };
-    warn_if_file_descriptors_are_short(listener_settings.max_connections);
-    let server = connections::serve(listener, router(state.clone()), listener_settings, stop.clone());
-    let deadline = {
-        let mut stop = stop.clone();
-        async move {
-            let _ = stop.wait_for(|stopping| *stopping).await;
-            tokio::time::sleep(shutdown_timeout).await;
-        }
-    };
-    tokio::select! {
-        () = server => {}
-        () = deadline => tracing::warn!(timeout_ms = shutdown_timeout.as_millis() as u64, "shutdown timeout: closing connections still open"),
-    }
-
-    if !state.websockets.wait_until_empty(shutdown_timeout).await {
-        tracing::warn!(
-            open = state.websockets.len(),
-            "shutdown timeout: WebSocket connections still open"
-        );
-    }
-    if !state.pipeline.drain(shutdown_timeout).await {
-        tracing::warn!("shutdown timeout: some deliveries did not finish (their requests were not acknowledged)");
-    }
-    // Replay stops here; what it had not deleted yet stays spooled for the next
-    // start (a record is deleted only after its sink acknowledged it).
-    for task in &maintenance {
-        task.abort();
-    }
-    for task in maintenance {
-        let _ = task.await;
-    }
-    // Every acknowledged batch is already durable; waiting for the batchers just lets
-    // them finish cleanly once the last handle is gone.
-    drop(state);
-    let finished = futures_util::future::join_all(background);
-    if tokio::time::timeout(Duration::from_secs(5), finished).await.is_err() {
-        tracing::warn!("sink batchers still busy at exit");
-    }
-    tracing::info!("breakwater stopped");
-    Ok(())
+    warn_if_file_descriptors_are_short(settings.max_connections);
+    Ok((listener, settings))
 }
 
 /// Each connection takes a file descriptor, and so do the data files and backend
@@ -350,257 +333,4 @@ fn warn_if_file_descriptors_are_short(max_connections: usize) {
             "the open-files limit (ulimit -n) is below server.max_connections + 256: raise it, or lower max_connections"
         );
     }
-}
-
-/// The sinks, each behind its resilience stack, with their spool: what the server
-/// delivers through, and what the offline `spool replay` drains with.
-pub struct Delivery {
-    pub routes: Vec<SinkRoute>,
-    pub spool: Arc<Spool>,
-    /// Batcher tasks to await at shutdown.
-    pub background: Vec<tokio::task::JoinHandle<()>>,
-    /// Where policy reloads send new batch limits.
-    pub batch_limits: Vec<(&'static str, watch::Sender<BatchLimits>)>,
-}
-
-/// Builds every configured sink, its spool queue and its stack. `recovered` sees the
-/// events the file sink finds at start-up (for dedup).
-pub fn build_delivery(
-    config: &Config,
-    policy: &Policy,
-    data_dir: &Path,
-    recovered: impl FnMut(file::RecoveredEvent<'_>),
-) -> Result<Delivery, StartupError> {
-    let data_dir_error = |source| StartupError::DataDir {
-        path: data_dir.to_path_buf(),
-        source,
-    };
-    let window = Duration::from_secs(config.dedup.window_seconds);
-    let mut inner_sinks = Vec::new();
-    let mut background = Vec::new();
-    let mut batch_limits = Vec::new();
-    if config.file_sink_enabled() {
-        let (limits_sender, limits) = watch::channel(batch_limits_of(&policy.file.batch));
-        let (file_sink, writer) =
-            FileSink::open(&data_dir.join("events"), &config.file_sink, limits, window, recovered)
-                .map_err(data_dir_error)?;
-        background.push(writer);
-        batch_limits.push(("file", limits_sender));
-        inner_sinks.push(NamedSink::from_sink(file_sink));
-    }
-    if let Some(clickhouse) = &config.clickhouse {
-        let (limits_sender, limits) = watch::channel(batch_limits_of(&policy.clickhouse.batch));
-        let (sink, batcher) = ClickHouseSink::start(clickhouse, limits)?;
-        background.push(batcher);
-        batch_limits.push(("clickhouse", limits_sender));
-        inner_sinks.push(NamedSink::from_sink(sink));
-    }
-    if let Some(kafka) = &config.kafka {
-        let sink = KafkaSink::start(kafka, &policy.kafka.batch).map_err(StartupError::Backend)?;
-        inner_sinks.push(NamedSink::from_sink(sink));
-    }
-    let queue_sizes: Vec<_> = inner_sinks
-        .iter()
-        .map(|sink| (sink.name, sink_policy(policy, sink.name).spool.max_bytes))
-        .collect();
-    let spool = Arc::new(Spool::open(&data_dir.join("spool"), &queue_sizes)?);
-    let mut routes = Vec::new();
-    for inner in inner_sinks {
-        let calls = calls_for(config, policy, inner.name);
-        let sink = ResilientSink::new(inner.name, inner.service, &calls).map_err(StartupError::Backend)?;
-        let queue = spool.queue(inner.name).expect("a queue per sink");
-        routes.push(SinkRoute {
-            sink,
-            acknowledge: config.acknowledge(inner.name),
-            queue,
-            health: inner.health,
-        });
-    }
-    Ok(Delivery {
-        routes,
-        spool,
-        background,
-        batch_limits,
-    })
-}
-
-/// Creates every labelled series at zero, so dashboards and alerts see them before
-/// the first event of their kind (an absent series reads as "no data", not 0).
-fn preregister_series(routes: &[SinkRoute], redis: bool, sources: &[Arc<str>]) {
-    for source in sources {
-        metrics::counter!(metric::REQUESTS_RATE_LIMITED, "source" => source.to_string()).increment(0);
-    }
-    let mut dependencies: Vec<&'static str> = routes.iter().map(|r| r.sink.name).collect();
-    if redis {
-        dependencies.push(crate::dedup::redis::DEPENDENCY_NAME);
-    }
-    for route in routes {
-        let sink = route.sink.name;
-        metrics::counter!(metric::SINK_EVENTS_SENT, "sink" => sink).increment(0);
-        metrics::counter!(metric::SPOOL_APPENDED_EVENTS, "sink" => sink).increment(0);
-        metrics::counter!(metric::SPOOL_REPLAYED_EVENTS, "sink" => sink).increment(0);
-        metrics::counter!(metric::SPOOL_FULL, "sink" => sink).increment(0);
-        metrics::counter!(metric::DEAD_LETTER_EVENTS, "sink" => sink.to_string()).increment(0);
-        metrics::gauge!(metric::SPOOL_OLDEST_AGE, "sink" => sink).set(0.0);
-        for kind in ["io", "stopped", "unavailable", "circuit_open", "rejected"] {
-            metrics::counter!(metric::SINK_ERRORS, "sink" => sink, "kind" => kind).increment(0);
-        }
-    }
-    for dependency in dependencies {
-        metrics::counter!(metric::RETRIES, "dependency" => dependency).increment(0);
-        for to in ["open", "half_open", "closed"] {
-            metrics::counter!(metric::CIRCUIT_BREAKER_TRANSITIONS, "dependency" => dependency, "to" => to).increment(0);
-        }
-        for by in ["rate_limit", "bulkhead"] {
-            metrics::counter!(metric::CALLS_SHED, "dependency" => dependency, "by" => by).increment(0);
-        }
-    }
-    for result in ["applied", "invalid"] {
-        metrics::counter!(metric::POLICY_RELOADS, "result" => result).increment(0);
-    }
-    for outcome in ["ack", "nack"] {
-        metrics::counter!(metric::WS_FRAMES, "outcome" => outcome).increment(0);
-    }
-    metrics::gauge!(metric::WS_CONNECTIONS).set(0.0);
-    metrics::counter!(metric::SPOOL_QUARANTINED).increment(0);
-    metrics::counter!(metric::SPOOL_IO_ERRORS).increment(0);
-    metrics::counter!(metric::SPOOL_REOPENED).increment(0);
-    metrics::counter!(metric::DEDUP_FAIL_OPEN).increment(0);
-}
-
-fn batch_limits_of(batch: &BatchPolicy) -> BatchLimits {
-    BatchLimits {
-        max_events: batch.max_events,
-        max_bytes: batch.max_bytes,
-        linger: Duration::from_millis(batch.linger_ms),
-    }
-}
-
-/// The policy section of a sink by name.
-pub fn sink_policy<'a>(policy: &'a Policy, sink: &str) -> &'a SinkPolicy {
-    match sink {
-        "clickhouse" => &policy.clickhouse,
-        "kafka" => &policy.kafka,
-        _ => &policy.file,
-    }
-}
-
-/// A sink's call policy. Kafka's per-attempt timeout is never shorter than the
-/// producer's own message timeout: a message given up on by us but still queued in
-/// librdkafka would otherwise be delivered behind the spool's back.
-fn calls_for(config: &Config, policy: &Policy, sink: &str) -> CallPolicy {
-    let mut calls = sink_policy(policy, sink).calls();
-    if let (Some(kafka), "kafka") = (&config.kafka, sink) {
-        calls.timeout_ms = calls.timeout_ms.max(kafka.message_timeout_ms + 1_000);
-    }
-    calls
-}
-
-/// Applies each new policy to the running stacks, spool sizes and batch limits,
-/// and every second refreshes each breaker's state gauge (from its handle) and the
-/// age of each spool's oldest record.
-async fn apply_policy_changes(
-    config: Config,
-    mut policy: watch::Receiver<Arc<LoadedPolicy>>,
-    routes: Vec<SinkRoute>,
-    redis: Option<Arc<RedisDedup>>,
-    batch_limits: Vec<(&'static str, watch::Sender<BatchLimits>)>,
-) {
-    let mut refresh = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            changed = policy.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let current = policy.borrow_and_update().clone();
-                for route in &routes {
-                    let name = route.sink.name;
-                    if let Err(error) = route.sink.apply(&calls_for(&config, &current.policy, name)) {
-                        tracing::error!(sink = name, %error, "could not apply the new policy to this sink");
-                    }
-                    route.queue.set_max_bytes(sink_policy(&current.policy, name).spool.max_bytes);
-                }
-                for (name, sender) in &batch_limits {
-                    sender.send_replace(batch_limits_of(&sink_policy(&current.policy, name).batch));
-                }
-                if let Some(redis) = &redis {
-                    if let Err(error) = redis.apply(&current.policy.redis) {
-                        tracing::error!(%error, "could not apply the new policy to redis");
-                    }
-                }
-            }
-            _ = refresh.tick() => {
-                for route in &routes {
-                    metrics::gauge!(metric::CIRCUIT_BREAKER_STATE, "dependency" => route.sink.name)
-                        .set(resilience::state_value(route.sink.breaker()));
-                }
-                let queues: Vec<_> = routes.iter().map(|route| route.queue.clone()).collect();
-                let ages = tokio::task::spawn_blocking(move || {
-                    queues.iter().map(|q| (q.sink, q.stats().oldest_age_seconds.unwrap_or(0.0))).collect::<Vec<_>>()
-                });
-                if let Ok(ages) = ages.await {
-                    for (sink, age) in ages {
-                        metrics::gauge!(metric::SPOOL_OLDEST_AGE, "sink" => sink).set(age);
-                    }
-                }
-                if let Some(redis) = &redis {
-                    metrics::gauge!(metric::CIRCUIT_BREAKER_STATE, "dependency" => crate::dedup::redis::DEPENDENCY_NAME)
-                        .set(resilience::state_value(redis.breaker()));
-                }
-            }
-        }
-    }
-}
-
-/// The whole HTTP surface: intake routes, ops endpoints, JSON 404/405.
-pub fn router(state: Arc<AppState>) -> Router {
-    crate::intake::routes()
-        .merge(ops::routes())
-        .fallback(|uri: Uri| async move {
-            tracing::debug!(%uri, "no such endpoint");
-            IntakeError::NotFound
-        })
-        .method_not_allowed_fallback(|| async { IntakeError::MethodNotAllowed })
-        .with_state(state)
-}
-
-/// Holds `<data_dir>/breakwater.lock` for as long as the returned file lives.
-pub fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartupError> {
-    let path = data_dir.join("breakwater.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| StartupError::DataDir {
-            path: path.clone(),
-            source,
-        })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StartupError::DataDirLocked(data_dir.to_path_buf())),
-        Err(std::fs::TryLockError::Error(source)) => Err(StartupError::DataDir { path, source }),
-    }
-}
-
-async fn wait_for_stop_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
-                let _ = interrupt.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }

@@ -31,17 +31,17 @@ async fn live() -> Json<Value> {
 /// sink alone does not stop intake: its events are spooled). 503 tells a load balancer to send
 /// elsewhere; the body says why, with each sink's breaker and spool.
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
-    let shutting_down = app.shutting_down.load(Ordering::Relaxed);
+    let shutting_down = app.intake.shutting_down.load(Ordering::Relaxed);
     let mut ready = !shutting_down;
     let mut sinks = Map::new();
-    for route in app.pipeline.routes() {
+    for route in app.intake.pipeline.routes() {
         let stats = route.queue.stats();
         let spool_full = route.queue.is_full();
         let spool_writable = route.queue.is_writable();
         let headroom = stats.max_bytes.saturating_sub(stats.bytes);
         ready &= !spool_full && spool_writable;
         sinks.insert(
-            route.sink.name.to_string(),
+            route.kind.name().to_string(),
             json!({
                 "healthy": route.health.is_healthy(),
                 "lastError": route.health.last_error(),
@@ -75,8 +75,8 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
         "shuttingDown": shutting_down,
         "sinks": sinks,
         "dependencies": dependencies,
-        "inFlightRequests": app.in_flight.current(),
-        "maxInFlightRequests": app.in_flight.max(),
+        "inFlightRequests": app.intake.in_flight.current(),
+        "maxInFlightRequests": app.intake.in_flight.max(),
     });
     (status, Json(body)).into_response()
 }
@@ -94,7 +94,7 @@ async fn policy(State(app): State<Arc<AppState>>) -> Json<Value> {
 
 /// Spool queues, dead letters and quarantined records.
 async fn spool(State(app): State<Arc<AppState>>) -> Response {
-    let spool = app.pipeline.spool().clone();
+    let spool = app.intake.pipeline.spool().clone();
     let counts = tokio::task::spawn_blocking(move || {
         let queues: Vec<_> = spool.queues().iter().map(|q| q.stats()).collect();
         let dead_letters = spool.dead_letters().map(|l| l.len()).unwrap_or(0);

@@ -17,8 +17,7 @@
 
 use std::sync::Arc;
 
-use crate::intake::segment::{EventType, NormalizedEvent};
-use crate::sinks::SinkBatch;
+use crate::event::{EventType, NormalizedEvent, SinkBatch};
 
 /// A record whose body is stored as it is.
 const PLAIN: &[u8; 4] = b"BWS1";
@@ -257,14 +256,12 @@ mod tests {
             source: Arc::from("web"),
             events: (0..events)
                 .map(|i| NormalizedEvent {
-                    message_id: format!("m-{i}"),
                     event_type: EventType::ALL[i % 6],
                     user_id: (i % 2 == 0).then(|| format!("u-{i}")),
-                    anonymous_id: Some("a".into()),
                     event_name: "Clicked ü".into(),
                     timestamp_ms: -5 + i as i64,
                     received_at_ms: 1_700_000_000_000,
-                    json: format!("{{\"i\":{i}}}").into_bytes(),
+                    ..NormalizedEvent::fixture(&format!("m-{i}"), format!("{{\"i\":{i}}}").as_bytes())
                 })
                 .collect(),
         }

@@ -159,18 +159,64 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
 
 /// HELP text for every metric, shown on `/metrics`.
 fn describe_metrics() {
+    describe_intake();
+    describe_sinks();
+    describe_spool();
+    describe_dependencies();
+}
+
+/// HTTP, WebSocket, events and the rejected store.
+fn describe_intake() {
     use metric::*;
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status.");
-    describe_counter!(
-        REDIS_ROUND_TRIPS,
-        "Redis round trips by operation (claim, commit, release)."
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from request start to response, by route."
     );
-    describe_counter!(REDIS_ERRORS, "Failed Redis round trips by operation.");
+    describe_counter!(REQUESTS_REFUSED, "Requests refused as a whole, by reason.");
+    describe_gauge!(HTTP_CONNECTIONS, "Open HTTP connections, WebSocket included.");
     describe_counter!(
-        DEDUP_FAIL_OPEN,
-        "Requests delivered without shared dedup because Redis failed."
+        HTTP_CONNECTIONS_REFUSED,
+        "Connections refused with 503 because server.max_connections were open."
     );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes that failed or did not finish within the header timeout."
+    );
+    describe_counter!(
+        REQUESTS_RATE_LIMITED,
+        "Requests refused with 429 because their source was over its rate limit, by source."
+    );
+    describe_gauge!(REQUESTS_IN_FLIGHT, "Requests being processed now.");
+    describe_counter!(
+        EVENTS,
+        "Events by source, transport and outcome (accepted, duplicate, rejected)."
+    );
+    describe_counter!(EVENTS_REJECTED, "Events refused one by one, by source and reason.");
+    describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections.");
+    describe_counter!(WS_REFUSED, "WebSocket upgrades refused, by reason.");
+    describe_counter!(WS_CLOSED, "WebSocket connections closed, by reason.");
+    describe_counter!(WS_FRAMES, "WebSocket frames answered, by outcome (ack, nack).");
+    describe_histogram!(
+        WS_ACK_DURATION,
+        Unit::Seconds,
+        "Time from reading a WebSocket frame to sending its answer."
+    );
+    describe_counter!(REJECTED_STORE_WRITTEN, "Refused events written to the rejected store.");
+    describe_counter!(
+        REJECTED_STORE_DISCARDED_BYTES,
+        Unit::Bytes,
+        "Rejected-store bytes discarded by rotation."
+    );
+    describe_counter!(REJECTED_STORE_ERRORS, "Rejected-store write failures.");
+}
+
+/// The sinks.
+fn describe_sinks() {
+    use metric::*;
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_histogram!(CLICKHOUSE_EVENTS_PER_INSERT, "Events per ClickHouse INSERT.");
     describe_histogram!(CLICKHOUSE_INSERT_DURATION, Unit::Seconds, "ClickHouse INSERT duration.");
     describe_counter!(
@@ -199,31 +245,6 @@ fn describe_metrics() {
         Unit::Seconds,
         "Time a request waits for one sink to make its events durable (delivered or spooled)."
     );
-    describe_histogram!(
-        HTTP_REQUEST_DURATION,
-        Unit::Seconds,
-        "Time from request start to response, by route."
-    );
-    describe_counter!(REQUESTS_REFUSED, "Requests refused as a whole, by reason.");
-    describe_gauge!(HTTP_CONNECTIONS, "Open HTTP connections, WebSocket included.");
-    describe_counter!(
-        HTTP_CONNECTIONS_REFUSED,
-        "Connections refused with 503 because server.max_connections were open."
-    );
-    describe_counter!(
-        TLS_HANDSHAKE_FAILURES,
-        "TLS handshakes that failed or did not finish within the header timeout."
-    );
-    describe_counter!(
-        REQUESTS_RATE_LIMITED,
-        "Requests refused with 429 because their source was over its rate limit, by source."
-    );
-    describe_gauge!(REQUESTS_IN_FLIGHT, "Requests being processed now.");
-    describe_counter!(
-        EVENTS,
-        "Events by source, transport and outcome (accepted, duplicate, rejected)."
-    );
-    describe_counter!(EVENTS_REJECTED, "Events refused one by one, by source and reason.");
     describe_counter!(SINK_EVENTS_SENT, "Events made durable by a sink.");
     describe_counter!(SINK_ERRORS, "Sink write failures by sink and kind.");
     describe_histogram!(
@@ -237,26 +258,12 @@ fn describe_metrics() {
     );
     describe_counter!(FILE_SINK_BYTES, Unit::Bytes, "Bytes written by the file sink.");
     describe_counter!(FILE_SINK_ROTATIONS, "File sink rotations to a new file.");
-    describe_gauge!(DEDUP_ENTRIES, "Message ids remembered by the embedded dedup.");
-    describe_counter!(
-        DEDUP_EVICTED_EARLY,
-        "Ids forgotten before their window ended because of dedup.max_entries."
-    );
-    describe_counter!(
-        DEDUP_WAITS,
-        "Requests that waited for an in-flight request carrying the same id."
-    );
-    describe_counter!(POLICY_RELOADS, "Policy reloads by result (applied, invalid).");
-    describe_gauge!(
-        CIRCUIT_BREAKER_STATE,
-        "Circuit breaker state per dependency: 0 closed, 1 open, 2 half-open."
-    );
-    describe_counter!(
-        CIRCUIT_BREAKER_TRANSITIONS,
-        "Circuit breaker transitions per dependency and target state."
-    );
-    describe_counter!(RETRIES, "Retries per dependency.");
-    describe_counter!(CALLS_SHED, "Calls refused by a rate limit or a full bulkhead.");
+}
+
+/// Spools and dead letters.
+fn describe_spool() {
+    use metric::*;
+    use metrics::{describe_counter, describe_gauge, Unit};
     describe_counter!(SPOOL_APPENDED_EVENTS, "Events appended to a sink's spool.");
     describe_counter!(
         SPOOL_REPLAYED_EVENTS,
@@ -283,22 +290,41 @@ fn describe_metrics() {
         "Times the spool file was opened again after an I/O error."
     );
     describe_counter!(DEAD_LETTER_EVENTS, "Events added to the dead-letter store per sink.");
-    describe_gauge!(WS_CONNECTIONS, "Open WebSocket connections.");
-    describe_counter!(WS_REFUSED, "WebSocket upgrades refused, by reason.");
-    describe_counter!(WS_CLOSED, "WebSocket connections closed, by reason.");
-    describe_counter!(WS_FRAMES, "WebSocket frames answered, by outcome (ack, nack).");
-    describe_histogram!(
-        WS_ACK_DURATION,
-        Unit::Seconds,
-        "Time from reading a WebSocket frame to sending its answer."
-    );
-    describe_counter!(REJECTED_STORE_WRITTEN, "Refused events written to the rejected store.");
+}
+
+/// Dedup, Redis, policies, resilience stacks and the build.
+fn describe_dependencies() {
+    use metric::*;
+    use metrics::{describe_counter, describe_gauge};
     describe_counter!(
-        REJECTED_STORE_DISCARDED_BYTES,
-        Unit::Bytes,
-        "Rejected-store bytes discarded by rotation."
+        REDIS_ROUND_TRIPS,
+        "Redis round trips by operation (claim, commit, release)."
     );
-    describe_counter!(REJECTED_STORE_ERRORS, "Rejected-store write failures.");
+    describe_counter!(REDIS_ERRORS, "Failed Redis round trips by operation.");
+    describe_counter!(
+        DEDUP_FAIL_OPEN,
+        "Requests delivered without shared dedup because Redis failed."
+    );
+    describe_gauge!(DEDUP_ENTRIES, "Message ids remembered by the embedded dedup.");
+    describe_counter!(
+        DEDUP_EVICTED_EARLY,
+        "Ids forgotten before their window ended because of dedup.max_entries."
+    );
+    describe_counter!(
+        DEDUP_WAITS,
+        "Requests that waited for an in-flight request carrying the same id."
+    );
+    describe_counter!(POLICY_RELOADS, "Policy reloads by result (applied, invalid).");
+    describe_gauge!(
+        CIRCUIT_BREAKER_STATE,
+        "Circuit breaker state per dependency: 0 closed, 1 open, 2 half-open."
+    );
+    describe_counter!(
+        CIRCUIT_BREAKER_TRANSITIONS,
+        "Circuit breaker transitions per dependency and target state."
+    );
+    describe_counter!(RETRIES, "Retries per dependency.");
+    describe_counter!(CALLS_SHED, "Calls refused by a rate limit or a full bulkhead.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build.");
 }
 

@@ -2,7 +2,8 @@
 //! own data directory, and reads what it wrote. Shared by every integration test.
 #![allow(dead_code)]
 
-pub mod backends;
+#[allow(unused_imports)]
+pub use breakwater_test_backends as backends;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;

@@ -7,8 +7,6 @@
 //!
 //!   breakwater-chaos [--scale 0.4] [--out target/chaos] chaos/scenarios/*.toml
 
-#[path = "../../../tests/support/backends.rs"]
-mod backends;
 mod proxy;
 mod report;
 mod scenario;
@@ -25,7 +23,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::{json, Value};
 
-use backends::{ClickHouse, Kafka, Redis};
+use breakwater_test_backends::{ClickHouse, Kafka, Redis};
 use proxy::{FaultProxy, ProxyFault};
 use scenario::{Action, Fault, Scenario, Target};
 

@@ -40,7 +40,7 @@ impl FaultProxy {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let listen: SocketAddr = ([127, 0, 0, 1], crate::backends::free_port()).into();
+        let listen: SocketAddr = ([127, 0, 0, 1], breakwater_test_backends::free_port()).into();
         let config = ProxyConfig {
             name: name.to_string(),
             listen: listen.to_string(),

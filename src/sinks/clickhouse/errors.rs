@@ -2,9 +2,52 @@
 //! the server unreachable, busy or misconfigured (the same batch can succeed later)?
 //! Unknown codes count as retryable: good data is never given up on a guess.
 
-use crate::sinks::SinkError;
+use crate::batcher::BatcherStopped;
+use crate::event::SinkKind;
+use crate::sinks::{ClassifyError, ErrorClass, SinkError};
 
-use super::SINK_NAME;
+/// A failed INSERT, DDL or version query.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClickHouseError {
+    /// The server refused the data itself (a data exception code): never retried.
+    #[error("{0}")]
+    Rejected(String),
+    /// Unreachable, busy, misconfigured or an unknown code: retried later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The INSERT did not finish within `insert_timeout_ms`.
+    #[error("INSERT did not finish within {0} ms")]
+    TimedOut(u128),
+    #[error("the clickhouse sink's batcher has stopped")]
+    Stopped,
+    /// The sink's settings cannot be used (found at start-up only).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ClassifyError for ClickHouseError {
+    fn classify(&self) -> ErrorClass {
+        match self {
+            ClickHouseError::Rejected(_) => ErrorClass::Rejected,
+            ClickHouseError::Unavailable(_) | ClickHouseError::TimedOut(_) | ClickHouseError::Config(_) => {
+                ErrorClass::Unavailable
+            }
+            ClickHouseError::Stopped => ErrorClass::Stopped,
+        }
+    }
+}
+
+impl From<ClickHouseError> for SinkError {
+    fn from(error: ClickHouseError) -> Self {
+        SinkError::classified(SinkKind::ClickHouse, &error)
+    }
+}
+
+impl From<BatcherStopped> for ClickHouseError {
+    fn from(_: BatcherStopped) -> Self {
+        ClickHouseError::Stopped
+    }
+}
 
 /// Server exception codes that mean "this data can never be inserted as it is".
 const DATA_REJECTED_CODES: &[u32] = &[
@@ -37,24 +80,15 @@ pub fn exception_code(text: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-/// Turns a client error into a sink error that knows whether to retry.
-pub fn classify(error: clickhouse::error::Error) -> SinkError {
+/// Turns a client error into one that knows whether to retry.
+pub fn classify(error: clickhouse::error::Error) -> ClickHouseError {
     use clickhouse::error::Error;
     match error {
         Error::BadResponse(text) => match exception_code(&text) {
-            Some(code) if DATA_REJECTED_CODES.contains(&code) => SinkError::Rejected {
-                sink: SINK_NAME,
-                message: first_line(&text),
-            },
-            _ => SinkError::Unavailable {
-                sink: SINK_NAME,
-                message: first_line(&text),
-            },
+            Some(code) if DATA_REJECTED_CODES.contains(&code) => ClickHouseError::Rejected(first_line(&text)),
+            _ => ClickHouseError::Unavailable(first_line(&text)),
         },
-        other => SinkError::Unavailable {
-            sink: SINK_NAME,
-            message: other.to_string(),
-        },
+        other => ClickHouseError::Unavailable(other.to_string()),
     }
 }
 
@@ -82,16 +116,17 @@ mod tests {
 
     #[test]
     fn data_errors_are_permanent_and_the_rest_retryable() {
+        let retryable = |error: ClickHouseError| SinkError::from(error).is_retryable();
         let permanent = classify(Error::BadResponse("Code: 53. DB::Exception: Type mismatch".into()));
-        assert!(!permanent.is_retryable(), "{permanent}");
+        assert!(!retryable(permanent.clone()), "{permanent}");
         for text in [
             "Code: 252. DB::Exception: Too many parts",
             "Code: 60. DB::Exception: Table breakwater.events doesn't exist",
             "Code: 241. DB::Exception: Memory limit exceeded",
             "502 Bad Gateway",
         ] {
-            assert!(classify(Error::BadResponse(text.into())).is_retryable(), "{text}");
+            assert!(retryable(classify(Error::BadResponse(text.into()))), "{text}");
         }
-        assert!(classify(Error::TimedOut).is_retryable());
+        assert!(retryable(classify(Error::TimedOut)));
     }
 }

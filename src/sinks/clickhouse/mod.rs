@@ -1,194 +1,55 @@
 //! The ClickHouse sink: one `clickhouse::Client` for the process; requests are
 //! grouped by the `Batcher` into one RowBinary INSERT per group (bounded by events,
 //! bytes and linger), never one per event. The database and table are created on
-//! first use, so a server that is down at start-up delays nothing.
+//! first use, so a server that is down at start-up delays nothing. `inserter.rs` is
+//! the writer, `errors.rs` the retry classification, `schema.rs` the two table
+//! layouts, `row_binary.rs` our encoder.
 
 mod errors;
+mod inserter;
 pub mod row_binary;
 pub mod schema;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
-use super::batcher::{BatchLimits, Batcher};
-use super::{SinkBatch, SinkError};
-use crate::config::{ClickHouseCompression, ClickHouseConfig, ClickHouseSchema, ConfigError};
-use crate::telemetry::metric;
-pub use errors::{classify, exception_code};
-use schema::Layout;
+use crate::batcher::Batcher;
+use crate::config::ClickHouseConfig;
+use crate::event::{SinkBatch, SinkKind};
+use crate::policy::BatchPolicy;
+use crate::sinks::{batch_limits_of, recorded, Sink, SinkError, SinkHandle};
+use crate::telemetry::health::DependencyHealth;
+pub use errors::{classify, exception_code, ClickHouseError};
+pub use inserter::Inserter;
 
-pub const SINK_NAME: &str = "clickhouse";
-
-/// An INSERT's RowBinary is sent in chunks of about this size (each compressed on
-/// its own when LZ4 is on); a chunk ends after the row that reaches it.
-const INSERT_CHUNK_BYTES: usize = 1 << 20;
-
-/// The ClickHouse sink: a batcher whose flush is one INSERT.
-pub struct ClickHouseSink;
-
-/// Everything one INSERT needs; shared by the batcher's flushes.
-pub struct Inserter {
-    client: clickhouse::Client,
-    database: String,
-    table: String,
-    schema: ClickHouseSchema,
-    create_table: bool,
-    insert_timeout: Duration,
-    /// Layout found (and table created) on first successful use.
-    layout: tokio::sync::Mutex<Option<Layout>>,
+/// Builds the client and starts the batcher whose flush is one INSERT; connects
+/// lazily.
+pub fn start(config: &ClickHouseConfig, batch: &BatchPolicy) -> Result<SinkHandle, ClickHouseError> {
+    let inserter = Arc::new(Inserter::new(config)?);
+    let (limits_sender, limits) = watch::channel(batch_limits_of(batch));
+    let health = Arc::new(DependencyHealth::default());
+    let flush_health = health.clone();
+    let (batcher, task) = Batcher::start(SinkKind::ClickHouse.name(), limits, move |group| {
+        let inserter = inserter.clone();
+        let health = flush_health.clone();
+        async move { recorded(SinkKind::ClickHouse, &health, inserter.insert(&group).await) }
+    });
+    Ok(
+        SinkHandle::new(SinkKind::ClickHouse, ClickHouseSink { batcher }, health)
+            .with_task(task)
+            .with_batch_limits(limits_sender),
+    )
 }
 
-impl Inserter {
-    pub fn new(config: &ClickHouseConfig) -> Result<Inserter, ConfigError> {
-        let mut client = clickhouse::Client::default()
-            .with_url(&config.url)
-            // Type validation needs RowBinaryWithNamesAndTypes, which old servers lack;
-            // our RowBinary is tested against the schema instead.
-            .with_validation(false)
-            .with_compression(match config.compression {
-                ClickHouseCompression::Lz4 => clickhouse::Compression::Lz4,
-                ClickHouseCompression::None => clickhouse::Compression::None,
-            });
-        if let Some(user) = &config.user {
-            client = client.with_user(user);
-        }
-        if let Some(password) = config.password.resolve("clickhouse.password")? {
-            client = client.with_password(password);
-        }
-        Ok(Inserter {
-            client,
-            database: config.database.clone(),
-            table: config.table.clone(),
-            schema: config.schema,
-            create_table: config.create_table,
-            insert_timeout: Duration::from_millis(config.insert_timeout_ms),
-            layout: tokio::sync::Mutex::new(None),
-        })
-    }
-
-    /// The layout in use, detecting it and creating the table the first time.
-    pub async fn prepare(&self) -> Result<Layout, SinkError> {
-        let mut prepared = self.layout.lock().await;
-        if let Some(layout) = *prepared {
-            return Ok(layout);
-        }
-        let version = self.server_version().await?;
-        let layout = match self.schema {
-            ClickHouseSchema::Modern => Layout::Modern,
-            ClickHouseSchema::Legacy => Layout::Legacy,
-            ClickHouseSchema::Auto => Layout::for_server_version(&version),
-        };
-        if self.create_table {
-            self.execute(&schema::create_database(&self.database)).await?;
-            self.execute(&schema::create_table(layout, &self.database, &self.table))
-                .await?;
-        }
-        tracing::info!(
-            server_version = version.trim(),
-            layout = layout.name(),
-            table = format!("{}.{}", self.database, self.table),
-            "clickhouse sink ready"
-        );
-        *prepared = Some(layout);
-        Ok(layout)
-    }
-
-    async fn server_version(&self) -> Result<String, SinkError> {
-        let bytes = self
-            .client
-            .query("SELECT version()")
-            .fetch_bytes("TSV")
-            .map_err(classify)?
-            .collect()
-            .await
-            .map_err(classify)?;
-        Ok(String::from_utf8_lossy(&bytes).trim().to_string())
-    }
-
-    async fn execute(&self, sql: &str) -> Result<(), SinkError> {
-        self.client.query(sql).execute().await.map_err(classify)
-    }
-
-    /// One INSERT of every event of the group, encoded and sent in chunks of about
-    /// `INSERT_CHUNK_BYTES`: a 100,000-event INSERT is never held encoded whole, and
-    /// each chunk reuses memory the last one freed instead of faulting in fresh pages.
-    pub async fn insert(&self, group: &[Arc<SinkBatch>]) -> Result<(), SinkError> {
-        let layout = self.prepare().await?;
-        let events: usize = group.iter().map(|b| b.events.len()).sum();
-        let sql = format!(
-            "INSERT INTO `{}`.`{}` ({}) FORMAT RowBinary",
-            self.database,
-            self.table,
-            schema::COLUMN_NAMES
-        );
-        let mut insert = self
-            .client
-            .insert_formatted_with(sql)
-            .with_timeouts(Some(self.insert_timeout), Some(self.insert_timeout));
-        if layout == Layout::Modern {
-            insert = insert.with_setting("insert_deduplication_token", deduplication_token(group));
-        }
-        let started = Instant::now();
-        let sent = async {
-            let mut chunk = Vec::with_capacity(INSERT_CHUNK_BYTES);
-            for batch in group {
-                for event in &batch.events {
-                    row_binary::encode_row(layout, &batch.source, event, &mut chunk);
-                    if chunk.len() >= INSERT_CHUNK_BYTES {
-                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(INSERT_CHUNK_BYTES));
-                        insert.send(Bytes::from(full)).await?;
-                    }
-                }
-            }
-            if !chunk.is_empty() {
-                insert.send(Bytes::from(chunk)).await?;
-            }
-            insert.end().await
-        };
-        match tokio::time::timeout(self.insert_timeout, sent).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(classify(error)),
-            Err(_) => {
-                return Err(SinkError::Unavailable {
-                    sink: SINK_NAME,
-                    message: format!("INSERT did not finish within {} ms", self.insert_timeout.as_millis()),
-                });
-            }
-        }
-        metrics::histogram!(metric::CLICKHOUSE_INSERT_DURATION).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(metric::CLICKHOUSE_EVENTS_PER_INSERT).record(events as f64);
-        Ok(())
-    }
+/// The running ClickHouse sink: a batcher whose flush is one INSERT.
+#[derive(Clone)]
+struct ClickHouseSink {
+    batcher: Batcher<ClickHouseError>,
 }
 
-/// The same events in the same order give the same token, so the server drops a
-/// retried INSERT whole.
-fn deduplication_token(group: &[Arc<SinkBatch>]) -> String {
-    let mut hasher = Sha256::new();
-    for batch in group {
-        for event in &batch.events {
-            hasher.update(batch.source.as_bytes());
-            hasher.update([0]);
-            hasher.update(event.message_id.as_bytes());
-            hasher.update([0]);
-        }
-    }
-    format!("{:x}", hasher.finalize())
-}
-
-impl ClickHouseSink {
-    /// Builds the client and starts the batcher (the `Sink`); connects lazily.
-    pub fn start(
-        config: &ClickHouseConfig,
-        limits: tokio::sync::watch::Receiver<BatchLimits>,
-    ) -> Result<(Batcher, tokio::task::JoinHandle<()>), ConfigError> {
-        let inserter = Arc::new(Inserter::new(config)?);
-        Ok(Batcher::start(SINK_NAME, limits, move |group| {
-            let inserter = inserter.clone();
-            async move { inserter.insert(&group).await }
-        }))
+impl Sink for ClickHouseSink {
+    async fn deliver(&self, batch: Arc<SinkBatch>) -> Result<(), SinkError> {
+        self.batcher.submit(batch).await.map_err(SinkError::from)
     }
 }

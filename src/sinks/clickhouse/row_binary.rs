@@ -7,7 +7,7 @@
 //! `DateTime` a u32 of seconds; all little-endian.
 
 use super::schema::Layout;
-use crate::intake::segment::NormalizedEvent;
+use crate::event::NormalizedEvent;
 
 /// Appends one row for `event` to `out`.
 pub fn encode_row(layout: Layout, source: &str, event: &NormalizedEvent, out: &mut Vec<u8>) {
@@ -67,14 +67,11 @@ mod tests {
     #[test]
     fn legacy_times_clamp_to_u32_seconds() {
         let event = NormalizedEvent {
-            message_id: "m".into(),
-            event_type: crate::intake::segment::EventType::Page,
-            user_id: None,
-            anonymous_id: Some("a".into()),
+            event_type: crate::event::EventType::Page,
             event_name: String::new(),
             timestamp_ms: -5_000,
             received_at_ms: 1_700_000_000_999,
-            json: b"{}".to_vec(),
+            ..NormalizedEvent::fixture("m", b"{}")
         };
         let mut out = Vec::new();
         encode_row(Layout::Legacy, "web", &event, &mut out);

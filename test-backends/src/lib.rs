@@ -1,7 +1,8 @@
 //! Real backends for integration tests: redis-server, clickhouse-server and tansu
 //! (a Kafka-protocol broker), each on free loopback ports with its own temp dir,
 //! killed when dropped. A missing binary fails the test loudly with how to get it.
-#![allow(dead_code)]
+//! One crate, so the integration tests and the chaos runner start backends the
+//! same way (the tests through `tests/support`, the runner as a dependency).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -24,7 +24,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::SinkBatch;
+use crate::event::SinkBatch;
 
 /// Where each partition's log ended, as far as the sink knows: anything sent from
 /// now on lands at or after these offsets.
@@ -158,39 +158,17 @@ pub fn read_back(
     start: &LogEnds,
     wanted: &HashSet<String>,
 ) -> Result<HashSet<String>, ReadBackError> {
-    let failed = |what: &str, error: rdkafka::error::KafkaError| ReadBackError::Failed(format!("{what}: {error}"));
     let mut config = connection.clone();
     config
         .set("group.id", "breakwater-read-back")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
     let consumer: BaseConsumer = config.create().map_err(|e| failed("consumer", e))?;
-    let timeout = Duration::from_secs(5);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| failed("metadata", e))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut assignment = TopicPartitionList::new();
-    // partition → the last offset to read.
-    let mut last_offsets: HashMap<i32, i64> = HashMap::new();
-    let mut to_scan = 0;
-    for partition in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition, timeout)
-            .map_err(|e| failed("watermarks", e))?;
-        let from = start.get(&partition).copied().unwrap_or(low).max(low);
-        if from < high {
-            assignment
-                .add_partition_offset(topic, partition, Offset::Offset(from))
-                .map_err(|e| failed("assignment", e))?;
-            last_offsets.insert(partition, high - 1);
-            to_scan += high - from;
-        }
-    }
+    let ReadPlan {
+        assignment,
+        mut last_offsets,
+        to_scan,
+    } = plan(&consumer, topic, start)?;
     if to_scan > MAX_READ_BACK_MESSAGES {
         return Err(ReadBackError::TooFar(to_scan));
     }
@@ -216,14 +194,7 @@ pub fn read_back(
             Some(Ok(message)) => message,
         };
         last_progress = Instant::now();
-        let id = message.headers().and_then(|headers| {
-            headers
-                .iter()
-                .find(|h| h.key == "messageId")
-                .and_then(|h| h.value)
-                .and_then(|v| std::str::from_utf8(v).ok())
-        });
-        if let Some(id) = id.filter(|id| wanted.contains(*id)) {
+        if let Some(id) = message_id(&message).filter(|id| wanted.contains(*id)) {
             found.insert(id.to_string());
         }
         if last_offsets
@@ -234,6 +205,62 @@ pub fn read_back(
         }
     }
     Ok(found)
+}
+
+fn failed(what: &str, error: rdkafka::error::KafkaError) -> ReadBackError {
+    ReadBackError::Failed(format!("{what}: {error}"))
+}
+
+/// What one read-back reads: where each partition starts, and its last offset.
+struct ReadPlan {
+    assignment: TopicPartitionList,
+    /// partition → the last offset to read.
+    last_offsets: HashMap<i32, i64>,
+    /// Messages to read in all.
+    to_scan: i64,
+}
+
+/// Finds each partition's range to read: from its remembered log end (or its low
+/// watermark) to its high watermark.
+fn plan(consumer: &BaseConsumer, topic: &str, start: &LogEnds) -> Result<ReadPlan, ReadBackError> {
+    let timeout = Duration::from_secs(5);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| failed("metadata", e))?;
+    let mut plan = ReadPlan {
+        assignment: TopicPartitionList::new(),
+        last_offsets: HashMap::new(),
+        to_scan: 0,
+    };
+    for partition in metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+    {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, timeout)
+            .map_err(|e| failed("watermarks", e))?;
+        let from = start.get(&partition).copied().unwrap_or(low).max(low);
+        if from < high {
+            plan.assignment
+                .add_partition_offset(topic, partition, Offset::Offset(from))
+                .map_err(|e| failed("assignment", e))?;
+            plan.last_offsets.insert(partition, high - 1);
+            plan.to_scan += high - from;
+        }
+    }
+    Ok(plan)
+}
+
+/// A message's `messageId` header.
+fn message_id<'m>(message: &'m rdkafka::message::BorrowedMessage<'_>) -> Option<&'m str> {
+    message.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|h| h.key == "messageId")
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    })
 }
 
 /// The settings a read-back consumer needs from the producer's: where the brokers
@@ -256,12 +283,12 @@ pub fn connection_settings(producer: &ClientConfig) -> ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intake::segment::NormalizedEvent;
+    use crate::event::NormalizedEvent;
 
     fn batch(ids: &[&str]) -> SinkBatch {
         SinkBatch {
             source: Arc::from("s"),
-            events: ids.iter().map(|id| NormalizedEvent::for_tests(id, b"{}")).collect(),
+            events: ids.iter().map(|id| NormalizedEvent::fixture(id, b"{}")).collect(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! events as HTTP, under the same contract: a frame's ack is sent only once its
 //! events are durable. Owns the protocol (docs/websocket.md), per-connection flow
 //! control and limits, and the registry of live connections; hands frames to the
-//! same `ingest_json` as HTTP.
+//! same `ingest_json` as HTTP. `connection.rs` serves one connection.
 //!
 //! Invariants: a connection is in the registry exactly while its task runs (an RAII
 //! guard removes it on every exit path); at most `max_unacked_frames` frames are in
@@ -11,29 +11,26 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
+
+mod connection;
 
 use super::error::IntakeError;
-use super::{auth, ingest_json, RouteKind};
-use crate::config::WebSocketConfig;
-use crate::server::AppState;
+use super::ingest::ingest_json;
+use super::{auth, IntakeState, RouteKind};
 use crate::telemetry::metric;
+use connection::serve_connection;
 
 /// Transport label on event metrics.
 const TRANSPORT: &str = "websocket";
-/// While shutting down, a connection quiet for this long is closed.
-const DRAIN_QUIET: Duration = Duration::from_millis(200);
-/// How long a Close frame waits for the client's answering Close.
-const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
 
 /// Close codes (RFC 6455), as documented in docs/websocket.md.
 pub mod close_code {
@@ -133,7 +130,7 @@ pub struct UpgradeQuery {
 /// `GET /v1/ws`: authenticates what it can before the upgrade (HTTP Basic or
 /// `?writeKey=`), refuses past the connection limit, then hands the socket over.
 pub async fn upgrade(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<IntakeState>>,
     headers: HeaderMap,
     Query(query): Query<UpgradeQuery>,
     upgrade: WebSocketUpgrade,
@@ -175,16 +172,16 @@ pub async fn upgrade(
 const CONNECTION_BUFFER_BYTES: usize = 8 * 1024;
 
 /// The browser example (`examples/websocket.html`), when enabled in the config.
-pub async fn example_page(State(app): State<Arc<AppState>>) -> Response {
+pub async fn example_page(State(app): State<Arc<IntakeState>>) -> Response {
     if !app.websocket.serve_example_page {
         return IntakeError::NotFound.into_response();
     }
-    axum::response::Html(include_str!("../../examples/websocket.html")).into_response()
+    axum::response::Html(include_str!("../../../examples/websocket.html")).into_response()
 }
 
 /// Why a connection ended (the `reason` label, and what the client is told).
 #[derive(Debug, Clone, Copy)]
-enum Ending {
+pub(super) enum Ending {
     ClientClosed,
     ClientGone,
     Idle,
@@ -196,7 +193,7 @@ enum Ending {
 }
 
 impl Ending {
-    fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             Ending::ClientClosed => "client_closed",
             Ending::ClientGone => "client_gone",
@@ -210,7 +207,7 @@ impl Ending {
     }
 
     /// The close frame to send, if the client is still there to receive one.
-    fn close_frame(self) -> Option<CloseFrame> {
+    pub(super) fn close_frame(self) -> Option<CloseFrame> {
         let (code, reason) = match self {
             Ending::ClientClosed | Ending::ClientGone | Ending::WriteStalled => return None,
             Ending::Idle => (close_code::NORMAL, "idle timeout"),
@@ -226,148 +223,8 @@ impl Ending {
     }
 }
 
-async fn serve_connection(app: Arc<AppState>, socket: WebSocket, mut source: Option<Arc<str>>, guard: ConnectionGuard) {
-    let settings: WebSocketConfig = app.websocket.clone();
-    let (mut outgoing, mut incoming) = socket.split();
-    // Answers go through one writer task; a client that stops reading them fills
-    // this channel, which holds up frame tasks, which holds up reading.
-    let (answers, mut to_write) = mpsc::channel::<Message>(settings.max_unacked_frames + 4);
-    let write_timeout = Duration::from_millis(settings.write_timeout_ms);
-    let stalled = Arc::new(Notify::new());
-    let writer = {
-        let stalled = stalled.clone();
-        tokio::spawn(async move {
-            while let Some(message) = to_write.recv().await {
-                let closing = matches!(message, Message::Close(_));
-                match tokio::time::timeout(write_timeout, outgoing.send(message)).await {
-                    Ok(Ok(())) if !closing => {}
-                    Ok(Ok(())) => break,
-                    Ok(Err(_)) => break,
-                    Err(_) => {
-                        stalled.notify_one();
-                        break;
-                    }
-                }
-            }
-            let _ = outgoing.close().await;
-        })
-    };
-
-    let in_flight = Arc::new(Semaphore::new(settings.max_unacked_frames));
-    let mut shutdown = app.websockets.shutdown.subscribe();
-    let mut ping = tokio::time::interval(Duration::from_millis(settings.ping_interval_ms));
-    ping.tick().await;
-    let idle_timeout = Duration::from_millis(settings.idle_timeout_ms);
-    let mut last_heard = Instant::now();
-    let min_gap = (settings.max_frames_per_second > 0)
-        .then(|| Duration::from_secs_f64(1.0 / settings.max_frames_per_second as f64));
-    let mut last_frame = Instant::now() - Duration::from_secs(1);
-
-    let ending = loop {
-        // Shutting down: frames the client already sent are still read and answered
-        // until the line has been quiet for a moment; then the connection closes.
-        let draining = *shutdown.borrow();
-        // Flow control: no permit, no read.
-        let permit = tokio::select! {
-            permit = in_flight.clone().acquire_owned() => permit.expect("semaphore never closed"),
-            () = stalled.notified() => break Ending::WriteStalled,
-        };
-        let frame = if draining {
-            match tokio::time::timeout(DRAIN_QUIET, incoming.next()).await {
-                Ok(frame) => frame,
-                Err(_) => break Ending::ShuttingDown,
-            }
-        } else {
-            tokio::select! {
-                frame = incoming.next() => frame,
-                _ = ping.tick() => {
-                    if last_heard.elapsed() > idle_timeout {
-                        break Ending::Idle;
-                    }
-                    let _ = answers.try_send(Message::Ping(Default::default()));
-                    continue;
-                }
-                _ = shutdown.changed() => continue,
-                () = stalled.notified() => break Ending::WriteStalled,
-            }
-        };
-        let text = match frame {
-            None => break Ending::ClientGone,
-            Some(Err(error)) => {
-                let too_big = error.to_string().to_ascii_lowercase().contains("too long")
-                    || error.to_string().to_ascii_lowercase().contains("size");
-                break if too_big { Ending::TooBig } else { Ending::ClientGone };
-            }
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Binary(_))) => break Ending::Binary,
-            Some(Ok(Message::Close(_))) => break Ending::ClientClosed,
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
-                last_heard = Instant::now();
-                continue;
-            }
-        };
-        last_heard = Instant::now();
-        if let Some(gap) = min_gap {
-            let since = last_frame.elapsed();
-            if since < gap {
-                tokio::time::sleep(gap - since).await;
-            }
-            last_frame = Instant::now();
-        }
-        let Some(authenticated) = source.clone() else {
-            // Before anything else: `{"type":"hello","writeKey":"…"}`.
-            match hello(&app, &text) {
-                Ok(found) => {
-                    let _ = answers
-                        .send(json_message(&json!({ "type": "ready", "source": &*found })))
-                        .await;
-                    source = Some(found);
-                    continue;
-                }
-                Err(_) => break Ending::Unauthorized,
-            }
-        };
-        let app = app.clone();
-        let answers = answers.clone();
-        tokio::spawn(async move {
-            let read_at = Instant::now();
-            let answer = answer_frame(&app, text.as_str(), authenticated).await;
-            let _ = answers.send(answer).await;
-            metrics::histogram!(metric::WS_ACK_DURATION).record(read_at.elapsed().as_secs_f64());
-            drop(permit);
-        });
-    };
-
-    // Answer every frame already read before closing (bounded by the write timeout).
-    let _ = tokio::time::timeout(
-        write_timeout,
-        in_flight.acquire_many(settings.max_unacked_frames as u32),
-    )
-    .await;
-    if let Some(close) = ending.close_frame() {
-        let _ = answers.send(Message::Close(Some(close))).await;
-    }
-    let sent_close = ending.close_frame().is_some();
-    drop(answers);
-    let _ = tokio::time::timeout(write_timeout, writer).await;
-    if sent_close {
-        // Closing handshake: give the client a moment to answer our Close before
-        // the TCP connection goes, so it reads the close code rather than a reset.
-        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
-            while let Some(Ok(message)) = incoming.next().await {
-                if matches!(message, Message::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
-    metrics::counter!(metric::WS_CLOSED, "reason" => ending.label()).increment(1);
-    drop(guard);
-}
-
 /// A `hello` frame's write key, authenticated.
-fn hello(app: &AppState, text: &str) -> Result<Arc<str>, IntakeError> {
+pub(super) fn hello(app: &IntakeState, text: &str) -> Result<Arc<str>, IntakeError> {
     #[derive(Deserialize)]
     struct Hello {
         #[serde(rename = "type")]
@@ -401,7 +258,7 @@ pub fn frame_head(text: &str) -> (Value, RouteKind) {
 }
 
 /// Ingests one frame and builds its answer: `ack` once durable, else `nack`.
-async fn answer_frame(app: &AppState, text: &str, source: Arc<str>) -> Message {
+pub(super) async fn answer_frame(app: &IntakeState, text: &str, source: Arc<str>) -> Message {
     let (id, kind) = frame_head(text);
     let answer = match ingest_json(app, kind, text.as_bytes(), Some(source), TRANSPORT).await {
         Ok(ingested) => {
@@ -435,6 +292,6 @@ async fn answer_frame(app: &AppState, text: &str, source: Arc<str>) -> Message {
     json_message(&answer)
 }
 
-fn json_message(value: &Value) -> Message {
+pub(super) fn json_message(value: &Value) -> Message {
     Message::Text(Utf8Bytes::from(value.to_string()))
 }

@@ -5,14 +5,19 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::runtime;
 use crate::config::Config;
-use crate::policy::LoadedPolicy;
-use crate::server::{build_delivery, lock_data_dir, sink_policy};
-use crate::spool::Spool;
+use crate::event::SinkKind;
+use crate::pipeline::assemble::build_delivery;
+use crate::pipeline::route::{dead_letter, SinkRoute};
+use crate::policy::{LoadedPolicy, Policy};
+use crate::server::lock_data_dir;
+use crate::spool::{RecordKey, Spool, StoredBatch};
 
 /// What an admin command returns to the shell.
 pub type AdminResult = Result<(), String>;
@@ -22,9 +27,9 @@ fn open_spool(config: &Config) -> Result<(std::fs::File, Spool), String> {
     let data_dir = &config.server.data_dir;
     let lock = lock_data_dir(data_dir).map_err(|e| e.to_string())?;
     let policy = load_policy(config)?;
-    let sinks: Vec<(&'static str, u64)> = ["file", "clickhouse", "kafka"]
+    let sinks: Vec<(SinkKind, u64)> = SinkKind::ALL
         .into_iter()
-        .map(|sink| (sink, sink_policy(&policy.policy, sink).spool.max_bytes))
+        .map(|sink| (sink, policy.policy.sink(sink).spool.max_bytes))
         .collect();
     let spool = Spool::open(&data_dir.join("spool"), &sinks).map_err(|e| e.to_string())?;
     Ok((lock, spool))
@@ -35,13 +40,6 @@ fn load_policy(config: &Config) -> Result<LoadedPolicy, String> {
         Some(path) => LoadedPolicy::from_file(path).map_err(|e| e.to_string()),
         None => Ok(LoadedPolicy::embedded()),
     }
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 /// Asks before a destructive step, unless `yes`. Without a terminal, refuses.
@@ -109,45 +107,54 @@ pub fn spool_replay(config: &Config) -> AdminResult {
         let policy = load_policy(config)?;
         let delivery = build_delivery(config, &policy.policy, &data_dir, |_| {}).map_err(|e| e.to_string())?;
         for route in &delivery.routes {
-            let total = route.queue.events();
-            if total == 0 {
-                continue;
-            }
-            let bar = progress(total, route.sink.name);
-            loop {
-                let batch_events = sink_policy(&policy.policy, route.sink.name).spool.replay_batch_events;
-                let records = route
-                    .queue
-                    .read_oldest(batch_events, usize::MAX)
-                    .map_err(|e| e.to_string())?;
-                if records.is_empty() {
-                    break;
-                }
-                let mut done = Vec::new();
-                for record in &records {
-                    match route.sink.call(record.batch.clone()).await {
-                        Ok(()) => done.push((record.key, record.stored_bytes, record.batch.events.len())),
-                        Err(error) if !error.is_retryable() => {
-                            delivery
-                                .spool
-                                .add_dead_letter(route.sink.name, &error.to_string(), &record.batch)
-                                .map_err(|e| e.to_string())?;
-                            done.push((record.key, record.stored_bytes, record.batch.events.len()));
-                        }
-                        Err(error) => {
-                            route.queue.remove_keys(&done).map_err(|e| e.to_string())?;
-                            bar.abandon_with_message(format!("stopped: {error}"));
-                            return Err(format!("{} is still failing: {error}", route.sink.name));
-                        }
-                    }
-                    bar.inc(record.batch.events.len() as u64);
-                }
-                route.queue.remove_keys(&done).map_err(|e| e.to_string())?;
-            }
-            bar.finish_with_message("replayed");
+            replay_queue(&delivery.spool, route, &policy.policy).await?;
         }
         Ok(())
     })
+}
+
+/// Replays one sink's queue, round by round, until it is empty or the sink fails.
+async fn replay_queue(spool: &Arc<Spool>, route: &SinkRoute, policy: &Policy) -> AdminResult {
+    let total = route.queue.events();
+    if total == 0 {
+        return Ok(());
+    }
+    let bar = progress(total, route.kind.name());
+    let batch_events = policy.sink(route.kind).spool.replay_batch_events;
+    loop {
+        let records = route
+            .queue
+            .read_oldest(batch_events, usize::MAX)
+            .map_err(|e| e.to_string())?;
+        if records.is_empty() {
+            break;
+        }
+        let mut done: Vec<RecordKey> = Vec::new();
+        for record in &records {
+            if let Err(error) = replay_record(spool, route, record).await {
+                route.queue.remove_keys(&done).map_err(|e| e.to_string())?;
+                bar.abandon_with_message(format!("stopped: {error}"));
+                return Err(format!("{} is still failing: {error}", route.kind.name()));
+            }
+            done.push(record.record_key());
+            bar.inc(record.batch.events.len() as u64);
+        }
+        route.queue.remove_keys(&done).map_err(|e| e.to_string())?;
+    }
+    bar.finish_with_message("replayed");
+    Ok(())
+}
+
+/// One record through the sink's stack; a batch rejected for good is dead-lettered
+/// (and counts as done). Err: the sink is still failing.
+async fn replay_record(spool: &Arc<Spool>, route: &SinkRoute, record: &StoredBatch) -> AdminResult {
+    match route.sink.call(record.batch.clone()).await {
+        Ok(()) => Ok(()),
+        Err(error) if !error.is_retryable() => dead_letter(spool, route.kind, &error, record.batch.clone())
+            .await
+            .map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 /// Deletes spooled events (one sink's or all). They will never be delivered.
@@ -157,7 +164,7 @@ pub fn spool_purge(config: &Config, sink: Option<&str>, yes: bool) -> AdminResul
         let queues: Vec<_> = spool
             .queues()
             .iter()
-            .filter(|q| sink.is_none_or(|s| s == q.sink))
+            .filter(|q| sink.is_none_or(|s| s == q.sink.name()))
             .cloned()
             .collect();
         if queues.is_empty() {

@@ -1,5 +1,10 @@
-//! Command line: `breakwater serve` and `breakwater config check`. Flags override
+//! Command line: `breakwater serve`, `config check`, `policy check`, and the
+//! offline operator tools in `admin.rs` (`spool …`, `dlq …`). Flags override
 //! `BREAKWATER_*` environment variables, which override the config file.
+//!
+//! Invariant: the top layer; nothing imports `cli` but `main.rs`.
+
+pub mod admin;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +12,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, LogFormat, WRITE_KEYS_ENV};
+use crate::config::{redact_url, Config, LogFormat, Source, WRITE_KEYS_ENV};
+use crate::event::SinkKind;
 
 #[derive(Parser)]
 #[command(
@@ -129,7 +135,7 @@ impl DataArgs {
     }
 }
 
-fn run_admin(data: &DataArgs, command: impl FnOnce(&Config) -> crate::admin::AdminResult) -> ExitCode {
+fn run_admin(data: &DataArgs, command: impl FnOnce(&Config) -> admin::AdminResult) -> ExitCode {
     let result = data.load().and_then(|config| {
         crate::telemetry::init_logging(config.log.format);
         command(&config)
@@ -137,7 +143,7 @@ fn run_admin(data: &DataArgs, command: impl FnOnce(&Config) -> crate::admin::Adm
     finish(result)
 }
 
-fn finish(result: crate::admin::AdminResult) -> ExitCode {
+fn finish(result: admin::AdminResult) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -180,6 +186,14 @@ struct ServeArgs {
     log_format: Option<LogFormat>,
 }
 
+/// The one runtime builder: the server and the offline admin commands alike.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
 fn load_config(args: &ConfigArgs) -> Result<Config, String> {
     Config::load(args.config.as_deref(), std::env::vars()).map_err(|e| e.to_string())
 }
@@ -188,19 +202,19 @@ pub fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Config(ConfigCommand::Check(args)) => check(args),
-        Command::Policy(PolicyCommand::Check { target }) => finish(crate::admin::policy_check(&target)),
-        Command::Spool(SpoolCommand::Stats(data)) => run_admin(&data, crate::admin::spool_stats),
-        Command::Spool(SpoolCommand::Replay(data)) => run_admin(&data, crate::admin::spool_replay),
+        Command::Policy(PolicyCommand::Check { target }) => finish(admin::policy_check(&target)),
+        Command::Spool(SpoolCommand::Stats(data)) => run_admin(&data, admin::spool_stats),
+        Command::Spool(SpoolCommand::Replay(data)) => run_admin(&data, admin::spool_replay),
         Command::Spool(SpoolCommand::Purge { data, sink, yes }) => {
-            run_admin(&data, |config| crate::admin::spool_purge(config, sink.as_deref(), yes))
+            run_admin(&data, |config| admin::spool_purge(config, sink.as_deref(), yes))
         }
-        Command::Dlq(DlqCommand::List(data)) => run_admin(&data, crate::admin::dlq_list),
-        Command::Dlq(DlqCommand::Show { data, key }) => run_admin(&data, |config| crate::admin::dlq_show(config, key)),
+        Command::Dlq(DlqCommand::List(data)) => run_admin(&data, admin::dlq_list),
+        Command::Dlq(DlqCommand::Show { data, key }) => run_admin(&data, |config| admin::dlq_show(config, key)),
         Command::Dlq(DlqCommand::Replay { data, keys, yes }) => run_admin(&data, |config| {
-            crate::admin::dlq_apply(config, &keys, crate::admin::DeadLetterAction::Requeue, yes)
+            admin::dlq_apply(config, &keys, admin::DeadLetterAction::Requeue, yes)
         }),
         Command::Dlq(DlqCommand::Purge { data, keys, yes }) => run_admin(&data, |config| {
-            crate::admin::dlq_apply(config, &keys, crate::admin::DeadLetterAction::Purge, yes)
+            admin::dlq_apply(config, &keys, admin::DeadLetterAction::Purge, yes)
         }),
     }
 }
@@ -232,10 +246,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
+        Err(message) => {
+            eprintln!("error: {message}");
             return ExitCode::FAILURE;
         }
     };
@@ -257,46 +271,51 @@ fn check(args: ConfigArgs) -> ExitCode {
     });
     match result {
         Ok((config, sources)) => {
-            println!("configuration is valid");
-            println!("  listen:            {}", config.server.listen);
-            println!("  data_dir:          {}", config.server.data_dir.display());
-            println!(
-                "  limits:            event {} B, request {} B, batch {} events",
-                config.limits.max_event_bytes, config.limits.max_request_bytes, config.limits.max_batch_events
-            );
-            println!(
-                "  dedup:             window {} s, at most {} ids",
-                config.dedup.window_seconds, config.dedup.max_entries
-            );
-            let mut sinks = Vec::new();
-            if config.file_sink_enabled() {
-                sinks.push("file".to_string());
-            }
-            if let Some(clickhouse) = &config.clickhouse {
-                sinks.push(format!(
-                    "clickhouse ({} {}.{})",
-                    clickhouse.url, clickhouse.database, clickhouse.table
-                ));
-            }
-            if let Some(kafka) = &config.kafka {
-                sinks.push(format!("kafka ({} topic {})", kafka.brokers, kafka.topic));
-            }
-            println!("  sinks:             {}", sinks.join(", "));
-            match &config.redis {
-                Some(redis) => println!("  shared dedup:      redis ({})", crate::config::redact_url(&redis.url)),
-                None => println!("  shared dedup:      none (in-process only)"),
-            }
-            let names: Vec<_> = sources.iter().map(|s| s.name.as_str()).collect();
-            if names.is_empty() {
-                println!("  sources:           none (open mode: loopback listener only)");
-            } else {
-                println!("  sources:           {}", names.join(", "));
-            }
+            print_summary(&config, &sources);
             ExitCode::SUCCESS
         }
         Err(message) => {
             eprintln!("error: {message}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// What `config check` prints for a valid configuration.
+fn print_summary(config: &Config, sources: &[Source]) {
+    println!("configuration is valid");
+    println!("  listen:            {}", config.server.listen);
+    println!("  data_dir:          {}", config.server.data_dir.display());
+    println!(
+        "  limits:            event {} B, request {} B, batch {} events",
+        config.limits.max_event_bytes, config.limits.max_request_bytes, config.limits.max_batch_events
+    );
+    println!(
+        "  dedup:             window {} s, at most {} ids",
+        config.dedup.window_seconds, config.dedup.max_entries
+    );
+    let mut sinks = Vec::new();
+    if config.file_sink_enabled() {
+        sinks.push(SinkKind::File.name().to_string());
+    }
+    if let Some(clickhouse) = &config.clickhouse {
+        sinks.push(format!(
+            "clickhouse ({} {}.{})",
+            clickhouse.url, clickhouse.database, clickhouse.table
+        ));
+    }
+    if let Some(kafka) = &config.kafka {
+        sinks.push(format!("kafka ({} topic {})", kafka.brokers, kafka.topic));
+    }
+    println!("  sinks:             {}", sinks.join(", "));
+    match &config.redis {
+        Some(redis) => println!("  shared dedup:      redis ({})", redact_url(&redis.url)),
+        None => println!("  shared dedup:      none (in-process only)"),
+    }
+    let names: Vec<_> = sources.iter().map(|s| s.name.as_str()).collect();
+    if names.is_empty() {
+        println!("  sources:           none (open mode: loopback listener only)");
+    } else {
+        println!("  sources:           {}", names.join(", "));
     }
 }

@@ -1,0 +1,239 @@
+//! The listener, request limits, dedup window, WebSocket gateway, rejected store
+//! and log sections.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{invalid, ConfigError};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Requests being processed at once; beyond this, 503 with `Retry-After`.
+    pub max_in_flight_requests: usize,
+    /// A client that has not sent its whole body by then gets 408.
+    pub body_read_timeout_ms: u64,
+    /// Open HTTP connections (WebSocket included) at once; one more is answered
+    /// `503 too_many_connections` and closed, so a flood cannot use up every file
+    /// descriptor. Keep it below the process's `ulimit -n`.
+    pub max_connections: usize,
+    /// A client must send each request's headers within this time, and a
+    /// keep-alive connection waiting for its next request is closed after it:
+    /// slow-header (slowloris) and idle connections give their slot back.
+    pub header_read_timeout_ms: u64,
+    /// After SIGINT/SIGTERM, how long in-flight requests may take before exit.
+    pub shutdown_timeout_ms: u64,
+    /// Resilience policy file (reloaded on change); none: the embedded default
+    /// (the same as `policies/default.toml`).
+    pub policy_file: Option<PathBuf>,
+    /// HTTPS (and WSS) on the listener; none: plain HTTP, the loopback default.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The listener's certificate chain and private key, PEM files, read at start-up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            max_in_flight_requests: 1024,
+            body_read_timeout_ms: 10_000,
+            max_connections: 10_000,
+            header_read_timeout_ms: 10_000,
+            shutdown_timeout_ms: 30_000,
+            policy_file: None,
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest single event, as sent (JSON bytes). Segment's limit is 32 KB.
+    pub max_event_bytes: usize,
+    /// Largest request body after decompression. Segment's limit is 500 KB.
+    pub max_request_bytes: usize,
+    /// Most events in one `/v1/batch` request.
+    pub max_batch_events: usize,
+    /// Events per second each source (write key) may send; beyond it, `429` with
+    /// `Retry-After`. 0 = unlimited. A source's own `events_per_second` overrides it.
+    pub source_events_per_second: u64,
+    /// Events a source may send at once above its rate; 0 = one second's worth.
+    pub source_burst_events: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 32 * 1024,
+            max_request_bytes: 500 * 1024,
+            max_batch_events: 2_500,
+            source_events_per_second: 0,
+            source_burst_events: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// A messageId seen within this window is acknowledged but not written again.
+    pub window_seconds: u64,
+    /// Most ids remembered; the oldest are forgotten early past this (and counted).
+    pub max_entries: usize,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            window_seconds: 24 * 60 * 60,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+/// The WebSocket gateway (`GET /v1/ws`); see docs/websocket.md.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Open connections at once; past it an upgrade gets 503 with Retry-After.
+    pub max_connections: usize,
+    /// Frames read but not yet answered, per connection; at the limit the server
+    /// stops reading, so TCP pushes back on the client.
+    pub max_unacked_frames: usize,
+    /// Largest frame (and message); a larger one closes the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Frames per second per connection; past it reading is paced. 0 = unlimited.
+    pub max_frames_per_second: u32,
+    /// A connection that sends nothing (not even a pong) for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// How often the server pings.
+    pub ping_interval_ms: u64,
+    /// A client that does not take an answer within this is disconnected.
+    pub write_timeout_ms: u64,
+    /// Serve `examples/websocket.html` at `/examples/websocket` (a browser client
+    /// for trying the gateway). Off by default.
+    pub serve_example_page: bool,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_unacked_frames: 64,
+            max_frame_bytes: 500 * 1024,
+            max_frames_per_second: 0,
+            idle_timeout_ms: 60_000,
+            ping_interval_ms: 20_000,
+            write_timeout_ms: 30_000,
+            serve_example_page: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RejectedStoreConfig {
+    /// Disk kept for refused events (two files of half this size each).
+    pub max_bytes: u64,
+}
+
+impl Default for RejectedStoreConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+impl ServerConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be greater than 0"));
+        }
+        if self.header_read_timeout_ms == 0 {
+            return Err(invalid("server.header_read_timeout_ms", "must be greater than 0"));
+        }
+        if self.max_in_flight_requests == 0 {
+            return Err(invalid("server.max_in_flight_requests", "must be greater than 0"));
+        }
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_event_bytes == 0 {
+            return Err(invalid("limits.max_event_bytes", "must be greater than 0"));
+        }
+        if self.max_request_bytes < self.max_event_bytes {
+            return Err(invalid(
+                "limits.max_request_bytes",
+                format!(
+                    "is {} but must be at least limits.max_event_bytes ({})",
+                    self.max_request_bytes, self.max_event_bytes
+                ),
+            ));
+        }
+        if self.max_batch_events == 0 {
+            return Err(invalid("limits.max_batch_events", "must be greater than 0"));
+        }
+        Ok(())
+    }
+}
+
+impl DedupConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.window_seconds == 0 {
+            return Err(invalid("dedup.window_seconds", "must be greater than 0"));
+        }
+        if self.max_entries == 0 {
+            return Err(invalid("dedup.max_entries", "must be greater than 0"));
+        }
+        Ok(())
+    }
+}
+
+impl WebSocketConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("websocket.max_connections", self.max_connections as u64),
+            ("websocket.max_unacked_frames", self.max_unacked_frames as u64),
+            ("websocket.max_frame_bytes", self.max_frame_bytes as u64),
+            ("websocket.idle_timeout_ms", self.idle_timeout_ms),
+            ("websocket.ping_interval_ms", self.ping_interval_ms),
+            ("websocket.write_timeout_ms", self.write_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,73 @@
+//! The HTTP handlers: one per Segment route, each a thin wrapper that checks the
+//! in-flight limit, the content type and the key, reads and decompresses the body,
+//! and answers with what `ingest_json` made of it.
+
+use std::time::Instant;
+
+use super::error::IntakeError;
+use super::ingest::{ingest_json, Accepted};
+use super::{auth, decode, IntakeState, RouteKind};
+use crate::telemetry::metric;
+use crate::telemetry::throttle::{Throttle, WARN_EVERY};
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// Transport label on event metrics.
+const TRANSPORT: &str = "http";
+
+pub(super) async fn handle(
+    app: &IntakeState,
+    route: &'static str,
+    kind: RouteKind,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let response = match accept(app, kind, headers, body).await {
+        Ok(accepted) => (StatusCode::OK, Json(accepted)).into_response(),
+        Err(error) => {
+            metrics::counter!(metric::REQUESTS_REFUSED, "reason" => error.code()).increment(1);
+            if error.status().is_server_error() {
+                static REFUSED: Throttle = Throttle::new(WARN_EVERY);
+                if let Some(suppressed) = REFUSED.allow() {
+                    tracing::warn!(
+                        route,
+                        code = error.code(),
+                        suppressed_since_last = suppressed,
+                        "request refused: {error}"
+                    );
+                }
+            } else {
+                tracing::debug!(route, code = error.code(), "request refused: {error}");
+            }
+            error.into_response()
+        }
+    };
+    metrics::counter!(metric::HTTP_REQUESTS, "route" => route, "status" => response.status().as_str().to_owned())
+        .increment(1);
+    metrics::histogram!(metric::HTTP_REQUEST_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn accept(app: &IntakeState, kind: RouteKind, headers: &HeaderMap, body: Body) -> Result<Accepted, IntakeError> {
+    let _in_flight = app.in_flight.enter()?;
+    decode::check_content_type(headers)?;
+    let encoding = decode::content_encoding(headers)?;
+    let limits = &app.limits;
+
+    // A key in the headers is checked before reading the body; a key in the body
+    // (browser SDK) only after.
+    let header_key = auth::write_key_from_headers(headers);
+    let early_source = if app.write_keys.is_open() || header_key.is_some() {
+        Some(app.write_keys.authenticate(header_key.as_deref())?)
+    } else {
+        None
+    };
+
+    let raw = decode::read_body(body, limits.max_request_bytes, app.body_read_timeout).await?;
+    let json = decode::decompress(raw, encoding, limits.max_request_bytes)?;
+    let ingested = ingest_json(app, kind, &json, early_source, TRANSPORT).await?;
+    Ok(ingested.accepted)
+}

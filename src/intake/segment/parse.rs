@@ -1,0 +1,154 @@
+//! Splitting a request body into events: a single event, or `{"batch": [...]}`
+//! whose items are parsed one by one, so one bad item never sinks the others.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::super::error::{EventRejection, IntakeError};
+use super::received::FieldKind;
+use super::timestamps::parse_timestamp;
+use super::{ParsedRequest, ReceivedEvent, Refused};
+use crate::config::LimitsConfig;
+
+/// Bytes of a refused non-object item kept for the rejected store.
+pub(super) const REFUSED_EXCERPT_BYTES: usize = 1024;
+
+pub(super) fn refused_text(reason: EventRejection, text: &str) -> Refused {
+    let mut end = text.len().min(REFUSED_EXCERPT_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Refused {
+        reason,
+        event: Value::String(text[..end].to_string()),
+    }
+}
+
+/// Parses a single-event body (`/v1/track` and friends).
+pub fn parse_single<'a>(body: &'a [u8], limits: &LimitsConfig) -> Result<ParsedRequest<'a>, IntakeError> {
+    if body.len() > limits.max_event_bytes {
+        return Err(IntakeError::EventTooLarge {
+            limit: limits.max_event_bytes,
+        });
+    }
+    let text = std::str::from_utf8(body).map_err(|e| IntakeError::InvalidJson(format!("body is not UTF-8: {e}")))?;
+    let mut event = ReceivedEvent::parse(text).map_err(|error| match error.classify() {
+        // Not an object; but a syntax error anywhere in the body says more.
+        serde_json::error::Category::Data => match serde_json::from_str::<Value>(text) {
+            Ok(_) => IntakeError::InvalidBody(String::new()),
+            Err(error) => json_error(error),
+        },
+        _ => json_error(error),
+    })?;
+    let write_key = take_write_key(&mut event)?;
+    Ok(ParsedRequest {
+        write_key,
+        sent_at: None,
+        context: None,
+        events: vec![Ok(event)],
+    })
+}
+
+#[derive(Deserialize)]
+pub(super) struct BatchEnvelope<'a> {
+    #[serde(borrow)]
+    batch: Option<Vec<&'a RawValue>>,
+    #[serde(rename = "writeKey")]
+    write_key: Option<Value>,
+    #[serde(rename = "sentAt")]
+    sent_at: Option<Value>,
+    context: Option<Value>,
+}
+
+/// Parses `{"batch":[…], "sentAt":…, "context":…, "writeKey":…}`.
+pub fn parse_batch<'a>(body: &'a [u8], limits: &LimitsConfig) -> Result<ParsedRequest<'a>, IntakeError> {
+    let envelope: BatchEnvelope = serde_json::from_slice(body).map_err(json_error)?;
+    let items = envelope
+        .batch
+        .ok_or_else(|| IntakeError::InvalidBody(" with a `batch` array".into()))?;
+    if items.is_empty() {
+        return Err(IntakeError::EmptyBatch);
+    }
+    if items.len() > limits.max_batch_events {
+        return Err(IntakeError::TooManyEvents {
+            count: items.len(),
+            limit: limits.max_batch_events,
+        });
+    }
+    let write_key = match envelope.write_key {
+        None | Some(Value::Null) => None,
+        Some(Value::String(key)) => Some(key),
+        Some(_) => return Err(IntakeError::InvalidBody(": `writeKey` must be a string".into())),
+    };
+    let sent_at = match envelope.sent_at {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(
+            parse_timestamp(&text)
+                .ok_or_else(|| IntakeError::InvalidBody(": batch `sentAt` must be an RFC 3339 timestamp".into()))?,
+        ),
+        Some(_) => {
+            return Err(IntakeError::InvalidBody(
+                ": batch `sentAt` must be an RFC 3339 timestamp".into(),
+            ))
+        }
+    };
+    let context = match envelope.context {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(context)) => Some(context),
+        Some(_) => return Err(IntakeError::InvalidBody(": batch `context` must be an object".into())),
+    };
+    let events = items
+        .into_iter()
+        .map(|raw| parse_batch_item(raw, limits.max_event_bytes))
+        .collect();
+    Ok(ParsedRequest {
+        write_key,
+        sent_at,
+        context,
+        events,
+    })
+}
+
+pub(super) fn parse_batch_item<'a>(raw: &'a RawValue, max_event_bytes: usize) -> Result<ReceivedEvent<'a>, Refused> {
+    let text = raw.get();
+    if text.len() > max_event_bytes {
+        let reason = EventRejection::new(
+            "event_too_large",
+            format!("event is {} bytes; the limit is {max_event_bytes}", text.len()),
+        );
+        return Err(refused_text(reason, text));
+    }
+    if !text.starts_with('{') {
+        let reason = match serde_json::from_str::<Value>(text) {
+            Ok(_) => EventRejection::new("not_an_object", "each batch item must be a JSON object"),
+            Err(e) => EventRejection::new("invalid_json", e.to_string()),
+        };
+        return Err(refused_text(reason, text));
+    }
+    match ReceivedEvent::parse(text) {
+        Ok(mut event) => {
+            // A per-event writeKey is not an auth channel; keep it out of the sinks.
+            event.remove("writeKey");
+            Ok(event)
+        }
+        Err(e) => Err(refused_text(EventRejection::new("invalid_json", e.to_string()), text)),
+    }
+}
+
+pub(super) fn take_write_key(event: &mut ReceivedEvent) -> Result<Option<String>, IntakeError> {
+    let key = match event.kind("writeKey") {
+        FieldKind::Absent => None,
+        FieldKind::String(key) => Some(key.into_owned()),
+        _ => return Err(IntakeError::InvalidBody(": `writeKey` must be a string".into())),
+    };
+    event.remove("writeKey");
+    Ok(key)
+}
+
+pub(super) fn json_error(error: serde_json::Error) -> IntakeError {
+    match error.classify() {
+        serde_json::error::Category::Data => IntakeError::InvalidBody(format!(" ({error})")),
+        _ => IntakeError::InvalidJson(error.to_string()),
+    }
+}

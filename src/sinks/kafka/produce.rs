@@ -1,0 +1,213 @@
+//! Producing one batch: every event one message, sent through the current producer,
+//! answered once every message is acknowledged. Events handed over whose outcome
+//! is unknown when the call ends are remembered (`InDoubt`), and a later batch
+//! holding any of them is first checked against the topic (`readback.rs`).
+
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
+
+use super::errors::{classify, refused_by_broker, KafkaSinkError};
+use super::readback::{self, LogEnds, ReadBackError, UnknownOutcomes};
+use super::KafkaSink;
+use crate::config::KafkaKey;
+use crate::event::{NormalizedEvent, SinkBatch};
+use crate::telemetry::metric;
+
+/// Events handed to librdkafka for one batch; unless the batch is settled as
+/// delivered, dropping this remembers them as of unknown outcome (whatever ended the
+/// call: an error, brokers lost, or the call abandoned by a timeout).
+struct InDoubt<'a> {
+    outcomes: &'a UnknownOutcomes,
+    batch: &'a SinkBatch,
+    handed_over: usize,
+    log_ends: Arc<LogEnds>,
+    settled: bool,
+}
+
+impl Drop for InDoubt<'_> {
+    fn drop(&mut self) {
+        if self.settled || self.handed_over == 0 {
+            return;
+        }
+        let ids = self.batch.events[..self.handed_over]
+            .iter()
+            .map(|e| e.message_id.as_str());
+        let unremembered = self.outcomes.remember(ids, &self.log_ends);
+        metrics::counter!(metric::KAFKA_UNKNOWN_OUTCOME_EVENTS).increment(self.handed_over as u64);
+        if unremembered > 0 {
+            metrics::counter!(metric::KAFKA_READ_BACK_UNVERIFIED_EVENTS).increment(unremembered as u64);
+            tracing::warn!(
+                events = unremembered,
+                "kafka: too many events of unknown outcome to remember; these may be written twice on replay"
+            );
+        }
+    }
+}
+
+impl KafkaSink {
+    /// Produces every event and waits for every acknowledgement. A batch holding
+    /// events of unknown outcome is first checked against the topic.
+    pub(super) async fn produce(&self, batch: Arc<SinkBatch>) -> Result<(), KafkaSinkError> {
+        if *self.down.borrow() {
+            return Err(KafkaSinkError::BrokersDown);
+        }
+        let batch = match self.outcomes.unknown_in(&batch) {
+            None => batch,
+            Some((ids, start)) => match self.leave_out_written(batch, ids, start).await? {
+                Some(rest) => rest,
+                None => return Ok(()),
+            },
+        };
+        let mut in_doubt = InDoubt {
+            outcomes: &self.outcomes,
+            batch: &batch,
+            handed_over: 0,
+            log_ends: self.outcomes.log_ends(),
+            settled: false,
+        };
+        let deliveries = self.hand_over(&batch, &mut in_doubt)?;
+        let mut down = self.down.clone();
+        tokio::select! {
+            results = join_all(deliveries) => {
+                self.settle(&batch, results)?;
+                in_doubt.settled = true;
+                Ok(())
+            }
+            _ = down.wait_for(|down| *down) => Err(KafkaSinkError::BrokersDown),
+        }
+    }
+
+    /// Hands every event to librdkafka; counts each one handed over in `in_doubt`.
+    fn hand_over(&self, batch: &SinkBatch, in_doubt: &mut InDoubt<'_>) -> Result<Vec<DeliveryFuture>, KafkaSinkError> {
+        let producer = self.slot.current();
+        let mut deliveries = Vec::with_capacity(batch.events.len());
+        for event in &batch.events {
+            match producer.send_result(self.record(&batch.source, event)) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    in_doubt.handed_over += 1;
+                }
+                Err((error, _)) => return Err(classify(error)),
+            }
+        }
+        Ok(deliveries)
+    }
+
+    /// One event as a message: key `userId` (else `anonymousId`) by default, value
+    /// the normalized JSON, headers `source`, `type`, `messageId`.
+    fn record<'a>(&'a self, source: &'a str, event: &'a NormalizedEvent) -> FutureRecord<'a, str, [u8]> {
+        let headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: "source",
+                value: Some(source.as_bytes()),
+            })
+            .insert(Header {
+                key: "type",
+                value: Some(event.event_type.as_str()),
+            })
+            .insert(Header {
+                key: "messageId",
+                value: Some(event.message_id.as_str()),
+            });
+        let key = match self.key {
+            KafkaKey::User => event.user_id.as_deref().or(event.anonymous_id.as_deref()),
+            KafkaKey::MessageId => Some(event.message_id.as_str()),
+            KafkaKey::None => None,
+        };
+        let record = FutureRecord::<str, [u8]>::to(&self.topic)
+            .payload(&event.json)
+            .headers(headers);
+        match key {
+            Some(key) => record.key(key),
+            None => record,
+        }
+    }
+
+    /// Reads every acknowledgement: on success moves the read-back floor past what
+    /// was written and forgets the batch's ids; the first failure is returned.
+    fn settle(
+        &self,
+        batch: &SinkBatch,
+        results: Vec<<DeliveryFuture as std::future::IntoFuture>::Output>,
+    ) -> Result<(), KafkaSinkError> {
+        // partition → the offset after the last one delivered there.
+        let mut log_ends: Vec<(i32, i64)> = Vec::new();
+        for result in results {
+            match result {
+                Ok(Ok(delivery)) => match log_ends.iter_mut().find(|(p, _)| *p == delivery.partition) {
+                    Some((_, end)) => *end = (*end).max(delivery.offset + 1),
+                    None => log_ends.push((delivery.partition, delivery.offset + 1)),
+                },
+                Ok(Err((error, _message))) => {
+                    if refused_by_broker(&error) {
+                        self.slot.note_refused();
+                    }
+                    return Err(classify(error));
+                }
+                Err(_cancelled) => return Err(KafkaSinkError::Stopped),
+            }
+        }
+        for (partition, end) in log_ends {
+            self.outcomes.advance(partition, end);
+        }
+        self.outcomes.forget(batch.events.iter().map(|e| e.message_id.as_str()));
+        self.slot.note_delivered();
+        Ok(())
+    }
+
+    /// Reads the topic back for events of unknown outcome and returns the batch
+    /// without those already there (`None`: all were). A read-back that fails leaves
+    /// the batch in the spool (a retryable error); one that would scan too much is
+    /// skipped, and the batch sent as it is.
+    async fn leave_out_written(
+        &self,
+        batch: Arc<SinkBatch>,
+        ids: std::collections::HashSet<String>,
+        start: LogEnds,
+    ) -> Result<Option<Arc<SinkBatch>>, KafkaSinkError> {
+        let connection = self.read_back_connection.clone();
+        let topic = self.topic.clone();
+        let (outcome, ids) = tokio::task::spawn_blocking(move || {
+            let outcome = readback::read_back(&connection, &topic, &start, &ids);
+            (outcome, ids)
+        })
+        .await
+        .map_err(|error| KafkaSinkError::ReadBack(format!("read-back task failed: {error}")))?;
+        match outcome {
+            Ok(found) => {
+                metrics::counter!(metric::KAFKA_READ_BACK_FOUND_EVENTS).increment(found.len() as u64);
+                if found.is_empty() {
+                    return Ok(Some(batch));
+                }
+                tracing::info!(
+                    found = found.len(),
+                    of_unknown_outcome = ids.len(),
+                    "kafka: events of unknown outcome are already in the topic; left out of the replay"
+                );
+                self.outcomes.forget(found.iter().map(String::as_str));
+                let rest: Vec<_> = batch
+                    .events
+                    .iter()
+                    .filter(|e| !found.contains(&e.message_id))
+                    .cloned()
+                    .collect();
+                Ok((!rest.is_empty()).then(|| {
+                    Arc::new(SinkBatch {
+                        source: batch.source.clone(),
+                        events: rest,
+                    })
+                }))
+            }
+            Err(error @ ReadBackError::TooFar(_)) => {
+                tracing::warn!(%error, events = ids.len(), "kafka: replaying events of unknown outcome unverified; they may be written twice");
+                metrics::counter!(metric::KAFKA_READ_BACK_UNVERIFIED_EVENTS).increment(ids.len() as u64);
+                self.outcomes.forget(ids.iter().map(String::as_str));
+                Ok(Some(batch))
+            }
+            Err(error @ ReadBackError::Failed(_)) => Err(KafkaSinkError::ReadBack(error.to_string())),
+        }
+    }
+}

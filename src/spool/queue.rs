@@ -1,0 +1,471 @@
+//! One sink's queue in the spool: room held before delivery, appends group-committed
+//! through a `Batcher` (one fsync for many), reads oldest first, deletions after the
+//! sink acknowledged, and the counters behind the spool's metrics.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+
+use super::file::SpoolFile;
+use super::record::{decode, encode, max_encoded_len};
+use super::SpoolError;
+use crate::batcher::{BatchLimits, Batcher};
+use crate::clock::now_ms;
+use crate::event::{SinkBatch, SinkKind};
+use crate::telemetry::metric;
+
+pub(super) const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+
+/// The queue table of a sink.
+fn queue_table(sink: SinkKind) -> TableDefinition<'static, u64, &'static [u8]> {
+    match sink {
+        SinkKind::ClickHouse => TableDefinition::new("spool.clickhouse"),
+        SinkKind::Kafka => TableDefinition::new("spool.kafka"),
+        SinkKind::File => TableDefinition::new("spool.file"),
+    }
+}
+
+/// One stored batch as read back.
+pub struct StoredBatch {
+    pub key: u64,
+    pub created_at_ms: i64,
+    pub stored_bytes: u64,
+    pub batch: Arc<SinkBatch>,
+}
+
+impl StoredBatch {
+    /// What `SinkQueue::remove_keys` needs to delete this record.
+    pub fn record_key(&self) -> RecordKey {
+        RecordKey {
+            key: self.key,
+            stored_bytes: self.stored_bytes,
+            events: self.batch.events.len(),
+        }
+    }
+}
+
+/// A stored record as its deletion needs it: its key, and what it counts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordKey {
+    pub key: u64,
+    pub stored_bytes: u64,
+    pub events: usize,
+}
+
+/// Counters of one sink's queue.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueStats {
+    pub sink: &'static str,
+    pub events: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub oldest_age_seconds: Option<f64>,
+}
+
+/// How many bytes one append commit may carry.
+const APPEND_GROUP_BYTES: usize = 64 * 1024 * 1024;
+
+/// Room held in one sink's spool for one batch (`SinkQueue::reserve`); dropping it
+/// gives the room back.
+pub struct SpoolRoom<'a> {
+    queue: &'a SinkQueue,
+    bytes: u64,
+}
+
+impl Drop for SpoolRoom<'_> {
+    fn drop(&mut self) {
+        self.queue.reserved.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+/// One sink's queue.
+pub struct SinkQueue {
+    pub sink: SinkKind,
+    file: Arc<SpoolFile>,
+    /// The file's generation the counters were taken from (see `upkeep`).
+    counted_generation: AtomicU64,
+    /// Records the sink acknowledged whose deletion failed (a full disk): kept out
+    /// of replay, so they are not delivered twice, and deleted with the next removal.
+    delivered_not_removed: Mutex<Vec<RecordKey>>,
+    pub(super) table: TableDefinition<'static, u64, &'static [u8]>,
+    /// Bytes of the stored records. An append counts the room it held (its plain
+    /// size); the writer gives back what compression saved once the record is written.
+    bytes: Arc<AtomicU64>,
+    events: AtomicU64,
+    records: AtomicU64,
+    max_bytes: AtomicU64,
+    /// Room held for batches being delivered (see `reserve`), counted against
+    /// `max_bytes` with what is stored.
+    reserved: AtomicU64,
+    /// Set when an append was refused for room; cleared when records leave.
+    refusing: AtomicBool,
+    pub(super) next_key: Arc<AtomicU64>,
+    /// Woken on every append, so the replayer starts at once.
+    pub appended: Notify,
+    writer: Batcher<SpoolError>,
+    pub(super) writer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl SinkQueue {
+    pub(super) fn open(file: Arc<SpoolFile>, sink: SinkKind, max_bytes: u64) -> Result<SinkQueue, SpoolError> {
+        let table = queue_table(sink);
+        let counted_generation = file.generation();
+        let stored = file.run(|db| scan_queue(db, sink, table))?;
+        if stored.records > 0 {
+            let Stored {
+                records, events, bytes, ..
+            } = stored;
+            tracing::info!(
+                sink = sink.name(),
+                records,
+                events,
+                bytes,
+                "spool holds records from before"
+            );
+        }
+        let next_key = Arc::new(AtomicU64::new(stored.last_key + 1));
+        let bytes = Arc::new(AtomicU64::new(stored.bytes));
+        let (writer, writer_task) = start_writer(sink, file.clone(), table, next_key.clone(), bytes.clone());
+        let queue = SinkQueue {
+            sink,
+            file,
+            counted_generation: AtomicU64::new(counted_generation),
+            delivered_not_removed: Mutex::new(Vec::new()),
+            table,
+            bytes,
+            events: AtomicU64::new(stored.events),
+            records: AtomicU64::new(stored.records),
+            max_bytes: AtomicU64::new(max_bytes),
+            reserved: AtomicU64::new(0),
+            refusing: AtomicBool::new(false),
+            next_key,
+            appended: Notify::new(),
+            writer,
+            writer_task: Mutex::new(Some(writer_task)),
+        };
+        queue.publish();
+        Ok(queue)
+    }
+
+    /// Holds room for `batch`, so that appending it later cannot fail for lack of
+    /// room. The pipeline holds room in every sink's spool before any sink sees a
+    /// batch: a request refused because a spool is full (503) was then delivered
+    /// nowhere, and its retry cannot duplicate what a healthy sink already took.
+    pub fn reserve(&self, batch: &SinkBatch) -> Result<SpoolRoom<'_>, SpoolError> {
+        let size = max_encoded_len(batch) as u64;
+        let max_bytes = self.max_bytes.load(Ordering::Relaxed);
+        let held = self.reserved.fetch_add(size, Ordering::SeqCst);
+        let stored = self.bytes.load(Ordering::SeqCst);
+        if stored + held + size > max_bytes {
+            self.reserved.fetch_sub(size, Ordering::SeqCst);
+            self.refusing.store(true, Ordering::SeqCst);
+            metrics::counter!(metric::SPOOL_FULL, "sink" => self.sink.name()).increment(1);
+            return Err(SpoolError::Full {
+                sink: self.sink,
+                bytes: stored,
+                max_bytes,
+            });
+        }
+        Ok(SpoolRoom {
+            queue: self,
+            bytes: size,
+        })
+    }
+
+    /// Durably appends the batch (answered after the commit's fsync).
+    pub async fn append(&self, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
+        let room = self.reserve(&batch)?;
+        self.append_into(room, batch).await
+    }
+
+    /// Durably appends a batch into room held for it (answered after the fsync).
+    pub async fn append_into(&self, room: SpoolRoom<'_>, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
+        // Stored before the room is given back, so the bytes are never uncounted.
+        let size = room.bytes;
+        self.bytes.fetch_add(size, Ordering::SeqCst);
+        drop(room);
+        let events = batch.events.len() as u64;
+        match self.writer.submit(batch).await {
+            Ok(()) => {
+                self.events.fetch_add(events, Ordering::SeqCst);
+                self.records.fetch_add(1, Ordering::SeqCst);
+                metrics::counter!(metric::SPOOL_APPENDED_EVENTS, "sink" => self.sink.name()).increment(events);
+                self.publish();
+                self.appended.notify_one();
+                Ok(())
+            }
+            Err(error) => {
+                self.bytes.fetch_sub(size, Ordering::SeqCst);
+                Err(error)
+            }
+        }
+    }
+
+    pub(super) fn account_added(&self, bytes: u64, events: u64) {
+        self.bytes.fetch_add(bytes, Ordering::SeqCst);
+        self.events.fetch_add(events, Ordering::SeqCst);
+        self.records.fetch_add(1, Ordering::SeqCst);
+        self.publish();
+    }
+
+    /// The oldest records, up to about `max_events` events (at least one record);
+    /// records delivered but not yet deleted are left out.
+    pub fn read_oldest(&self, max_events: usize, max_records: usize) -> Result<Vec<StoredBatch>, SpoolError> {
+        let skipped: Vec<u64> = self.lock_delivered().iter().map(|record| record.key).collect();
+        self.file.run(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(self.table)?;
+            let mut out = Vec::new();
+            let mut events = 0;
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                if skipped.contains(&key.value()) {
+                    continue;
+                }
+                let stored_bytes = value.value().len() as u64;
+                let Ok((created_at_ms, batch)) = decode(value.value()) else {
+                    // Checked at open; a record damaged since is skipped here and
+                    // quarantined at the next start.
+                    continue;
+                };
+                events += batch.events.len();
+                out.push(StoredBatch {
+                    key: key.value(),
+                    created_at_ms,
+                    stored_bytes,
+                    batch: Arc::new(batch),
+                });
+                if events >= max_events || out.len() >= max_records {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Deletes records whose sink has acknowledged them (one commit, blocking). Each
+    /// If the deletion fails, the records are
+    /// still counted as stored but no longer replayed, and their deletion is tried
+    /// again with the next one.
+    pub fn remove_keys(&self, done: &[RecordKey]) -> Result<(), SpoolError> {
+        let mut delivered = self.lock_delivered();
+        delivered.extend_from_slice(done);
+        if delivered.is_empty() {
+            return Ok(());
+        }
+        self.file.run(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(self.table)?;
+                for record in delivered.iter() {
+                    table.remove(record.key)?;
+                }
+            }
+            Ok(txn.commit()?)
+        })?;
+        self.refusing.store(false, Ordering::SeqCst);
+        for record in delivered.drain(..) {
+            self.bytes.fetch_sub(record.stored_bytes, Ordering::SeqCst);
+            self.events.fetch_sub(record.events as u64, Ordering::SeqCst);
+            self.records.fetch_sub(1, Ordering::SeqCst);
+        }
+        drop(delivered);
+        self.publish();
+        Ok(())
+    }
+
+    fn lock_delivered(&self) -> MutexGuard<'_, Vec<RecordKey>> {
+        self.delivered_not_removed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `upkeep` has anything to do: the spool file was reopened since the
+    /// counters were taken, or delivered records still wait for their deletion.
+    /// Cheap, for the replayer to ask every round.
+    pub fn needs_upkeep(&self) -> bool {
+        self.counted_generation.load(Ordering::SeqCst) != self.file.generation() || !self.lock_delivered().is_empty()
+    }
+
+    /// The repairs an I/O error leaves (blocking): after the spool file was
+    /// reopened (see `SpoolFile`), counts again what the queue holds, since a commit
+    /// that failed may still have reached the disk; then retries deleting records
+    /// that were delivered but could not be deleted.
+    pub fn upkeep(&self) -> Result<(), SpoolError> {
+        let generation = self.file.generation();
+        if self.counted_generation.load(Ordering::SeqCst) != generation {
+            let stored = self.file.run(|db| scan_queue(db, self.sink, self.table))?;
+            self.counted_generation.store(generation, Ordering::SeqCst);
+            self.bytes.store(stored.bytes, Ordering::SeqCst);
+            self.events.store(stored.events, Ordering::SeqCst);
+            self.records.store(stored.records, Ordering::SeqCst);
+            self.next_key.fetch_max(stored.last_key + 1, Ordering::SeqCst);
+            self.publish();
+        }
+        self.remove_keys(&[])
+    }
+
+    /// Deletes every record of this queue; returns the events dropped.
+    pub fn purge(&self) -> Result<u64, SpoolError> {
+        let all = self.read_oldest(usize::MAX, usize::MAX)?;
+        let keys: Vec<RecordKey> = all.iter().map(StoredBatch::record_key).collect();
+        self.remove_keys(&keys)?;
+        Ok(keys.iter().map(|record| record.events as u64).sum())
+    }
+
+    pub fn set_max_bytes(&self, max_bytes: u64) {
+        self.max_bytes.store(max_bytes, Ordering::Relaxed);
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::SeqCst)
+    }
+
+    /// False while the spool file is closed after an I/O error (see `SpoolFile`).
+    pub fn is_writable(&self) -> bool {
+        self.file.is_open()
+    }
+
+    /// Full: it refused an append for room and nothing has left since.
+    pub fn is_full(&self) -> bool {
+        self.refusing.load(Ordering::SeqCst)
+            || self.bytes.load(Ordering::Relaxed) >= self.max_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        let oldest_age_seconds = self.read_oldest(1, 1).ok().and_then(|oldest| {
+            oldest
+                .first()
+                .map(|s| (now_ms() - s.created_at_ms).max(0) as f64 / 1000.0)
+        });
+        QueueStats {
+            sink: self.sink.name(),
+            events: self.events(),
+            records: self.records.load(Ordering::SeqCst),
+            bytes: self.bytes.load(Ordering::SeqCst),
+            max_bytes: self.max_bytes.load(Ordering::Relaxed),
+            oldest_age_seconds,
+        }
+    }
+
+    fn publish(&self) {
+        metrics::gauge!(metric::SPOOL_EVENTS, "sink" => self.sink.name()).set(self.events() as f64);
+        metrics::gauge!(metric::SPOOL_BYTES, "sink" => self.sink.name()).set(self.bytes.load(Ordering::SeqCst) as f64);
+    }
+}
+
+/// The queue's append writer: each group of appends is one write transaction (one
+/// fsync); what compression saved against the room held is given back to `bytes`.
+fn start_writer(
+    sink: SinkKind,
+    file: Arc<SpoolFile>,
+    table: TableDefinition<'static, u64, &'static [u8]>,
+    keys: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+) -> (Batcher<SpoolError>, tokio::task::JoinHandle<()>) {
+    let limits = BatchLimits {
+        max_events: usize::MAX,
+        max_bytes: APPEND_GROUP_BYTES,
+        linger: Duration::ZERO,
+    };
+    Batcher::start(spool_writer_name(sink), watch::channel(limits).1, move |group| {
+        let file = file.clone();
+        let keys = keys.clone();
+        let bytes = bytes.clone();
+        async move {
+            let saved = tokio::task::spawn_blocking(move || file.run(|db| append_group(db, table, &keys, &group)))
+                .await
+                .unwrap_or_else(|e| Err(SpoolError::Storage(format!("spool writer task failed: {e}"))))?;
+            bytes.fetch_sub(saved, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+}
+
+fn spool_writer_name(sink: SinkKind) -> &'static str {
+    match sink {
+        SinkKind::ClickHouse => "clickhouse_spool",
+        SinkKind::Kafka => "kafka_spool",
+        SinkKind::File => "file_spool",
+    }
+}
+
+/// Writes the group in one commit. Returns the bytes compression saved against the
+/// room the appends held.
+fn append_group(
+    db: &Database,
+    table: TableDefinition<'static, u64, &'static [u8]>,
+    keys: &AtomicU64,
+    group: &[Arc<SinkBatch>],
+) -> Result<u64, redb::Error> {
+    let txn = db.begin_write()?;
+    let mut saved = 0;
+    {
+        let mut queue = txn.open_table(table)?;
+        let created = now_ms();
+        for batch in group {
+            let key = keys.fetch_add(1, Ordering::SeqCst);
+            let record = encode(batch, created);
+            saved += (max_encoded_len(batch) - record.len()) as u64;
+            queue.insert(key, record.as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(saved)
+}
+
+/// What one queue holds.
+struct Stored {
+    bytes: u64,
+    events: u64,
+    records: u64,
+    last_key: u64,
+}
+
+/// Counts a queue's records, moving any that fail their check to quarantine.
+fn scan_queue(
+    db: &Database,
+    sink: SinkKind,
+    table: TableDefinition<'static, u64, &'static [u8]>,
+) -> Result<Stored, redb::Error> {
+    let mut stored = Stored {
+        bytes: 0,
+        events: 0,
+        records: 0,
+        last_key: 0,
+    };
+    let mut corrupt = Vec::new();
+    let txn = db.begin_write()?;
+    {
+        let queue = txn.open_table(table)?;
+        for entry in queue.iter()? {
+            let (key, value) = entry?;
+            stored.last_key = stored.last_key.max(key.value());
+            match decode(value.value()) {
+                Ok((_, batch)) => {
+                    stored.bytes += value.value().len() as u64;
+                    stored.events += batch.events.len() as u64;
+                    stored.records += 1;
+                }
+                Err(error) => corrupt.push((key.value(), value.value().to_vec(), error)),
+            }
+        }
+    }
+    if !corrupt.is_empty() {
+        let mut queue = txn.open_table(table)?;
+        let mut quarantine = txn.open_table(QUARANTINE)?;
+        for (key, value, error) in &corrupt {
+            tracing::error!(sink = sink.name(), key, %error, "spool record failed its check: quarantined");
+            let q_key = quarantine.last()?.map_or(1, |(k, _)| k.value() + 1);
+            quarantine.insert(q_key, value.as_slice())?;
+            queue.remove(*key)?;
+        }
+        metrics::counter!(metric::SPOOL_QUARANTINED).increment(corrupt.len() as u64);
+    }
+    // Committed even when nothing changed: the first scan creates the table.
+    txn.commit()?;
+    Ok(stored)
+}
