@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{invalid, ConfigError};
+use super::{all_positive, invalid, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -282,17 +282,13 @@ impl RedisConfig {
         if !(self.url.starts_with("redis://") || self.url.starts_with("rediss://")) {
             return Err(invalid("redis.url", "must start with redis:// or rediss://"));
         }
-        for (key, value) in [
+        all_positive(&[
             ("redis.pool_size", self.pool_size as u64),
             ("redis.command_timeout_ms", self.command_timeout_ms),
             ("redis.ttl_seconds", self.ttl_seconds),
             ("redis.pending_ttl_ms", self.pending_ttl_ms),
             ("redis.local_cache_entries", self.local_cache_entries as u64),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be greater than 0"));
-            }
-        }
+        ])?;
         if self.key_prefix.is_empty() {
             return Err(invalid("redis.key_prefix", "must not be empty"));
         }

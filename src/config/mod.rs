@@ -64,6 +64,14 @@ pub enum ConfigError {
     Invalid { key: String, why: String },
 }
 
+/// The first of `values` that is 0, as "must be greater than 0".
+fn all_positive(values: &[(&str, u64)]) -> Result<(), ConfigError> {
+    match values.iter().find(|(_, value)| *value == 0) {
+        Some((key, _)) => Err(invalid(*key, "must be greater than 0")),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),

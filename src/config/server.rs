@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{invalid, ConfigError};
+use super::{all_positive, invalid, ConfigError};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -174,24 +174,20 @@ pub struct LogConfig {
 
 impl ServerConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_connections == 0 {
-            return Err(invalid("server.max_connections", "must be greater than 0"));
-        }
-        if self.header_read_timeout_ms == 0 {
-            return Err(invalid("server.header_read_timeout_ms", "must be greater than 0"));
-        }
-        if self.max_in_flight_requests == 0 {
-            return Err(invalid("server.max_in_flight_requests", "must be greater than 0"));
-        }
-        Ok(())
+        all_positive(&[
+            ("server.max_connections", self.max_connections as u64),
+            ("server.header_read_timeout_ms", self.header_read_timeout_ms),
+            ("server.max_in_flight_requests", self.max_in_flight_requests as u64),
+        ])
     }
 }
 
 impl LimitsConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_event_bytes == 0 {
-            return Err(invalid("limits.max_event_bytes", "must be greater than 0"));
-        }
+        all_positive(&[
+            ("limits.max_event_bytes", self.max_event_bytes as u64),
+            ("limits.max_batch_events", self.max_batch_events as u64),
+        ])?;
         if self.max_request_bytes < self.max_event_bytes {
             return Err(invalid(
                 "limits.max_request_bytes",
@@ -201,39 +197,28 @@ impl LimitsConfig {
                 ),
             ));
         }
-        if self.max_batch_events == 0 {
-            return Err(invalid("limits.max_batch_events", "must be greater than 0"));
-        }
         Ok(())
     }
 }
 
 impl DedupConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        if self.window_seconds == 0 {
-            return Err(invalid("dedup.window_seconds", "must be greater than 0"));
-        }
-        if self.max_entries == 0 {
-            return Err(invalid("dedup.max_entries", "must be greater than 0"));
-        }
-        Ok(())
+        all_positive(&[
+            ("dedup.window_seconds", self.window_seconds),
+            ("dedup.max_entries", self.max_entries as u64),
+        ])
     }
 }
 
 impl WebSocketConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        for (key, value) in [
+        all_positive(&[
             ("websocket.max_connections", self.max_connections as u64),
             ("websocket.max_unacked_frames", self.max_unacked_frames as u64),
             ("websocket.max_frame_bytes", self.max_frame_bytes as u64),
             ("websocket.idle_timeout_ms", self.idle_timeout_ms),
             ("websocket.ping_interval_ms", self.ping_interval_ms),
             ("websocket.write_timeout_ms", self.write_timeout_ms),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be greater than 0"));
-            }
-        }
-        Ok(())
+        ])
     }
 }

@@ -2,7 +2,7 @@
 //!
 //!   rate limit → bulkhead → circuit breaker → retry → per-attempt timeout → inner
 //!
-//! One function per layer; `build_stack` puts them together.
+//! One function per concern; `build_stack` puts them together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +33,7 @@ where
     let timed = with_timeout(name, inner, Duration::from_millis(calls.timeout_ms));
     let retried = with_retries(name, timed, &calls.retry);
     let (broken, state) = with_breaker(name, retried, &calls.circuit_breaker)?;
-    let bulkheaded = with_bulkhead(name, broken, &calls.bulkhead)?;
-    let limited = with_rate_limit(name, bulkheaded, &calls.rate_limit)?;
+    let limited = with_admission(name, broken, &calls.bulkhead, &calls.rate_limit)?;
     metrics::gauge!(metric::CIRCUIT_BREAKER_STATE, "dependency" => name).set(0.0);
     Ok((limited, state))
 }
@@ -128,43 +127,14 @@ where
     Ok((broken, breaker_state(handle)))
 }
 
-/// Bulkhead: at most N calls in flight; waiting longer than max_wait fails (and
-/// spools). Off when `max_concurrent` is 0.
-fn with_bulkhead<Req, Res, E>(
+/// Admission: a bulkhead (at most N calls in flight; waiting longer than
+/// `max_wait_ms` fails) inside a rate limit (at most N calls per second; no permit
+/// within a second fails). Each is off when set to 0; a refused call fails (and
+/// spools), counted by what refused it.
+fn with_admission<Req, Res, E>(
     name: &'static str,
     broken: CallService<Req, Res, E>,
     bulkhead: &BulkheadPolicy,
-) -> Result<CallService<Req, Res, E>, String>
-where
-    Req: Send + 'static,
-    Res: Send + 'static,
-    E: CallError,
-{
-    if bulkhead.max_concurrent == 0 {
-        return Ok(broken);
-    }
-    let layer = BulkheadLayer::builder()
-        .name(name)
-        .max_concurrent_calls(bulkhead.max_concurrent as usize)
-        .max_wait_duration(Duration::from_millis(bulkhead.max_wait_ms))
-        .build()
-        .map_err(|e| format!("{name} bulkhead: {e}"))?;
-    Ok(CallService::new(layer.layer(broken).map_err(
-        move |error| match error {
-            BulkheadServiceError::Inner(inner) => inner,
-            BulkheadServiceError::Bulkhead(reason) => {
-                metrics::counter!(metric::CALLS_SHED, "dependency" => name, "by" => "bulkhead").increment(1);
-                E::shed(name, reason.to_string())
-            }
-        },
-    )))
-}
-
-/// Rate limit: at most N calls per second; a call that cannot get a permit within
-/// a second fails (and spools). Off when `calls_per_second` is 0.
-fn with_rate_limit<Req, Res, E>(
-    name: &'static str,
-    bulkheaded: CallService<Req, Res, E>,
     rate_limit: &RateLimitPolicy,
 ) -> Result<CallService<Req, Res, E>, String>
 where
@@ -172,25 +142,39 @@ where
     Res: Send + 'static,
     E: CallError,
 {
-    if rate_limit.calls_per_second == 0 {
-        return Ok(bulkheaded);
+    let mut service = broken;
+    if bulkhead.max_concurrent > 0 {
+        let layer = BulkheadLayer::builder()
+            .name(name)
+            .max_concurrent_calls(bulkhead.max_concurrent as usize)
+            .max_wait_duration(Duration::from_millis(bulkhead.max_wait_ms))
+            .build()
+            .map_err(|e| format!("{name} bulkhead: {e}"))?;
+        service = CallService::new(layer.layer(service).map_err(move |error| match error {
+            BulkheadServiceError::Inner(inner) => inner,
+            BulkheadServiceError::Bulkhead(reason) => shed(name, "bulkhead", reason.to_string()),
+        }));
     }
-    let layer = RateLimiterLayer::builder()
-        .name(name)
-        .limit_for_period(rate_limit.calls_per_second as usize)
-        .refresh_period(Duration::from_secs(1))
-        .timeout_duration(Duration::from_secs(1))
-        .build()
-        .map_err(|e| format!("{name} rate limit: {e}"))?;
-    Ok(CallService::new(layer.layer(bulkheaded).map_err(
-        move |error| match error {
+    if rate_limit.calls_per_second > 0 {
+        let layer = RateLimiterLayer::builder()
+            .name(name)
+            .limit_for_period(rate_limit.calls_per_second as usize)
+            .refresh_period(Duration::from_secs(1))
+            .timeout_duration(Duration::from_secs(1))
+            .build()
+            .map_err(|e| format!("{name} rate limit: {e}"))?;
+        service = CallService::new(layer.layer(service).map_err(move |error| match error {
             RateLimiterServiceError::Inner(inner) => inner,
-            RateLimiterServiceError::RateLimited => {
-                metrics::counter!(metric::CALLS_SHED, "dependency" => name, "by" => "rate_limit").increment(1);
-                E::shed(name, "rate limit: no permit within 1 s".into())
-            }
-        },
-    )))
+            RateLimiterServiceError::RateLimited => shed(name, "rate_limit", "rate limit: no permit within 1 s".into()),
+        }));
+    }
+    Ok(service)
+}
+
+/// A call refused by the rate limit or the bulkhead (`by`), counted.
+fn shed<E: CallError>(name: &'static str, by: &'static str, why: String) -> E {
+    metrics::counter!(metric::CALLS_SHED, "dependency" => name, "by" => by).increment(1);
+    E::shed(name, why)
 }
 
 /// An outage begins (closed → open) and ends (→ closed) with one line each. In
