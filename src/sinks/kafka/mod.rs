@@ -52,7 +52,7 @@ pub struct KafkaSink {
     key: KafkaKey,
     down: watch::Receiver<bool>,
     health: Arc<DependencyHealth>,
-    /// Events whose delivery failed after librdkafka had them (kafka_readback.rs).
+    /// Events whose delivery failed after librdkafka had them (readback.rs).
     outcomes: Arc<UnknownOutcomes>,
     /// How a read-back consumer reaches the brokers.
     read_back_connection: Arc<ClientConfig>,
