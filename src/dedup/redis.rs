@@ -5,7 +5,8 @@
 //! Every command goes through the policy's `[redis]` stack (timeout, retry,
 //! breaker): with Redis down, the breaker opens and requests stop waiting for it.
 //!
-//! Per id, the key `<prefix>:<source>:<messageId>` holds the token of the request
+//! Per id, the key `<prefix>:<source>:<messageId>` (`:` and `%` in the source
+//! escaped, so sources never share keys) holds the token of the request
 //! that claimed it (`c:` and 24 hex digits; expires after `ttl_seconds`), and per
 //! request the status key `<prefix>::claim:<token>` says what became of it: `p`
 //! (being delivered; expires after `pending_ttl_ms`) or `d` (delivered; expires
@@ -197,7 +198,7 @@ impl RedisDedup {
     }
 
     fn key(&self, source: &str, message_id: &str) -> String {
-        format!("{}:{source}:{message_id}", self.key_prefix)
+        id_key(&self.key_prefix, source, message_id)
     }
 
     /// Claims `message_ids` for this request in one pipelined round trip. If another
@@ -380,4 +381,30 @@ fn unavailable_because(operation: &'static str, why: String) -> RedisDedupError 
 
 fn count_round_trip(operation: &'static str) {
     metrics::counter!(metric::REDIS_ROUND_TRIPS, "operation" => operation).increment(1);
+}
+
+/// An id's key: `<prefix>:<source>:<messageId>`, with `%` and `:` in the source
+/// escaped (`%25`, `%3A`), so the first `:` after the prefix always ends the source
+/// and two (source, messageId) pairs never share a key.
+fn id_key(prefix: &str, source: &str, message_id: &str) -> String {
+    let source: std::borrow::Cow<'_, str> = if source.contains([':', '%']) {
+        source.replace('%', "%25").replace(':', "%3A").into()
+    } else {
+        source.into()
+    };
+    format!("{prefix}:{source}:{message_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_of_two_sources_never_share_a_key() {
+        // A source name may hold `:`; the pair must still map to one key only.
+        assert_ne!(id_key("bw", "a:b", "c"), id_key("bw", "a", "b:c"));
+        assert_ne!(id_key("bw", "a%3Ab", "c"), id_key("bw", "a:b", "c"));
+        // No id key is a status key (`<prefix>::claim:<token>`).
+        assert!(!id_key("bw", "x", "y").starts_with("bw::"));
+    }
 }

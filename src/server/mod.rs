@@ -108,11 +108,18 @@ impl Server {
         let dedup = Arc::new(local_dedup(&config));
         let policy = load_policy(&config)?;
         let current = policy.borrow().clone();
+        // The file sink's lines are the truth for dedup only while it is the only
+        // sink: beside ClickHouse or Kafka a line there says nothing of them (a crash
+        // between the file's fsync and their writes leaves an event in the file alone,
+        // and its retry must reach them).
+        let file_is_the_only_sink = config.clickhouse.is_none() && config.kafka.is_none();
         let delivery = build_delivery(&config, &current.policy, &config.server.data_dir, |event| {
-            dedup.restore(
-                DedupKey::new(event.source, event.message_id),
-                event.received_at_unix_seconds,
-            )
+            if file_is_the_only_sink {
+                dedup.restore(
+                    DedupKey::new(event.source, event.message_id),
+                    event.received_at_unix_seconds,
+                )
+            }
         })?;
         let shared_dedup = connect_shared_dedup(&config, &current.policy)?;
         let Delivery {

@@ -96,7 +96,7 @@ impl FileSink {
             }
         }
         let next_sequence = files.last().map_or(1, |(sequence, _)| sequence + 1);
-        let active = ActiveFile::create(dir, next_sequence)?;
+        let active = ActiveFile::create_from(dir, next_sequence)?;
         tracing::info!(
             dir = %dir.display(),
             files = files.len(),
@@ -204,6 +204,45 @@ mod tests {
             4,
             "restart never appends to an old file"
         );
+    }
+
+    #[tokio::test]
+    async fn a_name_left_taken_by_a_failed_rotation_is_skipped() {
+        // A rotation whose directory fsync failed leaves its new file behind; the
+        // next rotation must not trip over that name (EEXIST) for ever.
+        let dir = tempfile::tempdir().unwrap();
+        let config = FileSinkConfig {
+            enabled: Some(true),
+            max_file_bytes: 4096,
+        };
+        let (sink, writer) = FileSink::open(
+            dir.path(),
+            &config,
+            test_limits(),
+            Duration::from_secs(3600),
+            &mut |_| {},
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("events-00000002.ndjson"), b"").unwrap();
+        let big = "x".repeat(3000);
+        for i in 0..3 {
+            let delivered = sink.deliver(batch(&[&line(&format!("{i}{big}"))])).await;
+            assert!(delivered.is_ok(), "write {i}: {delivered:?}");
+        }
+        drop(sink);
+        writer.await.unwrap();
+        let mut ids = Vec::new();
+        let (sink, writer) = FileSink::open(
+            dir.path(),
+            &config,
+            test_limits(),
+            Duration::from_secs(3600),
+            &mut |e| ids.push(e.message_id.chars().next().unwrap()),
+        )
+        .unwrap();
+        drop(sink);
+        writer.await.unwrap();
+        assert_eq!(ids, ['0', '1', '2']);
     }
 
     #[tokio::test]

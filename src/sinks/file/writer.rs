@@ -19,8 +19,26 @@ pub(super) struct ActiveFile {
     bytes: u64,
 }
 
+/// How many taken names a new file skips before giving up.
+const NAMES_TRIED: u64 = 1_000;
+
 impl ActiveFile {
-    pub(super) fn create(dir: &Path, sequence: u64) -> std::io::Result<ActiveFile> {
+    /// Creates the first free file from `sequence` on. A name can be taken without
+    /// being a file the sink writes: a rotation whose directory fsync failed leaves
+    /// its new, empty file behind. Such a name is skipped (EEXIST), never appended to.
+    pub(super) fn create_from(dir: &Path, sequence: u64) -> std::io::Result<ActiveFile> {
+        let mut next = sequence;
+        loop {
+            match Self::create(dir, next) {
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists && next < sequence + NAMES_TRIED => {
+                    next += 1
+                }
+                created => return created,
+            }
+        }
+    }
+
+    fn create(dir: &Path, sequence: u64) -> std::io::Result<ActiveFile> {
         let path = dir.join(format!("{FILE_PREFIX}{sequence:08}{FILE_SUFFIX}"));
         let file = OpenOptions::new().append(true).create_new(true).open(&path)?;
         // The new name must survive a crash too.
@@ -52,7 +70,7 @@ impl Writer {
             payload.push(b'\n');
         }
         if self.active.bytes > 0 && self.active.bytes + payload.len() as u64 > self.max_file_bytes {
-            self.active = ActiveFile::create(&self.dir, self.active.sequence + 1)?;
+            self.active = ActiveFile::create_from(&self.dir, self.active.sequence + 1)?;
             metrics::counter!(metric::FILE_SINK_ROTATIONS).increment(1);
             tracing::info!(active = %self.active.path.display(), "file sink rotated");
         }

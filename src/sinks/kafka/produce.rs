@@ -35,7 +35,7 @@ impl Drop for InDoubt<'_> {
         let ids = self.batch.events[..self.handed_over]
             .iter()
             .map(|e| e.message_id.as_str());
-        let unremembered = self.outcomes.remember(ids, &self.log_ends);
+        let unremembered = self.outcomes.remember(&self.batch.source, ids, &self.log_ends);
         metrics::counter!(metric::KAFKA_UNKNOWN_OUTCOME_EVENTS).increment(self.handed_over as u64);
         if unremembered > 0 {
             metrics::counter!(metric::KAFKA_READ_BACK_UNVERIFIED_EVENTS).increment(unremembered as u64);
@@ -153,7 +153,8 @@ impl KafkaSink {
         for (partition, end) in log_ends {
             self.outcomes.advance(partition, end);
         }
-        self.outcomes.forget(batch.events.iter().map(|e| e.message_id.as_str()));
+        self.outcomes
+            .forget(&batch.source, batch.events.iter().map(|e| e.message_id.as_str()));
         self.slot.note_delivered();
         Ok(())
     }
@@ -170,8 +171,9 @@ impl KafkaSink {
     ) -> Result<Option<Arc<SinkBatch>>, KafkaSinkError> {
         let connection = self.read_back_connection.clone();
         let topic = self.topic.clone();
+        let source = batch.source.clone();
         let (outcome, ids) = tokio::task::spawn_blocking(move || {
-            let outcome = readback::read_back(&connection, &topic, &start, &ids);
+            let outcome = readback::read_back(&connection, &topic, &start, &source, &ids);
             (outcome, ids)
         })
         .await
@@ -187,7 +189,7 @@ impl KafkaSink {
                     of_unknown_outcome = ids.len(),
                     "kafka: events of unknown outcome are already in the topic; left out of the replay"
                 );
-                self.outcomes.forget(found.iter().map(String::as_str));
+                self.outcomes.forget(&batch.source, found.iter().map(String::as_str));
                 let rest: Vec<_> = batch
                     .events
                     .iter()
@@ -204,7 +206,7 @@ impl KafkaSink {
             Err(error @ ReadBackError::TooFar(_)) => {
                 tracing::warn!(%error, events = ids.len(), "kafka: replaying events of unknown outcome unverified; they may be written twice");
                 metrics::counter!(metric::KAFKA_READ_BACK_UNVERIFIED_EVENTS).increment(ids.len() as u64);
-                self.outcomes.forget(ids.iter().map(String::as_str));
+                self.outcomes.forget(&batch.source, ids.iter().map(String::as_str));
                 Ok(Some(batch))
             }
             Err(error @ ReadBackError::Failed(_)) => Err(KafkaSinkError::ReadBack(error.to_string())),

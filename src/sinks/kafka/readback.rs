@@ -40,11 +40,15 @@ const MAX_READ_BACK_MESSAGES: i64 = 2_000_000;
 /// progress.
 const READ_BACK_IDLE_LIMIT: Duration = Duration::from_secs(15);
 
+/// An event as dedup knows it: (source, messageId).
+type EventKey = (Arc<str>, String);
+
 #[derive(Default)]
 pub struct UnknownOutcomes {
     log_ends: Mutex<LogEnds>,
-    /// messageId → the log ends when it was sent.
-    remembered: Mutex<HashMap<String, Arc<LogEnds>>>,
+    /// (source, messageId) → the log ends when it was sent. Dedup is per source, so
+    /// is doubt: another source's event with the same messageId is another event.
+    remembered: Mutex<HashMap<EventKey, Arc<LogEnds>>>,
     count: AtomicUsize,
 }
 
@@ -64,19 +68,25 @@ impl UnknownOutcomes {
 
     /// Remembers that these events may or may not be in the topic. Returns how many
     /// could not be remembered (the memory bound).
-    pub fn remember<'a>(&self, message_ids: impl Iterator<Item = &'a str>, sent_at: &Arc<LogEnds>) -> usize {
+    pub fn remember<'a>(
+        &self,
+        source: &Arc<str>,
+        message_ids: impl Iterator<Item = &'a str>,
+        sent_at: &Arc<LogEnds>,
+    ) -> usize {
         let mut remembered = lock(&self.remembered);
         let mut dropped = 0;
         for id in message_ids {
+            let key = (source.clone(), id.to_string());
             // An id already remembered keeps its earlier log ends.
-            if remembered.contains_key(id) {
+            if remembered.contains_key(&key) {
                 continue;
             }
             if remembered.len() >= MAX_REMEMBERED {
                 dropped += 1;
                 continue;
             }
-            remembered.insert(id.to_string(), sent_at.clone());
+            remembered.insert(key, sent_at.clone());
         }
         self.count.store(remembered.len(), Ordering::Relaxed);
         dropped
@@ -92,7 +102,7 @@ impl UnknownOutcomes {
         let mut ids = HashSet::new();
         let mut log_ends: Vec<&Arc<LogEnds>> = Vec::new();
         for event in &batch.events {
-            if let Some(sent_at) = remembered.get(&event.message_id) {
+            if let Some(sent_at) = remembered.get(&(batch.source.clone(), event.message_id.clone())) {
                 ids.insert(event.message_id.clone());
                 if !log_ends.iter().any(|seen| Arc::ptr_eq(seen, sent_at)) {
                     log_ends.push(sent_at);
@@ -120,13 +130,13 @@ impl UnknownOutcomes {
     }
 
     /// Forgets ids whose outcome is now known (delivered, or found in the topic).
-    pub fn forget<'a>(&self, message_ids: impl Iterator<Item = &'a str>) {
+    pub fn forget<'a>(&self, source: &Arc<str>, message_ids: impl Iterator<Item = &'a str>) {
         if self.count.load(Ordering::Relaxed) == 0 {
             return;
         }
         let mut remembered = lock(&self.remembered);
         for id in message_ids {
-            remembered.remove(id);
+            remembered.remove(&(source.clone(), id.to_string()));
         }
         self.count.store(remembered.len(), Ordering::Relaxed);
     }
@@ -156,6 +166,7 @@ pub fn read_back(
     connection: &ClientConfig,
     topic: &str,
     start: &LogEnds,
+    source: &str,
     wanted: &HashSet<String>,
 ) -> Result<HashSet<String>, ReadBackError> {
     let mut config = connection.clone();
@@ -194,7 +205,7 @@ pub fn read_back(
             Some(Ok(message)) => message,
         };
         last_progress = Instant::now();
-        if let Some(id) = message_id(&message).filter(|id| wanted.contains(*id)) {
+        if let Some(id) = message.headers().and_then(|headers| wanted_id(headers, source, wanted)) {
             found.insert(id.to_string());
         }
         if last_offsets
@@ -252,15 +263,19 @@ fn plan(consumer: &BaseConsumer, topic: &str, start: &LogEnds) -> Result<ReadPla
     Ok(plan)
 }
 
-/// A message's `messageId` header.
-fn message_id<'m>(message: &'m rdkafka::message::BorrowedMessage<'_>) -> Option<&'m str> {
-    message.headers().and_then(|headers| {
+/// A message's `messageId`, if it is one of `wanted` from `source`.
+fn wanted_id<'h>(headers: &'h impl Headers, source: &str, wanted: &HashSet<String>) -> Option<&'h str> {
+    let header = |key: &str| {
         headers
             .iter()
-            .find(|h| h.key == "messageId")
+            .find(|h| h.key == key)
             .and_then(|h| h.value)
             .and_then(|v| std::str::from_utf8(v).ok())
-    })
+    };
+    if header("source") != Some(source) {
+        return None;
+    }
+    header("messageId").filter(|id| wanted.contains(*id))
 }
 
 /// The settings a read-back consumer needs from the producer's: where the brokers
@@ -286,8 +301,12 @@ mod tests {
     use crate::event::NormalizedEvent;
 
     fn batch(ids: &[&str]) -> SinkBatch {
+        batch_of("s", ids)
+    }
+
+    fn batch_of(source: &str, ids: &[&str]) -> SinkBatch {
         SinkBatch {
-            source: Arc::from("s"),
+            source: Arc::from(source),
             events: ids.iter().map(|id| NormalizedEvent::fixture(id, b"{}")).collect(),
         }
     }
@@ -301,8 +320,8 @@ mod tests {
         outcomes.advance(0, 25);
         outcomes.advance(1, 7);
         let second = outcomes.log_ends();
-        outcomes.remember(["a", "b"].into_iter(), &first);
-        outcomes.remember(["c"].into_iter(), &second);
+        outcomes.remember(&Arc::from("s"), ["a", "b"].into_iter(), &first);
+        outcomes.remember(&Arc::from("s"), ["c"].into_iter(), &second);
 
         let (ids, start) = outcomes.unknown_in(&batch(&["a", "c", "x"])).unwrap();
         assert_eq!(ids, HashSet::from(["a".to_string(), "c".to_string()]));
@@ -315,9 +334,43 @@ mod tests {
         let (_, start) = outcomes.unknown_in(&batch(&["c"])).unwrap();
         assert_eq!((start.get(&0), start.get(&1)), (Some(&25), Some(&7)));
 
-        outcomes.forget(["a", "b", "c"].into_iter());
+        outcomes.forget(&Arc::from("s"), ["a", "b", "c"].into_iter());
         assert_eq!(outcomes.remembered(), 0);
         assert!(outcomes.unknown_in(&batch(&["a", "c"])).is_none());
+    }
+
+    #[test]
+    fn an_id_is_in_doubt_only_for_the_source_that_sent_it() {
+        // Dedup is per (source, messageId): source b's "42" is another event.
+        let outcomes = UnknownOutcomes::default();
+        outcomes.remember(&Arc::from("a"), ["42"].into_iter(), &outcomes.log_ends());
+        assert!(outcomes.unknown_in(&batch_of("b", &["42"])).is_none());
+        assert!(outcomes.unknown_in(&batch_of("a", &["42"])).is_some());
+        outcomes.forget(&Arc::from("b"), ["42"].into_iter());
+        assert!(
+            outcomes.unknown_in(&batch_of("a", &["42"])).is_some(),
+            "b's delivery says nothing of a's"
+        );
+    }
+
+    #[test]
+    fn the_read_back_finds_an_id_only_in_messages_of_its_source() {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let message = |source: &str, id: &str| {
+            OwnedHeaders::new()
+                .insert(Header {
+                    key: "source",
+                    value: Some(source),
+                })
+                .insert(Header {
+                    key: "messageId",
+                    value: Some(id),
+                })
+        };
+        let wanted = HashSet::from(["42".to_string()]);
+        assert_eq!(wanted_id(&message("a", "42"), "a", &wanted), Some("42"));
+        assert_eq!(wanted_id(&message("b", "42"), "a", &wanted), None);
+        assert_eq!(wanted_id(&message("a", "43"), "a", &wanted), None);
     }
 
     #[test]
