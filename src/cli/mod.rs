@@ -14,6 +14,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{redact_url, Config, LogFormat, Source, WRITE_KEYS_ENV};
 use crate::event::SinkKind;
+use crate::pipeline::assemble::check_timings;
+use crate::policy::LoadedPolicy;
 
 #[derive(Parser)]
 #[command(
@@ -267,6 +269,11 @@ fn check(args: ConfigArgs) -> ExitCode {
         let sources = config
             .resolve_sources(std::env::var(WRITE_KEYS_ENV).ok().as_deref())
             .map_err(|e| e.to_string())?;
+        let policy = match &config.server.policy_file {
+            Some(path) => LoadedPolicy::from_file(path).map_err(|e| e.to_string())?,
+            None => LoadedPolicy::embedded(),
+        };
+        check_timings(&config, &policy.policy).map_err(|e| e.to_string())?;
         Ok((config, sources))
     });
     match result {

@@ -110,7 +110,8 @@ pub struct RedisConfig {
     /// How long a delivered id is remembered.
     pub ttl_seconds: u64,
     /// How long an in-flight claim lives if its holder dies before finishing. Must
-    /// exceed the longest delivery; a crashed instance's claims free themselves then.
+    /// exceed the longest a request can take with the policy (checked at start-up);
+    /// a crashed instance's claims free themselves then.
     pub pending_ttl_ms: u64,
     /// How long a request waits for an id another instance has in flight before
     /// answering 503 (the client retries).
@@ -128,7 +129,7 @@ impl Default for RedisConfig {
             connect_timeout_ms: 2_000,
             key_prefix: "breakwater:dedup".into(),
             ttl_seconds: 24 * 60 * 60,
-            pending_ttl_ms: 60_000,
+            pending_ttl_ms: 120_000,
             pending_wait_ms: 5_000,
             local_cache_entries: 100_000,
         }
@@ -323,6 +324,16 @@ impl ClickHouseConfig {
 }
 
 impl KafkaConfig {
+    /// The delivery timeout librdkafka really uses: `message.timeout.ms` (or its alias
+    /// `delivery.timeout.ms`) from `[kafka.librdkafka]` when given there, else
+    /// `message_timeout_ms`.
+    pub fn effective_message_timeout_ms(&self) -> u64 {
+        ["message.timeout.ms", "delivery.timeout.ms"]
+            .iter()
+            .find_map(|key| self.librdkafka.get(*key)?.trim().parse().ok())
+            .unwrap_or(self.message_timeout_ms)
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if self.brokers.trim().is_empty() {
             return Err(invalid("kafka.brokers", "must list at least one host:port"));

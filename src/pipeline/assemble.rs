@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::route::SinkRoute;
 use crate::batcher::BatchLimits;
-use crate::config::{Config, ConfigError};
+use crate::config::{invalid, Acknowledge, Config, ConfigError};
 use crate::dedup::redis::{self, RedisDedup};
 use crate::event::SinkKind;
 use crate::policy::{CallPolicy, LoadedPolicy, Policy};
@@ -126,9 +126,53 @@ fn start_sinks(
 pub fn calls_for(config: &Config, policy: &Policy, sink: SinkKind) -> CallPolicy {
     let mut calls = policy.sink(sink).calls();
     if let (Some(kafka), SinkKind::Kafka) = (&config.kafka, sink) {
-        calls.timeout_ms = calls.timeout_ms.max(kafka.message_timeout_ms + 1_000);
+        calls.timeout_ms = calls.timeout_ms.max(kafka.effective_message_timeout_ms() + 1_000);
     }
     calls
+}
+
+/// The timing relations the guarantees depend on, checked before serving (and by
+/// `config check`): a request's Redis claims must outlive the longest the request can
+/// take (every called sink at once, each with every attempt, backoff and wait of its
+/// stack, then the Redis commit). A claim that expires first lets a client's retry,
+/// or another instance, claim the same ids and deliver them a second time.
+pub fn check_timings(config: &Config, policy: &Policy) -> Result<(), ConfigError> {
+    let Some(redis) = &config.redis else {
+        return Ok(());
+    };
+    let called = SinkKind::ALL.into_iter().filter(|kind| {
+        let configured = match kind {
+            SinkKind::File => config.file_sink_enabled(),
+            SinkKind::ClickHouse => config.clickhouse.is_some(),
+            SinkKind::Kafka => config.kafka.is_some(),
+        };
+        configured && config.acknowledge(*kind) == Acknowledge::OnDelivery
+    });
+    let slowest = called
+        .map(|kind| (kind, resilience::longest_call(&calls_for(config, policy, kind))))
+        .max_by_key(|(_, longest)| *longest);
+    let Some((kind, sink_ms)) = slowest else {
+        return Ok(());
+    };
+    let commit_ms = resilience::longest_call(&policy.redis);
+    let longest = sink_ms + commit_ms;
+    if redis.pending_ttl_ms > longest.as_millis() as u64 {
+        return Ok(());
+    }
+    Err(invalid(
+        "redis.pending_ttl_ms",
+        format!(
+            "is {} ms, but a request can take {} ms with this policy: {kind} up to {} ms \
+             (every attempt, backoff and wait of its stack), then the Redis commit up to {} ms. \
+             A claim that expires first lets a retry deliver the same events again: raise it \
+             above {} ms, or shorten the policy's {kind}.timeout_ms or {kind}.retry.max_attempts",
+            redis.pending_ttl_ms,
+            longest.as_millis(),
+            sink_ms.as_millis(),
+            commit_ms.as_millis(),
+            longest.as_millis()
+        ),
+    ))
 }
 
 /// Applies each new policy to the running stacks, spool sizes and batch limits,
@@ -161,6 +205,10 @@ impl PolicyApplier {
     }
 
     fn apply(&self, policy: &Policy) {
+        if let Err(error) = check_timings(&self.config, policy) {
+            tracing::error!(%error, "policy edit not applied to the running stacks; the previous one stays in force");
+            return;
+        }
         for route in &self.routes {
             if let Err(error) = route.sink.apply(&calls_for(&self.config, policy, route.kind)) {
                 tracing::error!(sink = route.kind.name(), %error, "could not apply the new policy to this sink");
@@ -198,5 +246,67 @@ impl PolicyApplier {
             metrics::gauge!(metric::CIRCUIT_BREAKER_STATE, "dependency" => redis::DEPENDENCY_NAME)
                 .set(resilience::state_value(redis.breaker()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClickHouseConfig, KafkaConfig, RedisConfig};
+
+    #[test]
+    fn kafka_attempts_outlast_the_message_timeout_librdkafka_really_uses() {
+        let mut kafka = KafkaConfig::default();
+        kafka.librdkafka.insert("message.timeout.ms".into(), "90000".into());
+        let config = Config {
+            kafka: Some(kafka),
+            ..Config::default()
+        };
+        let policy = LoadedPolicy::embedded().policy;
+        let calls = calls_for(&config, &policy, SinkKind::Kafka);
+        assert!(calls.timeout_ms > 90_000, "{} ms", calls.timeout_ms);
+    }
+
+    #[test]
+    fn every_shipped_policy_holds_with_the_default_backends() {
+        let config = Config {
+            redis: Some(RedisConfig::default()),
+            clickhouse: Some(ClickHouseConfig::default()),
+            kafka: Some(KafkaConfig::default()),
+            ..Config::default()
+        };
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        for (path, loaded) in crate::policy::check_dir(&dir).unwrap() {
+            let policy = loaded.unwrap().policy;
+            assert!(
+                check_timings(&config, &policy).is_ok(),
+                "{}: {:?}",
+                path.display(),
+                check_timings(&config, &policy)
+            );
+        }
+    }
+
+    #[test]
+    fn a_sink_acknowledged_on_spool_does_not_count() {
+        // Kafka's 64 s would outlast a 10 s claim; acknowledged on spool, a request
+        // never waits for Kafka, so only the file sink and the Redis commit count.
+        let mut config = Config {
+            redis: Some(RedisConfig {
+                pending_ttl_ms: 30_000,
+                ..RedisConfig::default()
+            }),
+            kafka: Some(KafkaConfig::default()),
+            ..Config::default()
+        };
+        config.file_sink.enabled = Some(true);
+        let policy = LoadedPolicy::embedded().policy;
+        let error = check_timings(&config, &policy).unwrap_err().to_string();
+        assert!(
+            error.contains("redis.pending_ttl_ms") && error.contains(SinkKind::Kafka.name()),
+            "{error}"
+        );
+        config.kafka.as_mut().unwrap().acknowledge = Acknowledge::OnSpool;
+        assert!(check_timings(&config, &policy).is_ok());
     }
 }

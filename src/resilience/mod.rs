@@ -36,6 +36,28 @@ pub trait CallError: std::fmt::Display + Send + Sync + 'static {
     fn shed(dependency: &'static str, why: String) -> Self;
 }
 
+/// How long a call waits for a rate-limit permit before it fails (and spools).
+pub const RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
+
+/// The longest one call through a stack built from `calls` can take: the rate
+/// limit's wait for a permit, the bulkhead's wait, every attempt to its timeout and
+/// the backoff before each retry (jitter only shortens it).
+pub fn longest_call(calls: &CallPolicy) -> Duration {
+    let rate_limit_wait = if calls.rate_limit.calls_per_second > 0 {
+        RATE_LIMIT_WAIT.as_millis() as u64
+    } else {
+        0
+    };
+    let bulkhead_wait = if calls.bulkhead.max_concurrent > 0 {
+        calls.bulkhead.max_wait_ms
+    } else {
+        0
+    };
+    let attempts = calls.retry.max_attempts.max(1);
+    let backoffs: Duration = (1..attempts).map(|retry| calls.retry.backoff(retry)).sum();
+    Duration::from_millis(rate_limit_wait + bulkhead_wait + u64::from(attempts) * calls.timeout_ms) + backoffs
+}
+
 /// A dependency's call, boxed.
 pub type CallService<Req, Res, E> = BoxCloneSyncService<Req, Res, E>;
 

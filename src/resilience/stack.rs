@@ -14,7 +14,7 @@ use tower_resilience::circuitbreaker::{CircuitBreakerError, CircuitBreakerLayer,
 use tower_resilience::ratelimiter::{RateLimiterLayer, RateLimiterServiceError};
 
 use super::retry::call_with_retries;
-use super::{breaker_state, state_name, state_value, BreakerState, Built, CallError, CallService};
+use super::{breaker_state, state_name, state_value, BreakerState, Built, CallError, CallService, RATE_LIMIT_WAIT};
 use crate::policy::{BreakerPolicy, BulkheadPolicy, CallPolicy, RateLimitPolicy, RetryPolicy, Trip};
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
@@ -160,7 +160,7 @@ where
             .name(name)
             .limit_for_period(rate_limit.calls_per_second as usize)
             .refresh_period(Duration::from_secs(1))
-            .timeout_duration(Duration::from_secs(1))
+            .timeout_duration(RATE_LIMIT_WAIT)
             .build()
             .map_err(|e| format!("{name} rate limit: {e}"))?;
         service = CallService::new(layer.layer(service).map_err(move |error| match error {

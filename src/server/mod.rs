@@ -32,7 +32,7 @@ use crate::intake::rate_limit::SourceRateLimits;
 use crate::intake::rejected_store::RejectedStore;
 use crate::intake::websocket::ConnectionRegistry;
 use crate::intake::{InFlightLimit, IntakeState};
-use crate::pipeline::assemble::{build_delivery, AssembleError, Delivery, PolicyApplier};
+use crate::pipeline::assemble::{build_delivery, check_timings, AssembleError, Delivery, PolicyApplier};
 use crate::pipeline::replay::Replayer;
 use crate::pipeline::{Pipeline, SinkRoute};
 use crate::policy::{reload, LoadedPolicy, Policy, PolicyError};
@@ -108,6 +108,7 @@ impl Server {
         let dedup = Arc::new(local_dedup(&config));
         let policy = load_policy(&config)?;
         let current = policy.borrow().clone();
+        check_timings(&config, &current.policy)?;
         // The file sink's lines are the truth for dedup only while it is the only
         // sink: beside ClickHouse or Kafka a line there says nothing of them (a crash
         // between the file's fsync and their writes leaves an event in the file alone,
