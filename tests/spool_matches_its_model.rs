@@ -161,3 +161,23 @@ fn a_corrupt_record_is_quarantined_and_start_up_goes_on() {
     assert_eq!(stored(&spool), [1], "the good record stays, the bad one left the queue");
     assert_eq!(spool.quarantined().unwrap(), 1, "the bad record is kept in quarantine");
 }
+
+/// After a full-disk episode a record could be counted off twice (a commit that
+/// reported failure yet reached the disk, then its deletion): the byte counter
+/// wrapped below zero and `is_full()` stayed true until a restart (issue 19, i).
+#[test]
+fn a_counter_taken_below_zero_stops_at_zero_and_the_queue_is_not_full_for_ever() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let spool = runtime.block_on(async { open(dir.path()) });
+    let queue = spool.queue(SinkKind::ClickHouse).unwrap();
+    runtime.block_on(queue.append(batch(1, 3))).unwrap();
+    let stored = queue.read_oldest(usize::MAX, usize::MAX).unwrap();
+    let mut counted_twice = stored[0].record_key();
+    counted_twice.stored_bytes += 1_000_000;
+    counted_twice.events += 5;
+    queue.remove_keys(&[counted_twice]).unwrap();
+    let stats = queue.stats();
+    assert!(!queue.is_full(), "{stats:?}");
+    assert_eq!((stats.bytes, stats.events, stats.records), (0, 0, 0), "{stats:?}");
+}

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tower_resilience::circuitbreaker::CircuitState;
 
 use super::route::{dead_letter, SinkRoute};
@@ -124,10 +125,19 @@ pub struct Replayer {
     pace: Pace,
     /// Whether a drain is under way (its start and end are logged).
     draining: bool,
+    /// Shutdown: the replayer stops before its next round, never in the middle of
+    /// one (a round cut off after its sink took the batch would leave the record to
+    /// be delivered again at the next start).
+    stop: CancellationToken,
 }
 
 impl Replayer {
-    pub fn new(spool: Arc<Spool>, route: &SinkRoute, policy: watch::Receiver<Arc<LoadedPolicy>>) -> Replayer {
+    pub fn new(
+        spool: Arc<Spool>,
+        route: &SinkRoute,
+        policy: watch::Receiver<Arc<LoadedPolicy>>,
+        stop: CancellationToken,
+    ) -> Replayer {
         Replayer {
             spool,
             queue: route.queue.clone(),
@@ -136,12 +146,13 @@ impl Replayer {
             policy,
             pace: Pace::of(route.acknowledge),
             draining: false,
+            stop,
         }
     }
 
-    /// Runs until the task is aborted (shutdown).
+    /// Runs until `stop` is cancelled, then returns between rounds.
     pub async fn run(mut self) {
-        loop {
+        while !self.stop.is_cancelled() {
             self.upkeep_if_due().await;
             if self.queue.events() == 0 {
                 self.wait_for_records().await;
@@ -150,7 +161,11 @@ impl Replayer {
             let state = self.sink.breaker();
             let settings = self.settings();
             if self.pace == Pace::Unpaced && state == CircuitState::Closed {
-                wait_for_a_full_round(&self.queue, settings.spool.replay_batch_events, settings.linger).await;
+                let full_round =
+                    wait_for_a_full_round(&self.queue, settings.spool.replay_batch_events, settings.linger);
+                if self.stop.run_until_cancelled(full_round).await.is_none() {
+                    return;
+                }
             }
             // Not closed: one record, as a probe; closed: a full round.
             let max_records = if state == CircuitState::Closed { usize::MAX } else { 1 };
@@ -172,7 +187,7 @@ impl Replayer {
                 // This round may take at most events / rate seconds.
                 let rate = settings.spool.replay_events_per_second.max(1) as f64;
                 if let Some(rest) = Duration::from_secs_f64(events as f64 / rate).checked_sub(started.elapsed()) {
-                    tokio::time::sleep(rest).await;
+                    self.stop.run_until_cancelled(tokio::time::sleep(rest)).await;
                 }
             }
         }
@@ -198,6 +213,7 @@ impl Replayer {
         tokio::select! {
             () = self.queue.appended.notified() => {}
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = self.stop.cancelled() => {}
         }
     }
 

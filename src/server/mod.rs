@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, Source, WRITE_KEYS_ENV};
 use crate::dedup::redis::RedisDedup;
@@ -88,6 +89,8 @@ struct Server {
     listener_settings: ListenerSettings,
     /// Replayers and the policy applier: they run until shutdown, then stop.
     maintenance: Vec<JoinHandle<()>>,
+    /// Tells them to stop (replayers between rounds).
+    stop_maintenance: CancellationToken,
     /// The sinks' own tasks (batchers, Kafka watchers), awaited last.
     sink_tasks: Vec<JoinHandle<()>>,
     /// How long each shutdown step may take.
@@ -136,7 +139,8 @@ impl Server {
             redis: shared_dedup.clone(),
             batch_limits,
         };
-        let maintenance = start_maintenance(&routes, &spool, &policy, applier);
+        let stop_maintenance = CancellationToken::new();
+        let maintenance = start_maintenance(&routes, &spool, &policy, applier, &stop_maintenance);
         metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
         tracing::info!(
             sinks = routes.iter().map(|r| r.kind.name()).collect::<Vec<_>>().join(","),
@@ -161,6 +165,7 @@ impl Server {
             listener,
             listener_settings,
             maintenance,
+            stop_maintenance,
             sink_tasks,
             shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
             _lock: lock,
@@ -180,7 +185,9 @@ impl Server {
         let intake = self.state.intake.clone();
         // Handlers hold the state; once it is gone only the sinks' tasks remain.
         drop(self.state);
-        shutdown.drain(intake, self.maintenance, self.sink_tasks).await;
+        shutdown
+            .drain(intake, self.maintenance, self.stop_maintenance, self.sink_tasks)
+            .await;
         tracing::info!("breakwater stopped");
         Ok(())
     }
@@ -193,12 +200,16 @@ fn start_maintenance(
     spool: &Arc<Spool>,
     policy: &PolicyFeed,
     applier: PolicyApplier,
+    stop: &CancellationToken,
 ) -> Vec<JoinHandle<()>> {
     let mut maintenance: Vec<JoinHandle<()>> = routes
         .iter()
-        .map(|route| tokio::spawn(Replayer::new(spool.clone(), route, policy.clone()).run()))
+        .map(|route| tokio::spawn(Replayer::new(spool.clone(), route, policy.clone(), stop.clone()).run()))
         .collect();
-    maintenance.push(tokio::spawn(applier.run()));
+    let stop = stop.clone();
+    maintenance.push(tokio::spawn(async move {
+        stop.run_until_cancelled(applier.run()).await;
+    }));
     maintenance
 }
 

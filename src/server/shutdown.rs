@@ -5,9 +5,11 @@
 //! 2. HTTP connections finish the request they serve (at most `shutdown_timeout`);
 //! 3. WebSocket connections are waited for;
 //! 4. pipeline tasks drain (requests handed over finish their writes);
-//! 5. replayers and the policy applier stop (a record not yet deleted stays
-//!    spooled for the next start: a record is deleted only after its sink
-//!    acknowledged it);
+//! 5. replayers and the policy applier stop: a replayer finishes the round under
+//!    way (so what its sink took is deleted from the spool, not delivered again at
+//!    the next start) and starts no new one; after `shutdown_timeout` what still
+//!    runs is aborted (its records stay spooled: a record is deleted only after its
+//!    sink acknowledged it);
 //! 6. the sinks' tasks finish (batchers end once the last handle is gone).
 
 use std::future::Future;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::intake::IntakeState;
 
@@ -71,6 +74,7 @@ impl Shutdown {
         &self,
         intake: Arc<IntakeState>,
         maintenance: Vec<JoinHandle<()>>,
+        stop_maintenance: CancellationToken,
         sink_tasks: Vec<JoinHandle<()>>,
     ) {
         if !intake.websockets.wait_until_empty(self.timeout).await {
@@ -85,11 +89,14 @@ impl Shutdown {
         // The pipeline's handles on the sinks go with intake; the replayers' and the
         // policy applier's go with their tasks.
         drop(intake);
-        for task in &maintenance {
-            task.abort();
-        }
-        for task in maintenance {
-            let _ = task.await;
+        stop_maintenance.cancel();
+        let aborts: Vec<_> = maintenance.iter().map(JoinHandle::abort_handle).collect();
+        let stopped = futures_util::future::join_all(maintenance);
+        if tokio::time::timeout(self.timeout, stopped).await.is_err() {
+            tracing::warn!("shutdown timeout: a replay round still under way was cut off (its records stay spooled)");
+            for task in aborts {
+                task.abort();
+            }
         }
         // Every acknowledged batch is already durable; waiting for the sinks' tasks
         // just lets them finish cleanly once the last handle is gone.

@@ -200,7 +200,7 @@ impl SinkQueue {
                 Ok(())
             }
             Err(error) => {
-                self.bytes.fetch_sub(size, Ordering::SeqCst);
+                count_off(&self.bytes, size);
                 Err(error)
             }
         }
@@ -270,9 +270,9 @@ impl SinkQueue {
         })?;
         self.refusing.store(false, Ordering::SeqCst);
         for record in delivered.drain(..) {
-            self.bytes.fetch_sub(record.stored_bytes, Ordering::SeqCst);
-            self.events.fetch_sub(record.events as u64, Ordering::SeqCst);
-            self.records.fetch_sub(1, Ordering::SeqCst);
+            count_off(&self.bytes, record.stored_bytes);
+            count_off(&self.events, record.events as u64);
+            count_off(&self.records, 1);
         }
         drop(delivered);
         self.publish();
@@ -379,10 +379,20 @@ fn start_writer(
             let saved = tokio::task::spawn_blocking(move || file.run(|db| append_group(db, table, &keys, &group)))
                 .await
                 .unwrap_or_else(|e| Err(SpoolError::Storage(format!("spool writer task failed: {e}"))))?;
-            bytes.fetch_sub(saved, Ordering::SeqCst);
+            count_off(&bytes, saved);
             Ok(())
         }
     })
+}
+
+/// Takes `amount` off a counter, never below zero. After a full-disk episode a
+/// counter can be off (a commit that reported failure yet reached the disk is
+/// counted off on failure and again when deleted); wrapping below zero would leave
+/// the queue full until a restart. `upkeep` recounts after the file is reopened.
+fn count_off(counter: &AtomicU64, amount: u64) {
+    let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
+        Some(now.saturating_sub(amount))
+    });
 }
 
 fn spool_writer_name(sink: SinkKind) -> &'static str {

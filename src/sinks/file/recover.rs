@@ -36,7 +36,10 @@ pub fn list_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(files)
 }
 
-/// Cuts a partial last line (a write interrupted by a crash; never acknowledged).
+/// Cuts a partial last line (a write interrupted by a crash; never acknowledged),
+/// and makes what stays durable before anything is read from it: a crash can leave
+/// whole lines that were written but never fsynced (never acknowledged either), and
+/// dedup must not trust a line the disk may not hold.
 pub(super) fn repair_torn_tail(path: &Path) -> std::io::Result<()> {
     let mut file = OpenOptions::new().read(true).write(true).open(path)?;
     let length = file.metadata()?.len();
@@ -47,7 +50,7 @@ pub(super) fn repair_torn_tail(path: &Path) -> std::io::Result<()> {
     file.seek(SeekFrom::Start(length - 1))?;
     std::io::Read::read_exact(&mut file, &mut last)?;
     if last[0] == b'\n' {
-        return Ok(());
+        return file.sync_data();
     }
     // Walk back in chunks to the last newline.
     let mut end = length;
