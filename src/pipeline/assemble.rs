@@ -16,6 +16,7 @@ use crate::event::SinkKind;
 use crate::policy::{CallPolicy, LoadedPolicy, Policy};
 use crate::resilience;
 use crate::sinks::file::{FileSinkSettings, RecoveredEvent};
+use crate::sinks::kafka::KafkaSinkSettings;
 use crate::sinks::{batch_limits_of, clickhouse, file, kafka, ResilientSink, SinkError, SinkHandle};
 use crate::spool::{Spool, SpoolError};
 use crate::telemetry::metric;
@@ -114,6 +115,10 @@ fn start_sinks(
         handles.push(handle);
     }
     if let Some(settings) = &config.kafka {
+        let settings = KafkaSinkSettings {
+            config: settings,
+            dir: data_dir.join(SinkKind::Kafka.name()),
+        };
         let handle = kafka::start(settings, &policy.kafka.batch).map_err(|e| AssembleError::Sink(e.into()))?;
         handles.push(handle);
     }

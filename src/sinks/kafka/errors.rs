@@ -26,6 +26,9 @@ pub enum KafkaSinkError {
     /// The producer could not be created (start-up only).
     #[error("kafka producer: {0}")]
     Producer(String),
+    /// The in-doubt journal could not be opened (start-up only).
+    #[error("kafka in-doubt journal: {0}")]
+    Journal(String),
 }
 
 impl ClassifyError for KafkaSinkError {
@@ -36,7 +39,8 @@ impl ClassifyError for KafkaSinkError {
             KafkaSinkError::Unavailable(_)
             | KafkaSinkError::BrokersDown
             | KafkaSinkError::ReadBack(_)
-            | KafkaSinkError::Producer(_) => ErrorClass::Unavailable,
+            | KafkaSinkError::Producer(_)
+            | KafkaSinkError::Journal(_) => ErrorClass::Unavailable,
         }
     }
 }

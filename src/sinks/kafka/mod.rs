@@ -21,11 +21,13 @@
 
 mod broker_watch;
 mod errors;
+mod journal;
 mod produce;
 mod producer;
 pub mod readback;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -41,6 +43,7 @@ use crate::telemetry::health::DependencyHealth;
 use crate::telemetry::metric;
 use broker_watch::{watch_brokers, BrokerState};
 pub use errors::KafkaSinkError;
+use journal::Journal;
 use producer::{renew_stuck_producer, ProducerSlot};
 use readback::UnknownOutcomes;
 
@@ -81,9 +84,27 @@ pub fn producer_settings(config: &KafkaConfig, batch: &BatchPolicy) -> BTreeMap<
     settings
 }
 
+/// What the Kafka sink needs to start.
+pub struct KafkaSinkSettings<'a> {
+    pub config: &'a KafkaConfig,
+    /// `<data_dir>/kafka`: the in-doubt journal (`journal.rs`).
+    pub dir: PathBuf,
+}
+
 /// Creates the one producer of the process (it connects in the background), the
-/// task that notices brokers coming back and the one that renews a stuck producer.
-pub fn start(config: &KafkaConfig, batch: &BatchPolicy) -> Result<SinkHandle, KafkaSinkError> {
+/// task that notices brokers coming back and the one that renews a stuck producer;
+/// batches an earlier process left in doubt are remembered for a read-back.
+pub fn start(settings: KafkaSinkSettings<'_>, batch: &BatchPolicy) -> Result<SinkHandle, KafkaSinkError> {
+    let config = settings.config;
+    let (journal, open) = Journal::open(&settings.dir)
+        .map_err(|error| KafkaSinkError::Journal(format!("{}: {error}", settings.dir.display())))?;
+    if !open.is_empty() {
+        tracing::warn!(
+            batches = open.len(),
+            events = open.iter().map(|b| b.ids.len()).sum::<usize>(),
+            "kafka: batches were in doubt when the last process ended; they are read back before they are sent again"
+        );
+    }
     let (changed, down) = watch::channel(false);
     let state = Arc::new(BrokerState {
         down: AtomicBool::new(false),
@@ -111,7 +132,7 @@ pub fn start(config: &KafkaConfig, batch: &BatchPolicy) -> Result<SinkHandle, Ka
         key: config.key,
         down,
         health: Arc::new(DependencyHealth::default()),
-        outcomes: Arc::new(UnknownOutcomes::default()),
+        outcomes: Arc::new(UnknownOutcomes::with_journal(journal, open)),
         read_back_connection,
         _tasks: Arc::new(stop.clone().drop_guard()),
     };

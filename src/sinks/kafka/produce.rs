@@ -24,18 +24,23 @@ struct InDoubt<'a> {
     batch: &'a SinkBatch,
     handed_over: usize,
     log_ends: Arc<LogEnds>,
+    /// The batch's number in the journal, written before anything was handed over.
+    journal_batch: Option<u64>,
     settled: bool,
 }
 
 impl Drop for InDoubt<'_> {
     fn drop(&mut self) {
         if self.settled || self.handed_over == 0 {
+            self.outcomes.journal_settled(self.journal_batch);
             return;
         }
         let ids = self.batch.events[..self.handed_over]
             .iter()
             .map(|e| e.message_id.as_str());
-        let unremembered = self.outcomes.remember(&self.batch.source, ids, &self.log_ends);
+        let unremembered = self
+            .outcomes
+            .remember(&self.batch.source, ids, &self.log_ends, self.journal_batch);
         metrics::counter!(metric::KAFKA_UNKNOWN_OUTCOME_EVENTS).increment(self.handed_over as u64);
         if unremembered > 0 {
             metrics::counter!(metric::KAFKA_READ_BACK_UNVERIFIED_EVENTS).increment(unremembered as u64);
@@ -61,11 +66,13 @@ impl KafkaSink {
                 None => return Ok(()),
             },
         };
+        let log_ends = self.outcomes.log_ends();
         let mut in_doubt = InDoubt {
             outcomes: &self.outcomes,
             batch: &batch,
             handed_over: 0,
-            log_ends: self.outcomes.log_ends(),
+            journal_batch: self.outcomes.journal_sent(&batch, &log_ends),
+            log_ends,
             settled: false,
         };
         let deliveries = self.hand_over(&batch, &mut in_doubt)?;

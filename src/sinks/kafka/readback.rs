@@ -10,9 +10,13 @@
 //! were sent). Before a batch holding any of them is sent again, the topic is read
 //! from there to its end and the events already in it are left out.
 //!
-//! What this does not cover: breakwater itself dying between a send and the spool's
-//! deletion (the memory is gone; the replay may write those events again), and a
-//! frozen broker that reads the old request only after the read-back.
+//! The batches handed over and not yet acknowledged are also in the in-doubt
+//! journal (`journal.rs`), so a breakwater crash does not forget them.
+//!
+//! What this does not cover: a batch Kafka acknowledged before a breakwater crash
+//! whose request was not answered or whose spool record was not yet deleted (it is
+//! settled in the journal at the ack), and a frozen broker that reads the old
+//! request only after the read-back.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,6 +28,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::journal::{Journal, OpenBatch};
 use crate::event::SinkBatch;
 
 /// Where each partition's log ended, as far as the sink knows: anything sent from
@@ -46,13 +51,52 @@ type EventKey = (Arc<str>, String);
 #[derive(Default)]
 pub struct UnknownOutcomes {
     log_ends: Mutex<LogEnds>,
-    /// (source, messageId) → the log ends when it was sent. Dedup is per source, so
-    /// is doubt: another source's event with the same messageId is another event.
-    remembered: Mutex<HashMap<EventKey, Arc<LogEnds>>>,
+    remembered: Mutex<Remembered>,
     count: AtomicUsize,
+    /// Where the batches in doubt are kept across restarts (`journal.rs`); none in
+    /// unit tests.
+    journal: Option<Journal>,
+}
+
+#[derive(Default)]
+struct Remembered {
+    /// (source, messageId) → the log ends when it was sent, and its journal batch.
+    /// Dedup is per source, so is doubt: another source's event with the same
+    /// messageId is another event.
+    events: HashMap<EventKey, (Arc<LogEnds>, Option<u64>)>,
+    /// Journal batch → how many of its events are still remembered; at 0 the
+    /// batch is settled in the journal.
+    open_per_batch: HashMap<u64, usize>,
 }
 
 impl UnknownOutcomes {
+    /// With a journal, and the batches an earlier process left open in it
+    /// remembered as of unknown outcome.
+    pub fn with_journal(journal: Journal, open: Vec<OpenBatch>) -> UnknownOutcomes {
+        let outcomes = UnknownOutcomes {
+            journal: Some(journal),
+            ..UnknownOutcomes::default()
+        };
+        for batch in open {
+            let ids = batch.ids.iter().map(String::as_str);
+            outcomes.remember(&batch.source, ids, &Arc::new(batch.ends), Some(batch.number));
+        }
+        outcomes
+    }
+
+    /// Writes a batch about to be handed over to the journal; its number there.
+    pub fn journal_sent(&self, batch: &SinkBatch, ends: &LogEnds) -> Option<u64> {
+        let journal = self.journal.as_ref()?;
+        journal.sent(&batch.source, batch.events.iter().map(|e| e.message_id.as_str()), ends)
+    }
+
+    /// Marks a journal batch settled (all of it delivered, or nothing handed over).
+    pub fn journal_settled(&self, number: Option<u64>) {
+        if let (Some(journal), Some(number)) = (&self.journal, number) {
+            journal.settled(number);
+        }
+    }
+
     /// The log ends now, to keep with a batch being sent.
     pub fn log_ends(&self) -> Arc<LogEnds> {
         Arc::new(lock(&self.log_ends).clone())
@@ -73,22 +117,30 @@ impl UnknownOutcomes {
         source: &Arc<str>,
         message_ids: impl Iterator<Item = &'a str>,
         sent_at: &Arc<LogEnds>,
+        journal_batch: Option<u64>,
     ) -> usize {
         let mut remembered = lock(&self.remembered);
         let mut dropped = 0;
+        let mut kept = 0;
         for id in message_ids {
             let key = (source.clone(), id.to_string());
             // An id already remembered keeps its earlier log ends.
-            if remembered.contains_key(&key) {
+            if remembered.events.contains_key(&key) {
                 continue;
             }
-            if remembered.len() >= MAX_REMEMBERED {
+            if remembered.events.len() >= MAX_REMEMBERED {
                 dropped += 1;
                 continue;
             }
-            remembered.insert(key, sent_at.clone());
+            remembered.events.insert(key, (sent_at.clone(), journal_batch));
+            kept += 1;
         }
-        self.count.store(remembered.len(), Ordering::Relaxed);
+        match journal_batch {
+            Some(number) if kept > 0 => *remembered.open_per_batch.entry(number).or_default() += kept,
+            // Nothing of it is in doubt here: the journal need not keep it.
+            _ => self.journal_settled(journal_batch),
+        }
+        self.count.store(remembered.events.len(), Ordering::Relaxed);
         dropped
     }
 
@@ -102,7 +154,7 @@ impl UnknownOutcomes {
         let mut ids = HashSet::new();
         let mut log_ends: Vec<&Arc<LogEnds>> = Vec::new();
         for event in &batch.events {
-            if let Some(sent_at) = remembered.get(&(batch.source.clone(), event.message_id.clone())) {
+            if let Some((sent_at, _)) = remembered.events.get(&(batch.source.clone(), event.message_id.clone())) {
                 ids.insert(event.message_id.clone());
                 if !log_ends.iter().any(|seen| Arc::ptr_eq(seen, sent_at)) {
                     log_ends.push(sent_at);
@@ -135,10 +187,20 @@ impl UnknownOutcomes {
             return;
         }
         let mut remembered = lock(&self.remembered);
+        let Remembered { events, open_per_batch } = &mut *remembered;
         for id in message_ids {
-            remembered.remove(&(source.clone(), id.to_string()));
+            let Some((_, Some(number))) = events.remove(&(source.clone(), id.to_string())) else {
+                continue;
+            };
+            if let Some(open) = open_per_batch.get_mut(&number) {
+                *open -= 1;
+                if *open == 0 {
+                    open_per_batch.remove(&number);
+                    self.journal_settled(Some(number));
+                }
+            }
         }
-        self.count.store(remembered.len(), Ordering::Relaxed);
+        self.count.store(events.len(), Ordering::Relaxed);
     }
 
     #[cfg(test)]
@@ -320,8 +382,8 @@ mod tests {
         outcomes.advance(0, 25);
         outcomes.advance(1, 7);
         let second = outcomes.log_ends();
-        outcomes.remember(&Arc::from("s"), ["a", "b"].into_iter(), &first);
-        outcomes.remember(&Arc::from("s"), ["c"].into_iter(), &second);
+        outcomes.remember(&Arc::from("s"), ["a", "b"].into_iter(), &first, None);
+        outcomes.remember(&Arc::from("s"), ["c"].into_iter(), &second, None);
 
         let (ids, start) = outcomes.unknown_in(&batch(&["a", "c", "x"])).unwrap();
         assert_eq!(ids, HashSet::from(["a".to_string(), "c".to_string()]));
@@ -343,7 +405,7 @@ mod tests {
     fn an_id_is_in_doubt_only_for_the_source_that_sent_it() {
         // Dedup is per (source, messageId): source b's "42" is another event.
         let outcomes = UnknownOutcomes::default();
-        outcomes.remember(&Arc::from("a"), ["42"].into_iter(), &outcomes.log_ends());
+        outcomes.remember(&Arc::from("a"), ["42"].into_iter(), &outcomes.log_ends(), None);
         assert!(outcomes.unknown_in(&batch_of("b", &["42"])).is_none());
         assert!(outcomes.unknown_in(&batch_of("a", &["42"])).is_some());
         outcomes.forget(&Arc::from("b"), ["42"].into_iter());
