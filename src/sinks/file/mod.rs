@@ -160,37 +160,41 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn writes_rotate_and_restart_opens_a_new_file_and_recovers_ids() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = FileSinkConfig {
+    /// 4 KB files, so each of `write_three_big_lines`' 3 KB lines rotates one.
+    fn small_files() -> FileSinkConfig {
+        FileSinkConfig {
             enabled: Some(true),
             max_file_bytes: 4096,
-        };
+        }
+    }
+
+    /// Writes three 3 KB lines whose ids start with 0, 1 and 2; the last step
+    /// (`before_writing`) runs once the sink is open.
+    async fn write_three_big_lines(dir: &Path, before_writing: impl FnOnce()) {
         let (sink, writer) = FileSink::open(
-            dir.path(),
-            &config,
+            dir,
+            &small_files(),
             test_limits(),
             Duration::from_secs(3600),
             &mut |_| {},
         )
         .unwrap();
+        before_writing();
         let big = "x".repeat(3000);
         for i in 0..3 {
-            sink.deliver(batch(&[&line(&format!("{i}{big}"))])).await.unwrap();
+            let delivered = sink.deliver(batch(&[&line(&format!("{i}{big}"))])).await;
+            assert!(delivered.is_ok(), "write {i}: {delivered:?}");
         }
         drop(sink);
         writer.await.unwrap();
-        assert_eq!(
-            list_files(dir.path()).unwrap().len(),
-            3,
-            "each 3 KB line rotates a 4 KB file"
-        );
+    }
 
+    /// Opens the sink again and returns the first letter of every id it recovers.
+    async fn recovered_id_initials(dir: &Path) -> Vec<char> {
         let mut ids = Vec::new();
         let (sink, writer) = FileSink::open(
-            dir.path(),
-            &config,
+            dir,
+            &small_files(),
             test_limits(),
             Duration::from_secs(3600),
             &mut |e| ids.push(e.message_id.chars().next().unwrap()),
@@ -198,7 +202,19 @@ mod tests {
         .unwrap();
         drop(sink);
         writer.await.unwrap();
-        assert_eq!(ids, ['0', '1', '2']);
+        ids
+    }
+
+    #[tokio::test]
+    async fn writes_rotate_and_restart_opens_a_new_file_and_recovers_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        write_three_big_lines(dir.path(), || {}).await;
+        assert_eq!(
+            list_files(dir.path()).unwrap().len(),
+            3,
+            "each 3 KB line rotates a 4 KB file"
+        );
+        assert_eq!(recovered_id_initials(dir.path()).await, ['0', '1', '2']);
         assert_eq!(
             list_files(dir.path()).unwrap().len(),
             4,
@@ -211,38 +227,11 @@ mod tests {
         // A rotation whose directory fsync failed leaves its new file behind; the
         // next rotation must not trip over that name (EEXIST) for ever.
         let dir = tempfile::tempdir().unwrap();
-        let config = FileSinkConfig {
-            enabled: Some(true),
-            max_file_bytes: 4096,
-        };
-        let (sink, writer) = FileSink::open(
-            dir.path(),
-            &config,
-            test_limits(),
-            Duration::from_secs(3600),
-            &mut |_| {},
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("events-00000002.ndjson"), b"").unwrap();
-        let big = "x".repeat(3000);
-        for i in 0..3 {
-            let delivered = sink.deliver(batch(&[&line(&format!("{i}{big}"))])).await;
-            assert!(delivered.is_ok(), "write {i}: {delivered:?}");
-        }
-        drop(sink);
-        writer.await.unwrap();
-        let mut ids = Vec::new();
-        let (sink, writer) = FileSink::open(
-            dir.path(),
-            &config,
-            test_limits(),
-            Duration::from_secs(3600),
-            &mut |e| ids.push(e.message_id.chars().next().unwrap()),
-        )
-        .unwrap();
-        drop(sink);
-        writer.await.unwrap();
-        assert_eq!(ids, ['0', '1', '2']);
+        write_three_big_lines(dir.path(), || {
+            std::fs::write(dir.path().join("events-00000002.ndjson"), b"").unwrap()
+        })
+        .await;
+        assert_eq!(recovered_id_initials(dir.path()).await, ['0', '1', '2']);
     }
 
     #[tokio::test]
