@@ -112,19 +112,7 @@ impl Server {
         let policy = load_policy(&config)?;
         let current = policy.borrow().clone();
         check_timings(&config, &current.policy)?;
-        // The file sink's lines are the truth for dedup only while it is the only
-        // sink: beside ClickHouse or Kafka a line there says nothing of them (a crash
-        // between the file's fsync and their writes leaves an event in the file alone,
-        // and its retry must reach them).
-        let file_is_the_only_sink = config.clickhouse.is_none() && config.kafka.is_none();
-        let delivery = build_delivery(&config, &current.policy, &config.server.data_dir, |event| {
-            if file_is_the_only_sink {
-                dedup.restore(
-                    DedupKey::new(event.source, event.message_id),
-                    event.received_at_unix_seconds,
-                )
-            }
-        })?;
+        let delivery = build_sinks(&config, &current.policy, &dedup)?;
         let shared_dedup = connect_shared_dedup(&config, &current.policy)?;
         let Delivery {
             routes,
@@ -211,6 +199,23 @@ fn start_maintenance(
         stop.run_until_cancelled(applier.run()).await;
     }));
     maintenance
+}
+
+/// The sinks, spool and stacks; the file sink's recent ids refill `dedup`, but only
+/// while it is the only sink: beside ClickHouse or Kafka a line there says nothing
+/// of them (a crash between the file's fsync and their writes leaves an event in the
+/// file alone, and its retry must reach them).
+fn build_sinks(config: &Config, policy: &Policy, dedup: &LocalDedup) -> Result<Delivery, StartupError> {
+    let file_is_the_only_sink = config.clickhouse.is_none() && config.kafka.is_none();
+    let delivery = build_delivery(config, policy, &config.server.data_dir, |event| {
+        if file_is_the_only_sink {
+            dedup.restore(
+                DedupKey::new(event.source, event.message_id),
+                event.received_at_unix_seconds,
+            )
+        }
+    })?;
+    Ok(delivery)
 }
 
 /// Dedup shared through Redis, when configured (it connects in the background).
