@@ -117,7 +117,7 @@ async fn main() {
     let mut config = Config::default();
     config.server.data_dir = work.path().join("data");
     let policy = LoadedPolicy::embedded();
-    let delivery = build_delivery(&config, &policy.policy, &config.server.data_dir, |_| {}).expect("delivery");
+    let delivery = build_delivery(&config, &policy.policy, &config.server.data_dir, None).expect("delivery");
     let route = delivery.routes[0].clone();
     route.queue.set_max_bytes(64 << 30);
     let appended = Arc::new(AtomicU64::new(0));

@@ -105,7 +105,7 @@ pub fn spool_replay(config: &Config) -> AdminResult {
         let data_dir = config.server.data_dir.clone();
         let _lock = lock_data_dir(&data_dir).map_err(|e| e.to_string())?;
         let policy = load_policy(config)?;
-        let delivery = build_delivery(config, &policy.policy, &data_dir, |_| {}).map_err(|e| e.to_string())?;
+        let delivery = build_delivery(config, &policy.policy, &data_dir, None).map_err(|e| e.to_string())?;
         for route in &delivery.routes {
             replay_queue(&delivery.spool, route, &policy.policy).await?;
         }

@@ -47,15 +47,20 @@ pub struct Delivery {
     pub batch_limits: Vec<(SinkKind, watch::Sender<BatchLimits>)>,
 }
 
-/// Builds every configured sink, its spool queue and its stack. `recovered` sees the
-/// events the file sink finds at start-up (for dedup).
+/// Builds every configured sink, its spool queue and its stack. `dedup_refill` sees
+/// the events the file sink finds at start-up, but only while the file sink is the
+/// only sink: beside ClickHouse or Kafka a line there says nothing of them (a crash
+/// between the file's fsync and their writes leaves an event in the file alone, and
+/// its retry must reach them); then the files are not read at all.
 pub fn build_delivery(
     config: &Config,
     policy: &Policy,
     data_dir: &Path,
-    mut recovered: impl FnMut(RecoveredEvent<'_>),
+    dedup_refill: Option<&mut dyn FnMut(RecoveredEvent<'_>)>,
 ) -> Result<Delivery, AssembleError> {
-    let handles = start_sinks(config, policy, data_dir, &mut recovered)?;
+    let file_is_the_only_sink = config.clickhouse.is_none() && config.kafka.is_none();
+    let recovered = dedup_refill.filter(|_| file_is_the_only_sink);
+    let handles = start_sinks(config, policy, data_dir, recovered)?;
     let queue_sizes: Vec<_> = handles
         .iter()
         .map(|handle| (handle.kind, policy.sink(handle.kind).spool.max_bytes))
@@ -92,7 +97,7 @@ fn start_sinks(
     config: &Config,
     policy: &Policy,
     data_dir: &Path,
-    recovered: &mut dyn FnMut(RecoveredEvent<'_>),
+    recovered: Option<&mut dyn FnMut(RecoveredEvent<'_>)>,
 ) -> Result<Vec<SinkHandle>, AssembleError> {
     let mut handles = Vec::new();
     if config.file_sink_enabled() {

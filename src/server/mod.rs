@@ -38,6 +38,7 @@ use crate::pipeline::replay::Replayer;
 use crate::pipeline::{Pipeline, SinkRoute};
 use crate::policy::{reload, LoadedPolicy, Policy, PolicyError};
 use crate::resilience;
+use crate::sinks::file::RecoveredEvent;
 use crate::spool::Spool;
 use crate::telemetry::{self, metric};
 use connections::ListenerSettings;
@@ -201,21 +202,21 @@ fn start_maintenance(
     maintenance
 }
 
-/// The sinks, spool and stacks; the file sink's recent ids refill `dedup`, but only
-/// while it is the only sink: beside ClickHouse or Kafka a line there says nothing
-/// of them (a crash between the file's fsync and their writes leaves an event in the
-/// file alone, and its retry must reach them).
+/// The sinks, spool and stacks; the file sink's recent ids refill `dedup` (see
+/// `build_delivery` for when).
 fn build_sinks(config: &Config, policy: &Policy, dedup: &LocalDedup) -> Result<Delivery, StartupError> {
-    let file_is_the_only_sink = config.clickhouse.is_none() && config.kafka.is_none();
-    let delivery = build_delivery(config, policy, &config.server.data_dir, |event| {
-        if file_is_the_only_sink {
-            dedup.restore(
-                DedupKey::new(event.source, event.message_id),
-                event.received_at_unix_seconds,
-            )
-        }
-    })?;
-    Ok(delivery)
+    let mut refill = |event: RecoveredEvent<'_>| {
+        dedup.restore(
+            DedupKey::new(event.source, event.message_id),
+            event.received_at_unix_seconds,
+        )
+    };
+    Ok(build_delivery(
+        config,
+        policy,
+        &config.server.data_dir,
+        Some(&mut refill),
+    )?)
 }
 
 /// Dedup shared through Redis, when configured (it connects in the background).

@@ -33,19 +33,20 @@ const FILE_PREFIX: &str = "events-";
 const FILE_SUFFIX: &str = ".ndjson";
 
 /// What the file sink needs to start.
-pub struct FileSinkSettings<'a> {
+pub struct FileSinkSettings<'a, 'r> {
     /// `<data_dir>/events`.
     pub dir: PathBuf,
     pub config: &'a FileSinkConfig,
     /// Events in files modified within this window are reported to `recovered`.
     pub recover_window: Duration,
-    /// Sees each event found at start-up (dedup refills itself from them).
-    pub recovered: &'a mut dyn FnMut(RecoveredEvent<'_>),
+    /// Sees each event found at start-up (dedup refills itself from them); `None`:
+    /// the files are repaired but not read.
+    pub recovered: Option<&'r mut dyn FnMut(RecoveredEvent<'_>)>,
 }
 
 /// Repairs the files, reports the recent events, opens a fresh file and starts the
 /// group-commit writer.
-pub fn start(settings: FileSinkSettings<'_>, batch: &BatchPolicy) -> Result<SinkHandle, FileError> {
+pub fn start(settings: FileSinkSettings<'_, '_>, batch: &BatchPolicy) -> Result<SinkHandle, FileError> {
     let (limits_sender, limits) = watch::channel(batch_limits_of(batch));
     let (sink, task) = FileSink::open(
         &settings.dir,
@@ -82,13 +83,16 @@ impl FileSink {
         config: &FileSinkConfig,
         limits: watch::Receiver<BatchLimits>,
         recover_window: Duration,
-        recovered: &mut dyn FnMut(RecoveredEvent<'_>),
+        mut recovered: Option<&mut dyn FnMut(RecoveredEvent<'_>)>,
     ) -> Result<(FileSink, tokio::task::JoinHandle<()>), FileError> {
         std::fs::create_dir_all(dir)?;
         let files = list_files(dir)?;
         let mut recovered_count = 0u64;
         for (_, path) in &files {
             repair_torn_tail(path)?;
+            let Some(recovered) = recovered.as_deref_mut() else {
+                continue;
+            };
             let modified = std::fs::metadata(path)?.modified()?;
             let age = SystemTime::now().duration_since(modified).unwrap_or_default();
             if age <= recover_window {
@@ -171,14 +175,8 @@ mod tests {
     /// Writes three 3 KB lines whose ids start with 0, 1 and 2; the last step
     /// (`before_writing`) runs once the sink is open.
     async fn write_three_big_lines(dir: &Path, before_writing: impl FnOnce()) {
-        let (sink, writer) = FileSink::open(
-            dir,
-            &small_files(),
-            test_limits(),
-            Duration::from_secs(3600),
-            &mut |_| {},
-        )
-        .unwrap();
+        let (sink, writer) =
+            FileSink::open(dir, &small_files(), test_limits(), Duration::from_secs(3600), None).unwrap();
         before_writing();
         let big = "x".repeat(3000);
         for i in 0..3 {
@@ -197,7 +195,7 @@ mod tests {
             &small_files(),
             test_limits(),
             Duration::from_secs(3600),
-            &mut |e| ids.push(e.message_id.chars().next().unwrap()),
+            Some(&mut |e| ids.push(e.message_id.chars().next().unwrap())),
         )
         .unwrap();
         drop(sink);
@@ -245,7 +243,7 @@ mod tests {
             &FileSinkConfig::default(),
             test_limits(),
             Duration::from_secs(60),
-            &mut |e| ids.push(e.message_id.to_string()),
+            Some(&mut |e| ids.push(e.message_id.to_string())),
         )
         .unwrap();
         drop(sink);

@@ -36,10 +36,7 @@ pub fn list_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(files)
 }
 
-/// Cuts a partial last line (a write interrupted by a crash; never acknowledged),
-/// and makes what stays durable before anything is read from it: a crash can leave
-/// whole lines that were written but never fsynced (never acknowledged either), and
-/// dedup must not trust a line the disk may not hold.
+/// Cuts a partial last line (a write interrupted by a crash; never acknowledged).
 pub(super) fn repair_torn_tail(path: &Path) -> std::io::Result<()> {
     let mut file = OpenOptions::new().read(true).write(true).open(path)?;
     let length = file.metadata()?.len();
@@ -50,7 +47,7 @@ pub(super) fn repair_torn_tail(path: &Path) -> std::io::Result<()> {
     file.seek(SeekFrom::Start(length - 1))?;
     std::io::Read::read_exact(&mut file, &mut last)?;
     if last[0] == b'\n' {
-        return file.sync_data();
+        return Ok(());
     }
     // Walk back in chunks to the last newline.
     let mut end = length;
@@ -83,8 +80,13 @@ struct RecordedIds<'a> {
     received_at: std::borrow::Cow<'a, str>,
 }
 
+/// Reports the events of one file. The file is made durable first: a crash can
+/// leave whole lines written but never fsynced (never acknowledged either), and
+/// dedup must not trust a line the disk may not hold.
 pub(super) fn scan_events(path: &Path, recovered: &mut dyn FnMut(RecoveredEvent<'_>)) -> std::io::Result<u64> {
-    let mut reader = BufReader::new(File::open(path)?);
+    let file = File::open(path)?;
+    file.sync_data()?;
+    let mut reader = BufReader::new(file);
     let mut line = Vec::new();
     let mut count = 0;
     let mut unreadable = 0u64;

@@ -27,7 +27,7 @@ const FILE_NAME: &str = "in-doubt.journal";
 /// The journal is rewritten with only its open batches past this size.
 const COMPACT_AFTER_BYTES: u64 = 64 * 1024 * 1024;
 
-/// One line of the journal.
+/// One line of the journal, as read.
 #[derive(Serialize, Deserialize)]
 #[serde(untagged)]
 enum Line {
@@ -41,6 +41,15 @@ enum Line {
     Settled {
         settled: u64,
     },
+}
+
+/// A `sent` line as written: borrowed from the batch, so writing it copies no id.
+#[derive(Serialize)]
+struct SentLine<'a> {
+    sent: u64,
+    source: &'a str,
+    ids: Vec<&'a str>,
+    ends: Vec<(i32, i64)>,
 }
 
 /// A batch found open at start-up: handed over, never settled.
@@ -105,10 +114,10 @@ impl Journal {
         let mut state = self.lock();
         let number = state.next;
         state.next += 1;
-        let line = Line::Sent {
+        let line = SentLine {
             sent: number,
-            source: source.to_string(),
-            ids: ids.map(str::to_string).collect(),
+            source,
+            ids: ids.collect(),
             ends: ends.iter().map(|(p, o)| (*p, *o)).collect(),
         };
         let mut bytes = serde_json::to_vec(&line).ok()?;
