@@ -160,10 +160,7 @@ mod tests {
 
     fn batch(events: usize) -> Arc<SinkBatch> {
         let event = NormalizedEvent::fixture("m", &[b'x'; 10]);
-        Arc::new(SinkBatch {
-            source: Arc::from("web"),
-            events: vec![event; events],
-        })
+        Arc::new(SinkBatch::new(Arc::from("web"), vec![event; events]))
     }
 
     #[derive(Debug, Clone, PartialEq)]

@@ -3,7 +3,7 @@
 //!
 //! Invariant: `event` imports nothing from the crate; every other module may use it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
@@ -83,13 +83,83 @@ impl NormalizedEvent {
 
 /// The new (not duplicate) events of one request, all from one source. Each sink
 /// encodes them its own way from the JSON and fields normalization produced once.
-#[derive(Debug)]
+///
+/// A sink that took the batch may need to know how the request behind it ended
+/// (Kafka keeps its in-doubt marks until then): it leaves a hook with
+/// [`SinkBatch::when_ended`]. The pipeline ends the batch settled once it is
+/// durable for every sink and its ids are marked seen (the replayer: once the spool
+/// records are deleted), and unsettled when the request fails; a batch dropped
+/// before either ends unsettled.
 pub struct SinkBatch {
     pub source: Arc<str>,
     pub events: Vec<NormalizedEvent>,
+    end_hooks: Mutex<Vec<EndHook>>,
+}
+
+/// How the request behind a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestEnd {
+    /// Durable for every sink and marked seen, or (replayed) its spool records deleted.
+    Settled,
+    /// Failed, abandoned or cut off by a crash: the batch will be sent again, by its
+    /// client or by the replayer.
+    Unsettled,
+}
+
+/// What a sink does when the request behind a batch ends; it is given the batch.
+pub type EndHook = Box<dyn FnOnce(RequestEnd, &SinkBatch) + Send>;
+
+impl std::fmt::Debug for SinkBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkBatch")
+            .field("source", &self.source)
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SinkBatch {
+    fn drop(&mut self) {
+        self.run_end_hooks(RequestEnd::Unsettled);
+    }
 }
 
 impl SinkBatch {
+    pub fn new(source: Arc<str>, events: Vec<NormalizedEvent>) -> SinkBatch {
+        SinkBatch {
+            source,
+            events,
+            end_hooks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Leaves `hook` to run when the request behind the batch ends.
+    pub fn when_ended(&self, hook: EndHook) {
+        self.end_hooks.lock().unwrap_or_else(|p| p.into_inner()).push(hook);
+    }
+
+    /// The request behind the batch has ended: the hooks left on it run now (once;
+    /// dropping the batch later does nothing more).
+    pub fn end(&self, how: RequestEnd) {
+        self.run_end_hooks(how);
+    }
+
+    /// Takes the events and source out (a batch with a `Drop` cannot be moved
+    /// apart); hooks left on it run as it is dropped.
+    pub fn into_parts(mut self) -> (Arc<str>, Vec<NormalizedEvent>) {
+        (
+            std::mem::replace(&mut self.source, Arc::from("")),
+            std::mem::take(&mut self.events),
+        )
+    }
+
+    fn run_end_hooks(&self, end: RequestEnd) {
+        let hooks = std::mem::take(&mut *self.end_hooks.lock().unwrap_or_else(|p| p.into_inner()));
+        for hook in hooks {
+            hook(end, self);
+        }
+    }
+
     /// JSON bytes of all events: the size measure batch limits use.
     pub fn json_bytes(&self) -> usize {
         self.events.iter().map(|e| e.json.len()).sum()

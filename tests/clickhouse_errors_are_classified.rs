@@ -25,10 +25,10 @@ fn batch() -> Vec<Arc<SinkBatch>> {
         source: "web",
     };
     let event = json!({"messageId":"m-1","userId":"u","event":"e"}).to_string();
-    vec![Arc::new(SinkBatch {
-        source: Arc::from("web"),
-        events: vec![normalize(ReceivedEvent::parse(&event).unwrap(), &request).unwrap()],
-    })]
+    vec![Arc::new(SinkBatch::new(
+        Arc::from("web"),
+        vec![normalize(ReceivedEvent::parse(&event).unwrap(), &request).unwrap()],
+    ))]
 }
 
 fn inserter(url: String, database: &str, create_table: bool) -> Inserter {
@@ -36,7 +36,7 @@ fn inserter(url: String, database: &str, create_table: bool) -> Inserter {
         url,
         database: database.into(),
         create_table,
-        insert_timeout_ms: 3_000,
+        insert_timeout_ms: Some(3_000),
         ..ClickHouseConfig::default()
     })
     .unwrap()

@@ -34,7 +34,7 @@ fn config_acknowledged(dir: &std::path::Path, clickhouse_port: u16, acknowledge:
         ],
     );
     format!(
-        "[server]\npolicy_file = \"{}\"\n\n[clickhouse]\nurl = \"http://127.0.0.1:{clickhouse_port}\"\ndatabase = \"{DATABASE}\"\ninsert_timeout_ms = 3000\nacknowledge = \"{acknowledge}\"\n",
+        "[server]\npolicy_file = \"{}\"\n\n[clickhouse]\nurl = \"http://127.0.0.1:{clickhouse_port}\"\ndatabase = \"{DATABASE}\"\nacknowledge = \"{acknowledge}\"\n",
         policy.display()
     )
 }

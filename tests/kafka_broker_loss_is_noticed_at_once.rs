@@ -62,10 +62,20 @@ fn broker_loss_spools_at_once_and_replay_delivers_everything_once() {
     assert_eq!(ready["sinks"]["kafka"]["healthy"], false, "{ready}");
 
     kafka.restart();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut deadline = Instant::now() + Duration::from_secs(60);
+    let mut broker_restarts = 0;
     while server.metric("breakwater_spool_events{sink=\"kafka\"}") > 0.0 {
-        if let Some(panic) = kafka.broker_panic() {
-            panic!("the broker panicked after its restart (a tansu defect, docs/chaos.md): {panic}");
+        // tansu's known panic after a kill -9 is outside breakwater: the broker is
+        // restarted (at most 3 times, said on stderr), as the chaos suite does.
+        if let Some(panic) = kafka.restart_after_new_panic(broker_restarts) {
+            broker_restarts += 1;
+            assert!(
+                broker_restarts <= 3,
+                "the broker (tansu, not breakwater) panicked {broker_restarts} times after its restart; \
+                 a tansu defect, docs/chaos.md: {panic}"
+            );
+            eprintln!("the broker (tansu) panicked ({panic}); restarted it, {broker_restarts} of at most 3");
+            deadline = Instant::now() + Duration::from_secs(60);
         }
         assert!(
             Instant::now() < deadline,

@@ -28,9 +28,9 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 fn batch(record: u64, events: usize) -> Arc<SinkBatch> {
-    Arc::new(SinkBatch {
-        source: Arc::from("web"),
-        events: (0..events)
+    Arc::new(SinkBatch::new(
+        Arc::from("web"),
+        (0..events)
             .map(|i| NormalizedEvent {
                 user_id: Some("u".into()),
                 anonymous_id: None,
@@ -42,7 +42,7 @@ fn batch(record: u64, events: usize) -> Arc<SinkBatch> {
                 )
             })
             .collect(),
-    })
+    ))
 }
 
 /// Record ids in the spool, oldest first.

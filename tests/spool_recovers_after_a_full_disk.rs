@@ -18,16 +18,6 @@ use support::*;
 const DATABASE: &str = "disk_full";
 const EVENTS_PER_REQUEST: usize = 50;
 
-fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
-    let limit = libc::rlimit {
-        rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: prlimit with a valid pid and a pointer to a live rlimit.
-    let result = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
-    assert_eq!(result, 0, "prlimit: {}", std::io::Error::last_os_error());
-}
-
 /// Posts one batch; returns the status and the error code, if any.
 fn send(server: &Server, round: &str, request: usize) -> (u16, Value, Vec<String>) {
     let ids: Vec<String> = (0..EVENTS_PER_REQUEST)
@@ -59,7 +49,7 @@ fn spool_refuses_while_the_disk_is_full_and_recovers_without_a_restart() {
         ],
     );
     let config = format!(
-        "[server]\npolicy_file = \"{}\"\n\n[clickhouse]\nurl = \"http://127.0.0.1:{clickhouse_port}\"\ndatabase = \"{DATABASE}\"\ninsert_timeout_ms = 2000\n",
+        "[server]\npolicy_file = \"{}\"\n\n[clickhouse]\nurl = \"http://127.0.0.1:{clickhouse_port}\"\ndatabase = \"{DATABASE}\"\n",
         policy.display()
     );
     // ClickHouse is not there: every batch goes to the spool.

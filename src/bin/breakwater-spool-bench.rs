@@ -68,10 +68,7 @@ fn batch(writer: usize, sequence: u64, size: usize) -> Arc<SinkBatch> {
             }
         })
         .collect();
-    Arc::new(SinkBatch {
-        source: Arc::from("default"),
-        events,
-    })
+    Arc::new(SinkBatch::new(Arc::from("default"), events))
 }
 
 /// Sequential writes of `chunk` bytes, each followed by fdatasync.

@@ -12,8 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::runtime;
 use crate::config::Config;
-use crate::event::SinkKind;
-use crate::pipeline::assemble::build_delivery;
+use crate::event::{RequestEnd, SinkKind};
+use crate::pipeline::assemble::{build_delivery, check_timings};
 use crate::pipeline::route::{dead_letter, SinkRoute};
 use crate::policy::{LoadedPolicy, Policy};
 use crate::server::lock_data_dir;
@@ -113,6 +113,14 @@ pub fn spool_replay(config: &Config) -> AdminResult {
     })
 }
 
+/// Replayed records are deleted: a sink waiting for their end (Kafka's in-doubt
+/// journal) may close them.
+fn settle(records: &[StoredBatch]) {
+    for record in records {
+        record.batch.end(RequestEnd::Settled);
+    }
+}
+
 /// Replays one sink's queue, round by round, until it is empty or the sink fails.
 async fn replay_queue(spool: &Arc<Spool>, route: &SinkRoute, policy: &Policy) -> AdminResult {
     let total = route.queue.events();
@@ -133,6 +141,7 @@ async fn replay_queue(spool: &Arc<Spool>, route: &SinkRoute, policy: &Policy) ->
         for record in &records {
             if let Err(error) = replay_record(spool, route, record).await {
                 route.queue.remove_keys(&done).map_err(|e| e.to_string())?;
+                settle(&records[..done.len()]);
                 bar.abandon_with_message(format!("stopped: {error}"));
                 return Err(format!("{} is still failing: {error}", route.kind.name()));
             }
@@ -140,6 +149,7 @@ async fn replay_queue(spool: &Arc<Spool>, route: &SinkRoute, policy: &Policy) ->
             bar.inc(record.batch.events.len() as u64);
         }
         route.queue.remove_keys(&done).map_err(|e| e.to_string())?;
+        settle(&records);
     }
     bar.finish_with_message("replayed");
     Ok(())
@@ -278,7 +288,8 @@ pub fn dlq_apply(config: &Config, keys: &[u64], action: DeadLetterAction, yes: b
 
 /// Validates a policy file or every `*.toml` in a directory and prints the
 /// effective policy of each valid file.
-pub fn policy_check(target: &Path) -> AdminResult {
+/// Validates policy files; with a server config, also their timings against it.
+pub fn policy_check(target: &Path, server: Option<&Config>) -> AdminResult {
     let results: Vec<(PathBuf, Result<LoadedPolicy, crate::policy::PolicyError>)> = if target.is_dir() {
         crate::policy::check_dir(target)?
     } else {
@@ -289,6 +300,15 @@ pub fn policy_check(target: &Path) -> AdminResult {
     }
     let mut invalid = 0;
     for (path, result) in &results {
+        let timing = match (result, server) {
+            (Ok(loaded), Some(config)) => check_timings(config, &loaded.policy).err(),
+            _ => None,
+        };
+        if let Some(error) = timing {
+            invalid += 1;
+            println!("INVALID {}: {error}", path.display());
+            continue;
+        }
         match result {
             Ok(loaded) => {
                 println!(

@@ -7,14 +7,14 @@
 pub mod admin;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{redact_url, Config, LogFormat, Source, WRITE_KEYS_ENV};
 use crate::event::SinkKind;
-use crate::pipeline::assemble::check_timings;
+use crate::pipeline::assemble::{check_timings, resolve_timings};
 use crate::policy::LoadedPolicy;
 
 #[derive(Parser)]
@@ -62,6 +62,11 @@ enum PolicyCommand {
         /// File or directory [default: policies].
         #[arg(default_value = "policies")]
         target: PathBuf,
+        /// Also check each policy's timings against this server config, as a
+        /// policy edit on a server started with it would be (Redis claims vs the
+        /// longest request, ClickHouse's INSERT vs one attempt).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -204,7 +209,7 @@ pub fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Config(ConfigCommand::Check(args)) => check(args),
-        Command::Policy(PolicyCommand::Check { target }) => finish(admin::policy_check(&target)),
+        Command::Policy(PolicyCommand::Check { target, config }) => finish(policy_check(&target, config)),
         Command::Spool(SpoolCommand::Stats(data)) => run_admin(&data, admin::spool_stats),
         Command::Spool(SpoolCommand::Replay(data)) => run_admin(&data, admin::spool_replay),
         Command::Spool(SpoolCommand::Purge { data, sink, yes }) => {
@@ -264,8 +269,26 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
+/// `policy check`: every policy valid, and, with `--config`, its timings hold for a
+/// server started with that config (its own policy resolving what config leaves unset).
+fn policy_check(target: &Path, config: Option<PathBuf>) -> Result<(), String> {
+    let server = match config {
+        None => None,
+        Some(path) => {
+            let mut config = Config::load(Some(&path), std::env::vars()).map_err(|e| e.to_string())?;
+            let started_with = match &config.server.policy_file {
+                Some(path) => LoadedPolicy::from_file(path).map_err(|e| e.to_string())?,
+                None => LoadedPolicy::embedded(),
+            };
+            resolve_timings(&mut config, &started_with.policy);
+            Some(config)
+        }
+    };
+    admin::policy_check(target, server.as_ref())
+}
+
 fn check(args: ConfigArgs) -> ExitCode {
-    let result = load_config(&args).and_then(|config| {
+    let result = load_config(&args).and_then(|mut config| {
         let sources = config
             .resolve_sources(std::env::var(WRITE_KEYS_ENV).ok().as_deref())
             .map_err(|e| e.to_string())?;
@@ -273,6 +296,7 @@ fn check(args: ConfigArgs) -> ExitCode {
             Some(path) => LoadedPolicy::from_file(path).map_err(|e| e.to_string())?,
             None => LoadedPolicy::embedded(),
         };
+        resolve_timings(&mut config, &policy.policy);
         check_timings(&config, &policy.policy).map_err(|e| e.to_string())?;
         Ok((config, sources))
     });

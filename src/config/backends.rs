@@ -193,8 +193,12 @@ pub struct ClickHouseConfig {
     pub schema: ClickHouseSchema,
     /// Create the database and table when missing (on first use).
     pub create_table: bool,
-    /// Whole INSERT deadline.
-    pub insert_timeout_ms: u64,
+    /// Whole INSERT deadline. It must end inside one attempt of the policy's
+    /// `clickhouse.timeout_ms` (after `clickhouse.batch.linger_ms` and
+    /// [`INSERT_MARGIN_MS`]): an attempt given up on while its INSERT runs on would
+    /// be retried as a second INSERT. Unset: the longest that fits, resolved from the
+    /// policy at start-up (`pipeline::assemble::resolve_timings`).
+    pub insert_timeout_ms: Option<u64>,
     pub compression: ClickHouseCompression,
     /// When a request counts as durable for this sink (see [`Acknowledge`]).
     pub acknowledge: Acknowledge,
@@ -210,10 +214,23 @@ impl Default for ClickHouseConfig {
             password: Secret::default(),
             schema: ClickHouseSchema::Auto,
             create_table: true,
-            insert_timeout_ms: 10_000,
+            insert_timeout_ms: None,
             compression: ClickHouseCompression::Lz4,
             acknowledge: Acknowledge::OnDelivery,
         }
+    }
+}
+
+/// Room left in one ClickHouse attempt beside its linger and its INSERT: encoding
+/// the group, scheduling, the HTTP exchange around the INSERT.
+pub const INSERT_MARGIN_MS: u64 = 250;
+
+impl ClickHouseConfig {
+    /// The INSERT deadline when none is set: what fits in one attempt of
+    /// `attempt_ms` after a linger of `linger_ms` (at least 1 ms; a policy that
+    /// leaves no room is refused by the timing check).
+    pub fn insert_timeout_fitting(attempt_ms: u64, linger_ms: u64) -> u64 {
+        attempt_ms.saturating_sub(linger_ms + INSERT_MARGIN_MS).max(1)
     }
 }
 

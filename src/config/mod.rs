@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::event::SinkKind;
 pub use backends::{
     redact_url, Acknowledge, ClickHouseCompression, ClickHouseConfig, ClickHouseSchema, FileSinkConfig, KafkaConfig,
-    KafkaKey, RedisConfig, Secret,
+    KafkaKey, RedisConfig, Secret, INSERT_MARGIN_MS,
 };
 pub use server::{
     DedupConfig, LimitsConfig, LogConfig, LogFormat, RejectedStoreConfig, ServerConfig, TlsConfig, WebSocketConfig,

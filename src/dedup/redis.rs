@@ -135,7 +135,24 @@ struct RedisClient {
     health: Arc<DependencyHealth>,
 }
 
+/// The oldest Redis major version the claim script runs on: `SET … NX GET` came
+/// with Redis 7.0.
+pub const OLDEST_SUPPORTED_MAJOR: u64 = 7;
+
+/// Why a Redis of this major version cannot serve as shared dedup, if it cannot.
+pub fn too_old(major: Option<u64>) -> Option<String> {
+    let major = major?;
+    (major < OLDEST_SUPPORTED_MAJOR).then(|| {
+        format!(
+            "redis {major}.x cannot serve as shared dedup: its claim uses SET … NX GET, \
+             which needs Redis {OLDEST_SUPPORTED_MAJOR}.0 or later"
+        )
+    })
+}
+
 pub struct RedisDedup {
+    /// The same pool the commands use, for the server's version.
+    pool: Pool,
     guard: Resilient<RedisCommand, RedisReply, RedisDedupError>,
     key_prefix: String,
     pending_wait: Duration,
@@ -166,7 +183,7 @@ impl RedisDedup {
         let _connections = pool.connect();
         let health = Arc::new(DependencyHealth::default());
         let client = Arc::new(RedisClient {
-            pool,
+            pool: pool.clone(),
             status_prefix: format!("{}::claim:", config.key_prefix),
             ttl_seconds: config.ttl_seconds as i64,
             pending_ttl_ms: config.pending_ttl_ms as i64,
@@ -177,11 +194,29 @@ impl RedisDedup {
             async move { client.execute(command).await }
         }));
         Ok(RedisDedup {
+            pool,
             guard: Resilient::new(DEPENDENCY_NAME, inner, calls)?,
             key_prefix: config.key_prefix.clone(),
             pending_wait: Duration::from_millis(config.pending_wait_ms),
             health,
         })
+    }
+
+    /// Refuses a Redis too old for the claim script (`too_old`), when it answers
+    /// within `wait`. One that does not is not waited for (it is checked again at
+    /// each claim that fails, and named in that error).
+    pub async fn check_server(&self, wait: Duration) -> Result<(), String> {
+        if tokio::time::timeout(wait, self.pool.wait_for_connect()).await.is_err() {
+            tracing::warn!(
+                "redis did not answer within {} ms at start-up; its version is checked once it does",
+                wait.as_millis()
+            );
+            return Ok(());
+        }
+        match too_old(self.pool.next().server_version().map(|v| v.major)) {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
     }
 
     /// Applies a reloaded `[redis]` policy.
@@ -315,7 +350,10 @@ impl RedisClient {
             )
             .await;
         count_round_trip("claim");
-        let answers = answers.map_err(|e| unavailable("claim", e))?;
+        let answers = answers.map_err(|e| match too_old(self.pool.next().server_version().map(|v| v.major)) {
+            Some(why) => unavailable_because("claim", why),
+            None => unavailable("claim", e),
+        })?;
         if answers.len() != keys.len() {
             return Err(unavailable_because(
                 "claim",
@@ -398,6 +436,18 @@ fn id_key(prefix: &str, source: &str, message_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn redis_older_than_7_is_refused_by_name() {
+        let why = too_old(Some(6)).expect("6.x refused");
+        assert!(
+            why.contains("redis 6.x") && why.contains("NX GET") && why.contains("7.0"),
+            "{why}"
+        );
+        assert_eq!(too_old(Some(7)), None);
+        assert_eq!(too_old(Some(8)), None);
+        // Unknown (not yet connected): not refused here; checked again later.
+        assert_eq!(too_old(None), None);
+    }
 
     #[test]
     fn ids_of_two_sources_never_share_a_key() {

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::route::SinkRoute;
 use crate::batcher::BatchLimits;
-use crate::config::{invalid, Acknowledge, Config, ConfigError};
+use crate::config::{invalid, Acknowledge, ClickHouseConfig, Config, ConfigError, INSERT_MARGIN_MS};
 use crate::dedup::redis::{self, RedisDedup};
 use crate::event::SinkKind;
 use crate::policy::{CallPolicy, LoadedPolicy, Policy};
@@ -83,6 +83,7 @@ pub fn build_delivery(
             acknowledge: config.acknowledge(kind),
             queue,
             health: handle.health,
+            unsettled: Arc::default(),
         });
         delivery.background.extend(handle.tasks);
         if let Some(sender) = handle.batch_limits {
@@ -141,12 +142,59 @@ pub fn calls_for(config: &Config, policy: &Policy, sink: SinkKind) -> CallPolicy
     calls
 }
 
-/// The timing relations the guarantees depend on, checked before serving (and by
-/// `config check`): a request's Redis claims must outlive the longest the request can
-/// take (every called sink at once, each with every attempt, backoff and wait of its
-/// stack, then the Redis commit). A claim that expires first lets a client's retry,
-/// or another instance, claim the same ids and deliver them a second time.
+/// Fills in the timings left unset in config that the policy decides: ClickHouse's
+/// INSERT deadline (the longest that fits in one attempt). Done once, before the
+/// sinks start, so a later policy edit is checked against the deadline in force.
+pub fn resolve_timings(config: &mut Config, policy: &Policy) {
+    if let Some(clickhouse) = &mut config.clickhouse {
+        let batch = &policy.clickhouse.batch;
+        clickhouse.insert_timeout_ms.get_or_insert_with(|| {
+            ClickHouseConfig::insert_timeout_fitting(policy.clickhouse.timeout_ms, batch.linger_ms)
+        });
+    }
+}
+
+/// The timing relations the guarantees depend on, checked before serving, before a
+/// policy edit is applied, and by `config check` / `policy check --config`.
 pub fn check_timings(config: &Config, policy: &Policy) -> Result<(), ConfigError> {
+    check_insert_fits_an_attempt(config, policy)?;
+    check_claims_outlive_requests(config, policy)
+}
+
+/// ClickHouse: one attempt must outlast its INSERT (linger, then the INSERT up to
+/// `insert_timeout_ms`). An attempt given up on while its INSERT runs on is retried
+/// as a second INSERT of the same rows.
+fn check_insert_fits_an_attempt(config: &Config, policy: &Policy) -> Result<(), ConfigError> {
+    let Some(clickhouse) = &config.clickhouse else {
+        return Ok(());
+    };
+    let attempt_ms = policy.clickhouse.timeout_ms;
+    let linger_ms = policy.clickhouse.batch.linger_ms;
+    let insert_ms = clickhouse
+        .insert_timeout_ms
+        .unwrap_or_else(|| ClickHouseConfig::insert_timeout_fitting(attempt_ms, linger_ms));
+    if attempt_ms >= linger_ms + insert_ms + INSERT_MARGIN_MS {
+        return Ok(());
+    }
+    Err(invalid(
+        "clickhouse.insert_timeout_ms",
+        format!(
+            "is {insert_ms} ms, but one attempt of the policy's clickhouse.timeout_ms ({attempt_ms} ms) \
+             must hold clickhouse.batch.linger_ms ({linger_ms} ms), the INSERT and a {INSERT_MARGIN_MS} ms \
+             margin: an attempt given up on while its INSERT runs on would be retried as a second \
+             INSERT. Lower clickhouse.insert_timeout_ms to at most {} ms (or leave it unset to fit), \
+             or raise the policy's clickhouse.timeout_ms to at least {} ms",
+            attempt_ms.saturating_sub(linger_ms + INSERT_MARGIN_MS),
+            linger_ms + insert_ms + INSERT_MARGIN_MS
+        ),
+    ))
+}
+
+/// Redis: a request's claims must outlive the longest the request can take (every
+/// called sink at once, each with every attempt, backoff and wait of its stack, then
+/// the Redis commit). A claim that expires first lets a client's retry, or another
+/// instance, claim the same ids and deliver them a second time.
+fn check_claims_outlive_requests(config: &Config, policy: &Policy) -> Result<(), ConfigError> {
     let Some(redis) = &config.redis else {
         return Ok(());
     };
@@ -295,6 +343,39 @@ mod tests {
                 check_timings(&config, &policy)
             );
         }
+    }
+
+    #[test]
+    fn an_insert_that_can_outlast_its_attempt_is_refused_with_the_keys_named() {
+        let mut policy = LoadedPolicy::embedded().policy;
+        policy.clickhouse.timeout_ms = 5_000;
+        policy.clickhouse.batch.linger_ms = 10;
+        let mut config = Config {
+            clickhouse: Some(ClickHouseConfig {
+                insert_timeout_ms: Some(10_000),
+                ..ClickHouseConfig::default()
+            }),
+            ..Config::default()
+        };
+        let error = check_timings(&config, &policy).unwrap_err().to_string();
+        for key in [
+            "clickhouse.insert_timeout_ms",
+            "clickhouse.timeout_ms",
+            "clickhouse.batch.linger_ms",
+        ] {
+            assert!(error.contains(key), "{key} not named: {error}");
+        }
+        assert!(error.contains("at most 4740 ms"), "{error}");
+
+        // Unset, it is resolved to the longest that fits, and holds.
+        config.clickhouse.as_mut().unwrap().insert_timeout_ms = None;
+        resolve_timings(&mut config, &policy);
+        assert_eq!(config.clickhouse.as_ref().unwrap().insert_timeout_ms, Some(4_740));
+        assert!(check_timings(&config, &policy).is_ok());
+
+        // A policy edit that shortens the attempt below the deadline in force is refused.
+        policy.clickhouse.timeout_ms = 1_000;
+        assert!(check_timings(&config, &policy).is_err());
     }
 
     #[test]

@@ -17,6 +17,8 @@ use crate::telemetry::metric;
 /// Where one sink's copy of a request ended up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
+    /// Made durable for this sink by an earlier, failed request (`unsettled.rs`).
+    AlreadyDurable,
     Delivered,
     Spooled,
     DeadLettered,
@@ -49,7 +51,7 @@ pub(super) async fn deliver_everywhere(
             Ok(Outcome::Delivered) => {
                 metrics::counter!(metric::SINK_EVENTS_SENT, "sink" => route.kind.name()).increment(events)
             }
-            Ok(Outcome::Spooled | Outcome::DeadLettered) => {}
+            Ok(Outcome::AlreadyDurable | Outcome::Spooled | Outcome::DeadLettered) => {}
             Err(error) => {
                 tracing::debug!(sink = route.kind.name(), %error, events, "not durable for this sink");
                 first_error.get_or_insert(error);
@@ -63,6 +65,22 @@ pub(super) async fn deliver_everywhere(
 /// delivers it from there), else through its stack with the spool and the
 /// dead-letter table behind.
 async fn deliver_one(
+    route: &SinkRoute,
+    spool: &Arc<Spool>,
+    room: SpoolRoom<'_>,
+    batch: Arc<SinkBatch>,
+) -> Result<Outcome, PipelineError> {
+    // The resend of a failed request: what this route made durable then is left out.
+    let Some(copy) = route.unsettled.copy_for(route.kind, &batch) else {
+        return Ok(Outcome::AlreadyDurable);
+    };
+    let outcome = deliver_copy(route, spool, room, copy).await?;
+    route.unsettled.watch(route.kind, &batch);
+    Ok(outcome)
+}
+
+/// One sink's copy, delivered, spooled or dead-lettered.
+async fn deliver_copy(
     route: &SinkRoute,
     spool: &Arc<Spool>,
     room: SpoolRoom<'_>,

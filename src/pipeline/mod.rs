@@ -6,7 +6,8 @@
 //! cannot interrupt it between "durable" and "seen".
 //!
 //! `deliver.rs` is one batch to every sink, `route.rs` one sink's route and the one
-//! dead-letter path, `replay.rs` the spool's replayer, `assemble.rs` builds sinks,
+//! dead-letter path, `unsettled.rs` a route's memory of copies made durable for
+//! requests that then failed, `replay.rs` the spool's replayer, `assemble.rs` builds sinks,
 //! spool and stacks from config and policy, and applies policy reloads to them.
 //!
 //! Invariant: knows nothing of HTTP; imports the stages (sinks, spool, dedup) and
@@ -16,6 +17,7 @@ pub mod assemble;
 mod deliver;
 pub mod replay;
 pub mod route;
+mod unsettled;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::dedup::redis::{Claim, ClaimOutcome, RedisDedup, RedisDedupError};
 use crate::dedup::{DedupKey, LocalDedup, Verdict};
-use crate::event::{NormalizedEvent, SinkBatch};
+use crate::event::{NormalizedEvent, RequestEnd, SinkBatch};
 use crate::sinks::SinkError;
 use crate::spool::{Spool, SpoolError};
 use crate::telemetry::metric;
@@ -132,20 +134,23 @@ async fn ingest_to_completion(
         .filter_map(|(event, new)| new.then_some(event))
         .collect();
     let accepted = new_events.len();
+    let batch = Arc::new(SinkBatch::new(source.clone(), new_events));
     if accepted > 0 {
-        let batch = Arc::new(SinkBatch {
-            source: source.clone(),
-            events: new_events,
-        });
-        if let Err(error) = deliver_everywhere(routes, spool, batch).await {
+        if let Err(error) = deliver_everywhere(routes, spool, batch.clone()).await {
             // Nothing is committed: the reservation drops, the claims are released,
-            // and the client's retry is free to succeed.
+            // and the client's retry is free to succeed. The batch ends unsettled
+            // first, so a sink that has it already knows before the retry comes.
+            batch.end(RequestEnd::Unsettled);
             dedup.release_shared(claim.as_ref()).await;
             return Err(error);
         }
     }
-    dedup.commit_shared(claim).await;
+    let marked_seen = dedup.commit_shared(claim).await;
     reservation.commit();
+    if marked_seen {
+        // A crash from here on leaves nothing in doubt: a resend is a duplicate.
+        batch.end(RequestEnd::Settled);
+    }
     Ok(Ingested {
         accepted,
         duplicates: total - accepted,
@@ -200,13 +205,19 @@ impl Dedup {
         }
     }
 
-    /// Marks this request's Redis claims delivered.
-    async fn commit_shared(&self, claim: Option<Claim>) {
-        if let (Some(shared), Some(claim)) = (&self.shared, claim) {
-            if let Err(error) = shared.commit(claim).await {
-                // The events are durable; only the shared memory of them is missing. Their
-                // claims expire after pending_ttl_ms, after which a repeat is delivered again.
+    /// Marks this request's Redis claims delivered; false if that failed.
+    async fn commit_shared(&self, claim: Option<Claim>) -> bool {
+        let (Some(shared), Some(claim)) = (&self.shared, claim) else {
+            return true;
+        };
+        match shared.commit(claim).await {
+            Ok(()) => true,
+            Err(error) => {
+                // The events are durable; only the shared memory of them is missing.
+                // Their claims expire after pending_ttl_ms; a repeat after that is
+                // checked by the sinks that keep in-doubt marks (Kafka).
                 tracing::warn!(%error, "delivered, but could not mark ids seen in redis");
+                false
             }
         }
     }

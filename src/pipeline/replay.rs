@@ -21,7 +21,7 @@ use tower_resilience::circuitbreaker::CircuitState;
 
 use super::route::{dead_letter, SinkRoute};
 use crate::config::Acknowledge;
-use crate::event::{NormalizedEvent, SinkBatch, SinkKind};
+use crate::event::{NormalizedEvent, RequestEnd, SinkBatch, SinkKind};
 use crate::policy::{LoadedPolicy, SpoolPolicy};
 use crate::sinks::ResilientSink;
 use crate::spool::{RecordKey, SinkQueue, Spool, StoredBatch};
@@ -68,25 +68,24 @@ fn join_records(records: Vec<StoredBatch>, max_events: usize) -> Vec<ReplayCall>
         if !keys.is_empty() && (!same_source || events.len() + count > max_events) {
             calls.push(ReplayCall {
                 records: std::mem::take(&mut keys),
-                batch: Arc::new(SinkBatch {
-                    source: source.take().expect("a source with every record"),
-                    events: std::mem::take(&mut events),
-                }),
+                batch: Arc::new(SinkBatch::new(
+                    source.take().expect("a source with every record"),
+                    std::mem::take(&mut events),
+                )),
             });
         }
         keys.push(record.record_key());
         // The round owns what it read: the events move, they are not copied.
-        let batch = Arc::try_unwrap(record.batch).unwrap_or_else(|shared| SinkBatch {
-            source: shared.source.clone(),
-            events: shared.events.clone(),
-        });
-        source.get_or_insert(batch.source);
-        events.extend(batch.events);
+        let (record_source, record_events) = Arc::try_unwrap(record.batch)
+            .map(SinkBatch::into_parts)
+            .unwrap_or_else(|shared| (shared.source.clone(), shared.events.clone()));
+        source.get_or_insert(record_source);
+        events.extend(record_events);
     }
     if let Some(source) = source {
         calls.push(ReplayCall {
             records: keys,
-            batch: Arc::new(SinkBatch { source, events }),
+            batch: Arc::new(SinkBatch::new(source, events)),
         });
     }
     calls
@@ -257,6 +256,7 @@ impl Replayer {
         let outcomes = join_all(calls.iter().map(|call| self.sink.call(call.batch.clone()))).await;
         let mut done: Vec<RecordKey> = Vec::new();
         let mut failed = false;
+        let mut settled_calls = Vec::new();
         for (call, outcome) in calls.iter().zip(outcomes) {
             let settled = match outcome {
                 Ok(()) => true,
@@ -267,27 +267,40 @@ impl Replayer {
             };
             if settled {
                 done.extend_from_slice(&call.records);
+                settled_calls.push(call);
             } else {
                 failed = true;
             }
         }
-        self.remove(done).await;
+        if self.remove(done).await {
+            // Only now may a sink forget these batches were in flight: a crash
+            // before the delete replays them, and the sink must still know. The
+            // calls not settled end unsettled as they are dropped.
+            for call in settled_calls {
+                call.batch.end(RequestEnd::Settled);
+            }
+        }
         !failed
     }
 
-    /// Deletes delivered records and counts them as replayed.
-    async fn remove(&self, done: Vec<RecordKey>) {
+    /// Deletes delivered records and counts them as replayed; false if the delete
+    /// failed (the records may come back after a restart).
+    async fn remove(&self, done: Vec<RecordKey>) -> bool {
         if done.is_empty() {
-            return;
+            return true;
         }
         let delivered: u64 = done.iter().map(|record| record.events as u64).sum();
         let queue = self.queue.clone();
-        let removed = tokio::task::spawn_blocking(move || queue.remove_keys(&done)).await;
-        if !matches!(removed, Ok(Ok(()))) {
+        let removed = matches!(
+            tokio::task::spawn_blocking(move || queue.remove_keys(&done)).await,
+            Ok(Ok(()))
+        );
+        if !removed {
             // The queue keeps them out of replay and deletes them later.
             tracing::error!(sink = self.kind.name(), "could not delete replayed records yet");
         }
         metrics::counter!(metric::SPOOL_REPLAYED_EVENTS, "sink" => self.kind.name()).increment(delivered);
+        removed
     }
 }
 
@@ -300,12 +313,12 @@ mod tests {
             key,
             created_at_ms: 0,
             stored_bytes: 10 * key,
-            batch: Arc::new(SinkBatch {
-                source: Arc::from(source),
-                events: (0..events)
+            batch: Arc::new(SinkBatch::new(
+                Arc::from(source),
+                (0..events)
                     .map(|i| NormalizedEvent::fixture(&format!("{key}-{i}"), b"{}"))
                     .collect(),
-            }),
+            )),
         }
     }
 

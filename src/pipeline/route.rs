@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::unsettled::UnsettledCopies;
 use crate::config::Acknowledge;
 use crate::event::{SinkBatch, SinkKind};
 use crate::sinks::{ResilientSink, SinkError};
@@ -21,6 +22,9 @@ pub struct SinkRoute {
     pub acknowledge: Acknowledge,
     pub queue: Arc<SinkQueue>,
     pub health: Arc<DependencyHealth>,
+    /// What this route made durable for requests that then failed, left out of
+    /// their resends (`unsettled.rs`).
+    pub unsettled: Arc<UnsettledCopies>,
 }
 
 /// Keeps a batch its sink rejected for good in the dead-letter table, with the

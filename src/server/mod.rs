@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, Source, WRITE_KEYS_ENV};
+use crate::config::{redact_url, Config, ConfigError, Source, WRITE_KEYS_ENV};
 use crate::dedup::redis::RedisDedup;
 use crate::dedup::{DedupKey, LocalDedup};
 use crate::intake::auth::WriteKeys;
@@ -33,7 +33,9 @@ use crate::intake::rate_limit::SourceRateLimits;
 use crate::intake::rejected_store::RejectedStore;
 use crate::intake::websocket::ConnectionRegistry;
 use crate::intake::{InFlightLimit, IntakeState};
-use crate::pipeline::assemble::{build_delivery, check_timings, AssembleError, Delivery, PolicyApplier};
+use crate::pipeline::assemble::{
+    build_delivery, check_timings, resolve_timings, AssembleError, Delivery, PolicyApplier,
+};
 use crate::pipeline::replay::Replayer;
 use crate::pipeline::{Pipeline, SinkRoute};
 use crate::policy::{reload, LoadedPolicy, Policy, PolicyError};
@@ -105,16 +107,17 @@ type PolicyFeed = watch::Receiver<Arc<LoadedPolicy>>;
 
 impl Server {
     /// Builds every part in order; any failure is a clear `StartupError`.
-    async fn start(config: Config) -> Result<Server, StartupError> {
+    async fn start(mut config: Config) -> Result<Server, StartupError> {
         let sources = check_sources(&config)?;
         let lock = prepare_data_dir(&config)?;
         let metrics = telemetry::install_metrics().map_err(StartupError::Metrics)?;
         let dedup = Arc::new(local_dedup(&config));
         let policy = load_policy(&config)?;
         let current = policy.borrow().clone();
+        resolve_timings(&mut config, &current.policy);
         check_timings(&config, &current.policy)?;
         let delivery = build_sinks(&config, &current.policy, &dedup)?;
-        let shared_dedup = connect_shared_dedup(&config, &current.policy)?;
+        let shared_dedup = connect_shared_dedup(&config, &current.policy).await?;
         let Delivery {
             routes,
             spool,
@@ -220,11 +223,18 @@ fn build_sinks(config: &Config, policy: &Policy, dedup: &LocalDedup) -> Result<D
 }
 
 /// Dedup shared through Redis, when configured (it connects in the background).
-fn connect_shared_dedup(config: &Config, policy: &Policy) -> Result<Option<Arc<RedisDedup>>, StartupError> {
+/// Connects shared dedup; a Redis that answers at start-up and is too old for it
+/// is refused (one that does not answer is not waited for).
+async fn connect_shared_dedup(config: &Config, policy: &Policy) -> Result<Option<Arc<RedisDedup>>, StartupError> {
     let Some(redis) = &config.redis else {
         return Ok(None);
     };
     let dedup = RedisDedup::connect(redis, &policy.redis).map_err(StartupError::Backend)?;
+    let wait = Duration::from_millis(redis.connect_timeout_ms).min(Duration::from_secs(2));
+    dedup
+        .check_server(wait)
+        .await
+        .map_err(|why| StartupError::Backend(format!("redis.url {}: {why}", redact_url(&redis.url))))?;
     Ok(Some(Arc::new(dedup)))
 }
 

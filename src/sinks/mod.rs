@@ -207,10 +207,7 @@ mod tests {
     use tower_resilience::circuitbreaker::CircuitState;
 
     fn batch() -> Arc<SinkBatch> {
-        Arc::new(SinkBatch {
-            source: Arc::from("web"),
-            events: Vec::new(),
-        })
+        Arc::new(SinkBatch::new(Arc::from("web"), Vec::new()))
     }
 
     /// A sink that fails its first `failures` calls with `error`, then succeeds.

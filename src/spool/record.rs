@@ -165,7 +165,7 @@ pub fn decode(bytes: &[u8]) -> Result<(i64, SinkBatch), CorruptRecord> {
     if !reader.bytes.is_empty() {
         return Err(CorruptRecord::Body("trailing bytes"));
     }
-    Ok((created_at_ms, SinkBatch { source, events }))
+    Ok((created_at_ms, SinkBatch::new(source, events)))
 }
 
 /// `body length | LZ4 block` back to the body.
@@ -252,9 +252,9 @@ mod tests {
     use super::*;
 
     pub fn sample(events: usize) -> SinkBatch {
-        SinkBatch {
-            source: Arc::from("web"),
-            events: (0..events)
+        SinkBatch::new(
+            Arc::from("web"),
+            (0..events)
                 .map(|i| NormalizedEvent {
                     event_type: EventType::ALL[i % 6],
                     user_id: (i % 2 == 0).then(|| format!("u-{i}")),
@@ -264,7 +264,7 @@ mod tests {
                     ..NormalizedEvent::fixture(&format!("m-{i}"), format!("{{\"i\":{i}}}").as_bytes())
                 })
                 .collect(),
-        }
+        )
     }
 
     fn assert_round_trip(bytes: &[u8], batch: &SinkBatch, created_at_ms: i64) {

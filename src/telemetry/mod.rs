@@ -35,6 +35,9 @@ pub mod metric {
     pub const EVENTS_REJECTED: &str = "breakwater_events_rejected_total";
     /// Events made durable by a sink, by `sink` (counter).
     pub const SINK_EVENTS_SENT: &str = "breakwater_sink_events_sent_total";
+    /// Events left out of a sink's write because the sink wrote them for an earlier
+    /// request that then failed (its resend), by `sink` (counter; `sinks/unsettled.rs`).
+    pub const SINK_UNSETTLED_LEFT_OUT_EVENTS: &str = "breakwater_sink_unsettled_left_out_events_total";
     /// Sink write failures, by `sink` and `kind` (counter).
     pub const SINK_ERRORS: &str = "breakwater_sink_errors_total";
     /// fsync duration of the file sink (histogram, seconds).
@@ -246,6 +249,10 @@ fn describe_sinks() {
         "Time a request waits for one sink to make its events durable (delivered or spooled)."
     );
     describe_counter!(SINK_EVENTS_SENT, "Events made durable by a sink.");
+    describe_counter!(
+        SINK_UNSETTLED_LEFT_OUT_EVENTS,
+        "Events not written again by a sink: it wrote them for an earlier request that then failed, and this is its resend."
+    );
     describe_counter!(SINK_ERRORS, "Sink write failures by sink and kind.");
     describe_histogram!(
         FILE_SINK_FSYNC_DURATION,

@@ -451,6 +451,20 @@ impl Kafka {
             .unwrap_or(0)
     }
 
+    /// The rule for tansu's known panic after a kill -9 (docs/chaos.md, "tansu"):
+    /// when the broker has panicked more often than `restarts_so_far`, it is killed
+    /// and started again, and the panic is returned so the caller can say so. A
+    /// caller bounds how many such restarts it allows and fails naming tansu.
+    pub fn restart_after_new_panic(&mut self, restarts_so_far: usize) -> Option<String> {
+        if self.panic_count() <= restarts_so_far {
+            return None;
+        }
+        let panic = self.broker_panic().unwrap_or_default();
+        self.kill9();
+        self.restart();
+        Some(panic)
+    }
+
     fn log_file(dir: &Path) -> std::fs::File {
         std::fs::OpenOptions::new()
             .create(true)

@@ -285,3 +285,15 @@ pub fn policy_file(dir: &std::path::Path, name: &str, edits: &[(&str, &str, &str
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// Makes the disk "full" for one process on cue: its writes past `bytes` in any file
+/// fail with EFBIG (RLIMIT_FSIZE), as on a full disk; `None` lifts the limit.
+pub fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
+    let limit = libc::rlimit {
+        rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit with a valid pid and a pointer to a live rlimit.
+    let result = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    assert_eq!(result, 0, "prlimit: {}", std::io::Error::last_os_error());
+}

@@ -31,6 +31,12 @@ pub struct Backends {
     /// blackhole faults).
     #[serde(default)]
     pub clickhouse_proxy: bool,
+    /// The file sink on beside the others (its NDJSON files are checked too).
+    #[serde(default)]
+    pub file: bool,
+    /// `acknowledge` for ClickHouse and Kafka: "on_delivery" (default) or "on_spool".
+    #[serde(default)]
+    pub acknowledge: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +84,11 @@ pub enum Action {
     Blackhole,
     /// Through the fault proxy: every connection closed as soon as data flows.
     Reset,
+    /// breakwater only: SIGTERM (a graceful stop); restarted after `duration_seconds`.
+    Terminate,
+    /// breakwater only: its disk is full for `duration_seconds` (RLIMIT_FSIZE at the
+    /// spool file's size: writes that would grow a file fail, as on a full disk).
+    DiskFull,
 }
 
 #[derive(Debug, Clone, Deserialize)]

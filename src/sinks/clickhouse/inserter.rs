@@ -57,7 +57,9 @@ impl Inserter {
             table: config.table.clone(),
             schema: config.schema,
             create_table: config.create_table,
-            insert_timeout: Duration::from_millis(config.insert_timeout_ms),
+            // Resolved from the policy before the sink starts (assemble::resolve_timings);
+            // 10 s for an inserter built on its own (tools, tests).
+            insert_timeout: Duration::from_millis(config.insert_timeout_ms.unwrap_or(10_000)),
             layout: tokio::sync::Mutex::new(None),
         })
     }

@@ -142,10 +142,7 @@ mod tests {
             .iter()
             .map(|line| NormalizedEvent::fixture("", line.as_bytes()))
             .collect();
-        Arc::new(SinkBatch {
-            source: Arc::from("web"),
-            events,
-        })
+        Arc::new(SinkBatch::new(Arc::from("web"), events))
     }
 
     fn test_limits() -> watch::Receiver<BatchLimits> {

@@ -2,6 +2,12 @@
 //! answered once every message is acknowledged. Events handed over whose outcome
 //! is unknown when the call ends are remembered (`InDoubt`), and a later batch
 //! holding any of them is first checked against the topic (`readback.rs`).
+//!
+//! A batch Kafka acknowledged stays in doubt until the request behind it ends
+//! (`SinkBatch::when_ended`): settled, its journal entry is closed; unsettled (another
+//! sink failed it, so its client will resend it), its events are remembered as
+//! written, and the resend is read back instead of produced again. Until then its
+//! journal entry stays open, so a crash in between is read back after the restart.
 
 use std::sync::Arc;
 
@@ -13,7 +19,7 @@ use super::errors::{classify, refused_by_broker, KafkaSinkError};
 use super::readback::{self, LogEnds, ReadBackError, UnknownOutcomes};
 use super::KafkaSink;
 use crate::config::KafkaKey;
-use crate::event::{NormalizedEvent, SinkBatch};
+use crate::event::{EndHook, NormalizedEvent, RequestEnd, SinkBatch};
 use crate::telemetry::metric;
 
 /// Events handed to librdkafka for one batch; unless the batch is settled as
@@ -31,25 +37,61 @@ struct InDoubt<'a> {
 
 impl Drop for InDoubt<'_> {
     fn drop(&mut self) {
-        if self.settled || self.handed_over == 0 {
+        if self.settled {
+            return;
+        }
+        if self.handed_over == 0 {
             self.outcomes.journal_settled(self.journal_batch);
             return;
         }
         let ids = self.batch.events[..self.handed_over]
             .iter()
             .map(|e| e.message_id.as_str());
-        let unremembered = self
-            .outcomes
-            .remember(&self.batch.source, ids, &self.log_ends, self.journal_batch);
         metrics::counter!(metric::KAFKA_UNKNOWN_OUTCOME_EVENTS).increment(self.handed_over as u64);
-        if unremembered > 0 {
-            metrics::counter!(metric::KAFKA_READ_BACK_UNVERIFIED_EVENTS).increment(unremembered as u64);
-            tracing::warn!(
-                events = unremembered,
-                "kafka: too many events of unknown outcome to remember; these may be written twice on replay"
-            );
-        }
+        remember(
+            self.outcomes,
+            &self.batch.source,
+            ids,
+            &self.log_ends,
+            self.journal_batch,
+        );
     }
+}
+
+/// Remembers events that may be in the topic; warns about those the memory bound
+/// left out.
+fn remember<'a>(
+    outcomes: &UnknownOutcomes,
+    source: &Arc<str>,
+    ids: impl Iterator<Item = &'a str>,
+    log_ends: &Arc<LogEnds>,
+    journal_batch: Option<u64>,
+) {
+    let unremembered = outcomes.remember(source, ids, log_ends, journal_batch);
+    if unremembered > 0 {
+        metrics::counter!(metric::KAFKA_READ_BACK_UNVERIFIED_EVENTS).increment(unremembered as u64);
+        tracing::warn!(
+            events = unremembered,
+            "kafka: too many events of unknown outcome to remember; these may be written twice on replay"
+        );
+    }
+}
+
+/// What becomes of a batch written to the topic once the request behind it ends:
+/// settled, its events are no longer in doubt (nor are those an earlier attempt left
+/// in doubt, which this batch wrote or found); unsettled, they are remembered, so
+/// the request's resend is read back, not produced again.
+fn when_request_ends(outcomes: Arc<UnknownOutcomes>, log_ends: Arc<LogEnds>, journal_batch: Option<u64>) -> EndHook {
+    Box::new(move |end, batch| {
+        let ids = batch.events.iter().map(|e| e.message_id.as_str());
+        match end {
+            RequestEnd::Settled => {
+                outcomes.forget(&batch.source, ids);
+                outcomes.journal_settled(journal_batch);
+            }
+            RequestEnd::Unsettled => remember(&outcomes, &batch.source, ids, &log_ends, journal_batch),
+        }
+    })
 }
 
 impl KafkaSink {
@@ -59,11 +101,16 @@ impl KafkaSink {
         if *self.down.borrow() {
             return Err(KafkaSinkError::BrokersDown);
         }
-        let batch = match self.outcomes.unknown_in(&batch) {
-            None => batch,
-            Some((ids, start)) => match self.leave_out_written(batch, ids, start).await? {
+        let requested = batch;
+        let batch = match self.outcomes.unknown_in(&requested) {
+            None => requested.clone(),
+            Some((ids, start)) => match self.leave_out_written(requested.clone(), ids, start).await? {
                 Some(rest) => rest,
-                None => return Ok(()),
+                None => {
+                    let hook = when_request_ends(self.outcomes.clone(), self.outcomes.log_ends(), None);
+                    requested.when_ended(hook);
+                    return Ok(());
+                }
             },
         };
         let log_ends = self.outcomes.log_ends();
@@ -79,8 +126,10 @@ impl KafkaSink {
         let mut down = self.down.clone();
         tokio::select! {
             results = join_all(deliveries) => {
-                self.settle(&batch, results)?;
+                self.settle(results)?;
                 in_doubt.settled = true;
+                let hook = when_request_ends(self.outcomes.clone(), in_doubt.log_ends.clone(), in_doubt.journal_batch);
+                requested.when_ended(hook);
                 Ok(())
             }
             _ = down.wait_for(|down| *down) => Err(KafkaSinkError::BrokersDown),
@@ -134,12 +183,8 @@ impl KafkaSink {
     }
 
     /// Reads every acknowledgement: on success moves the read-back floor past what
-    /// was written and forgets the batch's ids; the first failure is returned.
-    fn settle(
-        &self,
-        batch: &SinkBatch,
-        results: Vec<<DeliveryFuture as std::future::IntoFuture>::Output>,
-    ) -> Result<(), KafkaSinkError> {
+    /// was written; the first failure is returned.
+    fn settle(&self, results: Vec<<DeliveryFuture as std::future::IntoFuture>::Output>) -> Result<(), KafkaSinkError> {
         // partition → the offset after the last one delivered there.
         let mut log_ends: Vec<(i32, i64)> = Vec::new();
         for result in results {
@@ -160,8 +205,6 @@ impl KafkaSink {
         for (partition, end) in log_ends {
             self.outcomes.advance(partition, end);
         }
-        self.outcomes
-            .forget(&batch.source, batch.events.iter().map(|e| e.message_id.as_str()));
         self.slot.note_delivered();
         Ok(())
     }
@@ -196,19 +239,15 @@ impl KafkaSink {
                     of_unknown_outcome = ids.len(),
                     "kafka: events of unknown outcome are already in the topic; left out of the replay"
                 );
-                self.outcomes.forget(&batch.source, found.iter().map(String::as_str));
+                // Found: no longer unknown, but still in doubt until the request
+                // ends (the hook left on the requested batch forgets them then).
                 let rest: Vec<_> = batch
                     .events
                     .iter()
                     .filter(|e| !found.contains(&e.message_id))
                     .cloned()
                     .collect();
-                Ok((!rest.is_empty()).then(|| {
-                    Arc::new(SinkBatch {
-                        source: batch.source.clone(),
-                        events: rest,
-                    })
-                }))
+                Ok((!rest.is_empty()).then(|| Arc::new(SinkBatch::new(batch.source.clone(), rest))))
             }
             Err(error @ ReadBackError::TooFar(_)) => {
                 tracing::warn!(%error, events = ids.len(), "kafka: replaying events of unknown outcome unverified; they may be written twice");

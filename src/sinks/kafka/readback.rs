@@ -235,7 +235,11 @@ pub fn read_back(
     config
         .set("group.id", "breakwater-read-back")
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // Everything up to the high watermark: another producer's open transaction
+        // holds the last stable offset back, and breakwater writes no transactions
+        // (so none of its events can sit in an aborted one).
+        .set("isolation.level", "read_uncommitted");
     let consumer: BaseConsumer = config.create().map_err(|e| failed("consumer", e))?;
     let ReadPlan {
         assignment,
@@ -251,6 +255,8 @@ pub fn read_back(
     }
     consumer.assign(&assignment).map_err(|e| failed("assign", e))?;
     let mut last_progress = Instant::now();
+    // Partitions read up to their last offset, done at the next empty poll.
+    let mut reached: HashSet<i32> = HashSet::new();
     while !last_offsets.is_empty() {
         if last_progress.elapsed() > READ_BACK_IDLE_LIMIT {
             return Err(ReadBackError::Failed(format!(
@@ -259,7 +265,18 @@ pub fn read_back(
             )));
         }
         let message = match consumer.poll(Duration::from_millis(200)) {
-            None => continue,
+            None => {
+                // Nothing more to read now. A partition is done once its last
+                // offset was read (the rest of that record batch came with it: a
+                // broker may report the high watermark inside its last batch, as
+                // tansu 0.6 does), or once the consumer's position has passed it (a
+                // log that ends in transaction markers, never delivered as messages).
+                for partition in reached.drain() {
+                    last_offsets.remove(&partition);
+                }
+                drop_partitions_read_to_the_end(&consumer, &mut last_offsets);
+                continue;
+            }
             Some(Err(error)) => {
                 tracing::debug!(%error, "kafka read-back: transient error");
                 continue;
@@ -274,10 +291,27 @@ pub fn read_back(
             .get(&message.partition())
             .is_some_and(|last| message.offset() >= *last)
         {
-            last_offsets.remove(&message.partition());
+            reached.insert(message.partition());
         }
     }
     Ok(found)
+}
+
+/// Drops from `last_offsets` the partitions whose position is past their last offset.
+fn drop_partitions_read_to_the_end(consumer: &BaseConsumer, last_offsets: &mut HashMap<i32, i64>) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    for element in positions.elements() {
+        if let Offset::Offset(position) = element.offset() {
+            if last_offsets
+                .get(&element.partition())
+                .is_some_and(|last| position > *last)
+            {
+                last_offsets.remove(&element.partition());
+            }
+        }
+    }
 }
 
 fn failed(what: &str, error: rdkafka::error::KafkaError) -> ReadBackError {
@@ -367,10 +401,10 @@ mod tests {
     }
 
     fn batch_of(source: &str, ids: &[&str]) -> SinkBatch {
-        SinkBatch {
-            source: Arc::from(source),
-            events: ids.iter().map(|id| NormalizedEvent::fixture(id, b"{}")).collect(),
-        }
+        SinkBatch::new(
+            Arc::from(source),
+            ids.iter().map(|id| NormalizedEvent::fixture(id, b"{}")).collect(),
+        )
     }
 
     #[test]

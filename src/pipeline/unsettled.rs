@@ -1,0 +1,181 @@
+//! Each route's memory of the copies it made durable for requests that then failed.
+//!
+//! One request goes to every sink at once. When one sink's copy is durable (the
+//! sink took it, or it is in that sink's spool, or in the dead-letter table) and
+//! another sink then fails the request (its copy could not be spooled: 503), the
+//! client sends the same request again, and the first sink would get it a second
+//! time: written again, or written and replayed from its spool. So each route
+//! watches the requests whose copy it made durable (`SinkBatch::when_ended`):
+//! settled, nothing is kept; unsettled, their `(source, messageId)`s are
+//! remembered, and the resend's copy for that route leaves them out (they are
+//! forgotten once that request is settled).
+//!
+//! The memory is the process's: it covers a request that failed, not one cut off by
+//! a crash (Kafka's in-doubt journal covers that for Kafka). It is bounded; past
+//! the bound, events are not remembered (counted, and logged).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::event::{RequestEnd, SinkBatch, SinkKind};
+use crate::telemetry::metric;
+use crate::telemetry::throttle::{Throttle, WARN_EVERY};
+
+/// At most this many events are remembered per route.
+const MAX_REMEMBERED: usize = 200_000;
+
+/// An event as dedup knows it: (source, messageId).
+type EventKey = (Arc<str>, String);
+
+/// Events one route made durable for requests that ended unsettled.
+#[derive(Default)]
+pub struct UnsettledCopies {
+    events: Mutex<HashSet<EventKey>>,
+    /// `events.len()`, read without the lock on every request.
+    count: AtomicUsize,
+}
+
+impl UnsettledCopies {
+    /// This route's copy of `batch`: without the events it already made durable for
+    /// an unsettled request (`None`: all of them), with how many were left out. A
+    /// copy that is a new batch ends when `batch` ends (its sink may be waiting).
+    pub fn copy_for(&self, kind: SinkKind, batch: &Arc<SinkBatch>) -> Option<Arc<SinkBatch>> {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return Some(batch.clone());
+        }
+        let rest: Vec<_> = {
+            let events = lock(&self.events);
+            batch
+                .events
+                .iter()
+                .filter(|e| !events.contains(&(batch.source.clone(), e.message_id.clone())))
+                .cloned()
+                .collect()
+        };
+        let left_out = batch.events.len() - rest.len();
+        if left_out == 0 {
+            return Some(batch.clone());
+        }
+        metrics::counter!(metric::SINK_UNSETTLED_LEFT_OUT_EVENTS, "sink" => kind.name()).increment(left_out as u64);
+        if rest.is_empty() {
+            return None;
+        }
+        let copy = Arc::new(SinkBatch::new(batch.source.clone(), rest));
+        let ends_with_it = copy.clone();
+        batch.when_ended(Box::new(move |end, _| ends_with_it.end(end)));
+        Some(copy)
+    }
+
+    /// The route's copy of `batch` is durable: remember its events if the request
+    /// ends unsettled, forget them (earlier failures' included) if it is settled.
+    pub fn watch(self: &Arc<Self>, kind: SinkKind, batch: &SinkBatch) {
+        let copies = self.clone();
+        batch.when_ended(Box::new(move |end, batch| match end {
+            RequestEnd::Settled => copies.forget(batch),
+            RequestEnd::Unsettled => copies.remember(kind, batch),
+        }));
+    }
+
+    fn remember(&self, kind: SinkKind, batch: &SinkBatch) {
+        let mut events = lock(&self.events);
+        let mut dropped = 0;
+        for event in &batch.events {
+            if events.len() >= MAX_REMEMBERED {
+                dropped += 1;
+                continue;
+            }
+            events.insert((batch.source.clone(), event.message_id.clone()));
+        }
+        self.count.store(events.len(), Ordering::Relaxed);
+        if dropped > 0 {
+            static FULL: Throttle = Throttle::new(WARN_EVERY);
+            if let Some(suppressed) = FULL.allow() {
+                tracing::warn!(
+                    sink = kind.name(),
+                    events = dropped,
+                    suppressed_since_last = suppressed,
+                    "too many events made durable for failed requests to remember; their resends may be written twice"
+                );
+            }
+        }
+    }
+
+    fn forget(&self, batch: &SinkBatch) {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut events = lock(&self.events);
+        for event in &batch.events {
+            events.remove(&(batch.source.clone(), event.message_id.clone()));
+        }
+        self.count.store(events.len(), Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::NormalizedEvent;
+
+    fn batch(source: &str, ids: &[&str]) -> Arc<SinkBatch> {
+        let events = ids.iter().map(|id| NormalizedEvent::fixture(id, b"{}")).collect();
+        Arc::new(SinkBatch::new(Arc::from(source), events))
+    }
+
+    fn ids(batch: &SinkBatch) -> Vec<&str> {
+        batch.events.iter().map(|e| e.message_id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_failed_requests_resend_leaves_out_what_was_made_durable() {
+        let copies = Arc::new(UnsettledCopies::default());
+        let kind = SinkKind::ClickHouse;
+
+        let first = batch("web", &["a", "b"]);
+        let copy = copies.copy_for(kind, &first).unwrap();
+        assert!(Arc::ptr_eq(&copy, &first), "nothing remembered: the batch itself");
+        copies.watch(kind, &copy);
+        first.end(RequestEnd::Unsettled);
+
+        // The resend, with one more event; another source's "a" is another event.
+        let resend = batch("web", &["a", "b", "c"]);
+        let copy = copies.copy_for(kind, &resend).unwrap();
+        assert_eq!(ids(&copy), ["c"]);
+        let other_source = batch("ios", &["a"]);
+        assert_eq!(ids(&copies.copy_for(kind, &other_source).unwrap()), ["a"]);
+        // All of it durable already: no copy at all.
+        assert!(copies.copy_for(kind, &batch("web", &["b"])).is_none());
+
+        // Settled: forgotten.
+        copies.watch(kind, &resend);
+        resend.end(RequestEnd::Settled);
+        assert_eq!(copies.count.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_copy_ends_with_its_request() {
+        let copies = Arc::new(UnsettledCopies::default());
+        let kind = SinkKind::Kafka;
+        let first = batch("web", &["a"]);
+        copies.watch(kind, &first);
+        first.end(RequestEnd::Unsettled);
+
+        let resend = batch("web", &["a", "b"]);
+        let copy = copies.copy_for(kind, &resend).unwrap();
+        let seen = Arc::new(Mutex::new(None));
+        let seen_by_sink = seen.clone();
+        copy.when_ended(Box::new(move |end, _| *lock(&seen_by_sink) = Some(end)));
+        drop(copy);
+        resend.end(RequestEnd::Settled);
+        assert_eq!(
+            *lock(&seen),
+            Some(RequestEnd::Settled),
+            "the sink's hook on the copy ran with the request's end"
+        );
+    }
+}

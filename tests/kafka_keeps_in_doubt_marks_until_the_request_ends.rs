@@ -1,0 +1,177 @@
+//! Kafka (and the file sink) took a request's batch, but the request did not end
+//! well: another sink failed it (ClickHouse's copy could not be spooled: 503), or
+//! breakwater was killed while the request waited for ClickHouse. Either way the
+//! client sends the same request again. Kafka's in-doubt marks (and its journal
+//! entry) are kept until the request ends, so the resend is read back from the topic
+//! instead of being written a second time; the file sink remembers what it wrote for
+//! a failed request and leaves it out of the resend (issue 19 (d) and the journal's
+//! "settled at the ack" gap).
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::backends::{free_port, ClickHouse, Kafka};
+use support::*;
+
+const TOPIC: &str = "events";
+const PARTITIONS: i32 = 2;
+
+fn request(round: &str, events: usize) -> (Vec<String>, Value) {
+    let ids: Vec<String> = (0..events).map(|i| format!("{round}-e{i}")).collect();
+    let body = json!({ "batch": ids.iter().map(|id| track(id)).collect::<Vec<_>>() });
+    (ids, body)
+}
+
+/// Every id in `expected` once in the topic, none twice.
+fn assert_each_once_in_kafka(kafka: &Kafka, expected: &[String], server: &Server) {
+    // One more than expected: a second copy is read, not cut off.
+    let records = kafka.read_all(TOPIC, PARTITIONS, expected.len() + 1);
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for record in &records {
+        *counts.entry(record.headers["messageId"].as_str()).or_default() += 1;
+    }
+    let missing: Vec<_> = expected.iter().filter(|id| !counts.contains_key(id.as_str())).collect();
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(missing.is_empty(), "missing from Kafka: {missing:?}");
+    assert!(
+        twice.is_empty(),
+        "written to Kafka {} times over: {twice:?} (read back: {})\n{}",
+        twice.len(),
+        server.metric("breakwater_kafka_read_back_found_events_total"),
+        server.log()
+    );
+}
+
+#[test]
+fn a_request_refused_after_kafka_took_it_is_not_written_twice_by_its_retry() {
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, PARTITIONS as u32);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy_file(
+        dir.path(),
+        "fast.toml",
+        &[
+            ("clickhouse", "timeout_ms", "500"),
+            ("clickhouse.retry", "max_attempts", "1"),
+            ("clickhouse.circuit_breaker", "consecutive_failures", "1"),
+            ("clickhouse.circuit_breaker", "open_ms", "60000"),
+        ],
+    );
+    // ClickHouse is not there: its copy of every request goes to the spool, while
+    // Kafka and the file sink take theirs at once.
+    let config = format!(
+        "[server]\npolicy_file = \"{}\"\n\n[file_sink]\nenabled = true\n\n[clickhouse]\nurl = \"http://127.0.0.1:{}\"\ndatabase = \"partial\"\n\n[kafka]\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\n",
+        policy.display(),
+        free_port(),
+        kafka.brokers()
+    );
+    let server = Server::start_with(&config, &[]);
+    let mut expected: Vec<String> = Vec::new();
+    for round in 0..10 {
+        let (ids, body) = request(&format!("before-{round}"), 50);
+        let (status, answer) = post_json(&server, "/v1/batch", &body);
+        assert_eq!(status, 200, "{answer}");
+        expected.extend(ids);
+    }
+
+    // The disk fills: ClickHouse's copy cannot be spooled, so requests are refused
+    // after Kafka took them.
+    let spool_len = std::fs::metadata(server.data_dir.join("spool").join("spool.redb"))
+        .unwrap()
+        .len();
+    set_file_size_limit(server.pid(), Some(spool_len));
+    let mut refused: Vec<(Vec<String>, Value)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut round = 0;
+    while refused.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no request was refused while the disk was full"
+        );
+        let (ids, body) = request(&format!("full-{round}"), 50);
+        round += 1;
+        let (status, answer) = post_json(&server, "/v1/batch", &body);
+        match status {
+            200 => expected.extend(ids),
+            503 => refused.push((ids, body)),
+            other => panic!("unexpected {other} while the disk was full: {answer}"),
+        }
+    }
+
+    // Space is back; the clients resend what was refused, as SDKs do.
+    set_file_size_limit(server.pid(), None);
+    for (ids, body) in refused {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, answer) = post_json(&server, "/v1/batch", &body);
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 503, "{answer}");
+            assert!(Instant::now() < deadline, "the resend was never accepted: {answer}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        expected.extend(ids);
+    }
+    assert_each_once_in_kafka(&kafka, &expected, &server);
+    let lines = id_counts(&server.sink_events());
+    let twice: Vec<_> = lines.iter().filter(|(_, n)| **n > 1).collect();
+    let missing = expected.iter().filter(|id| !lines.contains_key(*id)).count();
+    assert_eq!(missing, 0, "missing from the file sink");
+    assert!(twice.is_empty(), "written to the file sink twice: {twice:?}");
+    let left_out: f64 = ["file", "kafka", "clickhouse"]
+        .iter()
+        .map(|sink| {
+            server.metric(&format!(
+                "breakwater_sink_unsettled_left_out_events_total{{sink=\"{sink}\"}}"
+            ))
+        })
+        .sum();
+    assert!(
+        left_out >= 50.0,
+        "the resends' durable copies were left out: {left_out}"
+    );
+}
+
+#[test]
+fn a_batch_kafka_took_before_a_crash_is_not_written_again_when_its_request_is_resent() {
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, PARTITIONS as u32);
+    let clickhouse = ClickHouse::start();
+    let config = format!(
+        "[clickhouse]\nurl = \"{}\"\ndatabase = \"crash_wait\"\n\n[kafka]\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\n",
+        clickhouse.url(),
+        kafka.brokers()
+    );
+    let mut server = Server::start_with(&config, &[]);
+    let (warm_ids, warm) = request("warm-up", 20);
+    let (status, answer) = post_json(&server, "/v1/batch", &warm);
+    assert_eq!(status, 200, "{answer}");
+
+    // ClickHouse hangs: the request waits for its INSERT after Kafka acknowledged
+    // its copy; breakwater dies before answering.
+    clickhouse.freeze();
+    let (crash_ids, crash) = request("crash", 20);
+    let unanswered = {
+        let url = server.url("/v1/batch");
+        let body = crash.clone();
+        std::thread::spawn(move || client().post(url).json(&body).send().map(|r| r.status().as_u16()))
+    };
+    std::thread::sleep(Duration::from_millis(1_500));
+    server.kill9();
+    assert!(
+        !matches!(unanswered.join().unwrap(), Ok(200)),
+        "the request was answered before the crash"
+    );
+    clickhouse.thaw();
+
+    // The client resends the unanswered request to the restarted server.
+    let server = server.restart();
+    let (status, answer) = post_json(&server, "/v1/batch", &crash);
+    assert_eq!(status, 200, "{answer}\n{}", server.log());
+    let expected: Vec<String> = warm_ids.into_iter().chain(crash_ids).collect();
+    assert_each_once_in_kafka(&kafka, &expected, &server);
+}
