@@ -64,6 +64,12 @@ pub mod metric {
     pub const CLICKHOUSE_EVENTS_PER_INSERT: &str = "breakwater_clickhouse_events_per_insert";
     /// ClickHouse INSERT duration (histogram, seconds).
     pub const CLICKHOUSE_INSERT_DURATION: &str = "breakwater_clickhouse_insert_duration_seconds";
+    /// Events of INSERTs of unknown outcome (timed out, connection lost mid-INSERT)
+    /// remembered for a lookup before they are inserted again (counter).
+    pub const CLICKHOUSE_IN_DOUBT_EVENTS: &str = "breakwater_clickhouse_in_doubt_events_total";
+    /// Events of unknown outcome found in the table by that lookup and not inserted
+    /// again (counter).
+    pub const CLICKHOUSE_IN_DOUBT_FOUND_EVENTS: &str = "breakwater_clickhouse_in_doubt_found_events_total";
     /// Kafka client errors reported by librdkafka, by `code` (counter).
     pub const KAFKA_CLIENT_ERRORS: &str = "breakwater_kafka_client_errors_total";
     /// Kafka producers replaced because they were stuck, by `reason` = fatal | refused (counter).
@@ -222,6 +228,14 @@ fn describe_sinks() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_histogram!(CLICKHOUSE_EVENTS_PER_INSERT, "Events per ClickHouse INSERT.");
     describe_histogram!(CLICKHOUSE_INSERT_DURATION, Unit::Seconds, "ClickHouse INSERT duration.");
+    describe_counter!(
+        CLICKHOUSE_IN_DOUBT_EVENTS,
+        "Events of ClickHouse INSERTs of unknown outcome, looked up before they are inserted again."
+    );
+    describe_counter!(
+        CLICKHOUSE_IN_DOUBT_FOUND_EVENTS,
+        "Events of unknown outcome found in the ClickHouse table and not inserted again."
+    );
     describe_counter!(
         KAFKA_CLIENT_ERRORS,
         "Kafka client errors reported by librdkafka, by code."

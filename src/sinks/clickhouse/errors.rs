@@ -18,6 +18,10 @@ pub enum ClickHouseError {
     /// The INSERT did not finish within `insert_timeout_ms`.
     #[error("INSERT did not finish within {0} ms")]
     TimedOut(u128),
+    /// The connection failed after the request began (not while connecting): the
+    /// server may have taken the INSERT.
+    #[error("{0}")]
+    Interrupted(String),
     #[error("the clickhouse sink's batcher has stopped")]
     Stopped,
     /// The sink's settings cannot be used (found at start-up only).
@@ -29,11 +33,19 @@ impl ClassifyError for ClickHouseError {
     fn classify(&self) -> ErrorClass {
         match self {
             ClickHouseError::Rejected(_) => ErrorClass::Rejected,
-            ClickHouseError::Unavailable(_) | ClickHouseError::TimedOut(_) | ClickHouseError::Config(_) => {
-                ErrorClass::Unavailable
-            }
+            ClickHouseError::Unavailable(_)
+            | ClickHouseError::TimedOut(_)
+            | ClickHouseError::Interrupted(_)
+            | ClickHouseError::Config(_) => ErrorClass::Unavailable,
             ClickHouseError::Stopped => ErrorClass::Stopped,
         }
+    }
+}
+
+impl ClickHouseError {
+    /// Whether ClickHouse may have written the INSERT that failed so.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, ClickHouseError::TimedOut(_) | ClickHouseError::Interrupted(_))
     }
 }
 
@@ -88,6 +100,12 @@ pub fn classify(error: clickhouse::error::Error) -> ClickHouseError {
             Some(code) if DATA_REJECTED_CODES.contains(&code) => ClickHouseError::Rejected(first_line(&text)),
             _ => ClickHouseError::Unavailable(first_line(&text)),
         },
+        // hyper names a failure to connect "(Connect)": nothing was sent then.
+        Error::Network(error) if !error.to_string().contains("(Connect)") => {
+            ClickHouseError::Interrupted(format!("network error: {error}"))
+        }
+        // The client's own send/end deadline (`insert_timeout_ms`).
+        Error::TimedOut => ClickHouseError::Interrupted("timeout expired".into()),
         other => ClickHouseError::Unavailable(other.to_string()),
     }
 }
@@ -100,6 +118,21 @@ fn first_line(text: &str) -> String {
 mod tests {
     use super::*;
     use clickhouse::error::Error;
+
+    #[test]
+    fn only_failures_after_the_request_began_leave_the_insert_in_doubt() {
+        assert!(classify(Error::TimedOut).outcome_unknown());
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+        assert!(classify(Error::Network(Box::new(reset))).outcome_unknown());
+        let refused = std::io::Error::other("client error (Connect)");
+        assert!(!classify(Error::Network(Box::new(refused))).outcome_unknown());
+        let answered = classify(Error::BadResponse("Code: 252. DB::Exception: Too many parts".into()));
+        assert!(
+            !answered.outcome_unknown(),
+            "the server answered: it did not take the INSERT"
+        );
+        assert!(ClickHouseError::TimedOut(10).outcome_unknown());
+    }
 
     #[test]
     fn codes_are_read_from_old_and_new_formats() {

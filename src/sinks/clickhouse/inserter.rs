@@ -1,6 +1,7 @@
 //! The ClickHouse writer: one client, layout detection and table creation on first
 //! use, and one INSERT per group, its RowBinary encoded and sent in chunks.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::errors::{classify, ClickHouseError};
+use super::in_doubt::{EventKey, InDoubt};
 use super::row_binary;
 use super::schema::{self, Layout};
 use crate::config::{ClickHouseCompression, ClickHouseConfig, ClickHouseSchema};
@@ -28,6 +30,8 @@ pub struct Inserter {
     insert_timeout: Duration,
     /// Layout found (and table created) on first successful use.
     layout: tokio::sync::Mutex<Option<Layout>>,
+    /// Events of INSERTs whose outcome is unknown (`in_doubt.rs`).
+    in_doubt: InDoubt,
 }
 
 impl Inserter {
@@ -61,6 +65,7 @@ impl Inserter {
             // 10 s for an inserter built on its own (tools, tests).
             insert_timeout: Duration::from_millis(config.insert_timeout_ms.unwrap_or(10_000)),
             layout: tokio::sync::Mutex::new(None),
+            in_doubt: InDoubt::default(),
         })
     }
 
@@ -112,7 +117,74 @@ impl Inserter {
     /// each chunk reuses memory the last one freed instead of faulting in fresh pages.
     pub async fn insert(&self, group: &[Arc<SinkBatch>]) -> Result<(), ClickHouseError> {
         let layout = self.prepare().await?;
-        let events: usize = group.iter().map(|b| b.events.len()).sum();
+        let found = self.already_written(group).await?;
+        let events = group.iter().map(|b| b.events.len()).sum::<usize>() - found.len();
+        if events == 0 {
+            return Ok(());
+        }
+        let result = self.insert_rows(layout, group, &found, events).await;
+        match &result {
+            Ok(()) => self.in_doubt.forget_group(group),
+            Err(error) if error.outcome_unknown() => self.in_doubt.remember(group),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// The group's events of unknown outcome that the table already has (none
+    /// asked for when none is in doubt). They are no longer in doubt.
+    async fn already_written(&self, group: &[Arc<SinkBatch>]) -> Result<HashSet<EventKey>, ClickHouseError> {
+        let doubtful = self.in_doubt.in_group(group);
+        if doubtful.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let ids: Vec<&str> = doubtful.iter().map(|(_, id)| id.as_str()).collect();
+        let sql = format!(
+            "SELECT source_name, message_id FROM `{}`.`{}` WHERE has(?, message_id)",
+            self.database, self.table
+        );
+        let bytes = self
+            .client
+            .query(&sql)
+            .bind(&ids)
+            .fetch_bytes("JSONEachRow")
+            .map_err(classify)?
+            .collect()
+            .await
+            .map_err(classify)?;
+        let in_table: HashSet<(String, String)> = String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter_map(|line| {
+                let row: serde_json::Value = serde_json::from_str(line).ok()?;
+                Some((
+                    row["source_name"].as_str()?.to_string(),
+                    row["message_id"].as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        let found: HashSet<EventKey> = doubtful
+            .into_iter()
+            .filter(|(source, id)| in_table.contains(&(source.to_string(), id.clone())))
+            .collect();
+        if !found.is_empty() {
+            metrics::counter!(metric::CLICKHOUSE_IN_DOUBT_FOUND_EVENTS).increment(found.len() as u64);
+            tracing::info!(
+                found = found.len(),
+                "clickhouse: events of an INSERT of unknown outcome are in the table; not inserted again"
+            );
+            self.in_doubt.forget(found.iter());
+        }
+        Ok(found)
+    }
+
+    /// The INSERT itself: every event of the group but those in `skip`.
+    async fn insert_rows(
+        &self,
+        layout: Layout,
+        group: &[Arc<SinkBatch>],
+        skip: &HashSet<EventKey>,
+        events: usize,
+    ) -> Result<(), ClickHouseError> {
         let sql = format!(
             "INSERT INTO `{}`.`{}` ({}) FORMAT RowBinary",
             self.database,
@@ -131,6 +203,9 @@ impl Inserter {
             let mut chunk = Vec::with_capacity(INSERT_CHUNK_BYTES);
             for batch in group {
                 for event in &batch.events {
+                    if !skip.is_empty() && skip.contains(&(batch.source.clone(), event.message_id.clone())) {
+                        continue;
+                    }
                     row_binary::encode_row(layout, &batch.source, event, &mut chunk);
                     if chunk.len() >= INSERT_CHUNK_BYTES {
                         let full = std::mem::replace(&mut chunk, Vec::with_capacity(INSERT_CHUNK_BYTES));

@@ -2,10 +2,12 @@
 //! grouped by the `Batcher` into one RowBinary INSERT per group (bounded by events,
 //! bytes and linger), never one per event. The database and table are created on
 //! first use, so a server that is down at start-up delays nothing. `inserter.rs` is
-//! the writer, `errors.rs` the retry classification, `schema.rs` the two table
-//! layouts, `row_binary.rs` our encoder.
+//! the writer, `in_doubt.rs` the INSERTs of unknown outcome (looked up before their
+//! events are inserted again), `errors.rs` the retry classification, `schema.rs`
+//! the two table layouts, `row_binary.rs` our encoder.
 
 mod errors;
+mod in_doubt;
 mod inserter;
 pub mod row_binary;
 pub mod schema;
