@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use fred::clients::Pool;
 use fred::interfaces::{ClientLike, KeysInterface, LuaInterface};
-use fred::prelude::{Builder, Config as FredConfig, Expiration, ReconnectPolicy, Value};
+use fred::prelude::{Builder, Config as FredConfig, Expiration, ReconnectPolicy, SetOptions, Value};
 
 use crate::config::{redact_url, RedisConfig};
 use crate::policy::CallPolicy;
@@ -71,6 +71,10 @@ pub enum RedisDedupError {
     Unavailable(String),
     #[error("{0} message ids are being delivered by another request; retry shortly")]
     HeldElsewhere(usize),
+    /// The request's claims expired before its commit: another request may have
+    /// claimed and delivered the same ids meanwhile.
+    #[error("the request's claims expired before its commit (redis.pending_ttl_ms)")]
+    ClaimsExpired,
 }
 
 impl CallError for RedisDedupError {
@@ -370,21 +374,29 @@ impl RedisClient {
             .collect())
     }
 
-    /// One `SET` for the whole request: its status becomes "delivered".
+    /// One `SET … XX` for the whole request: its status becomes "delivered", only if
+    /// it is still there (pending). Expired, its ids may have been claimed by
+    /// another request meanwhile: the commit says so instead of marking them.
     async fn commit_round(&self, token: &str) -> Result<(), RedisDedupError> {
-        let committed: Result<(), _> = self
+        let committed: Result<Value, _> = self
             .pool
             .next_connected()
             .set(
                 self.status_key(token),
                 DELIVERED,
                 Some(Expiration::EX(self.ttl_seconds)),
-                None,
+                Some(SetOptions::XX),
                 false,
             )
             .await;
         count_round_trip("commit");
-        committed.map_err(|e| unavailable("commit", e))
+        match committed.map_err(|e| unavailable("commit", e))? {
+            Value::Null => {
+                metrics::counter!(metric::DEDUP_CLAIMS_EXPIRED).increment(1);
+                Err(RedisDedupError::ClaimsExpired)
+            }
+            _ => Ok(()),
+        }
     }
 
     fn status_key(&self, token: &str) -> String {
@@ -436,6 +448,32 @@ fn id_key(prefix: &str, source: &str, message_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    /// A real redis-server (the test-backends launcher): a commit whose claims have
+    /// expired must say so, not mark another request's ids delivered in silence.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_after_its_claims_expired_is_refused() {
+        let redis = tokio::task::spawn_blocking(breakwater_test_backends::Redis::start)
+            .await
+            .unwrap();
+        let config = RedisConfig {
+            url: redis.url(),
+            pending_ttl_ms: 300,
+            ..RedisConfig::default()
+        };
+        let calls = crate::policy::LoadedPolicy::embedded().policy.redis.clone();
+        let dedup = RedisDedup::connect(&config, &calls).unwrap();
+        dedup.check_server(Duration::from_secs(5)).await.unwrap();
+
+        let (_, claim) = dedup.claim("web", &["a"]).await.unwrap();
+        dedup.commit(claim).await.expect("committed in time");
+
+        let (_, late) = dedup.claim("web", &["b"]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let error = dedup.commit(late).await.expect_err("the claims had expired");
+        assert!(matches!(error, RedisDedupError::ClaimsExpired), "{error}");
+        drop(redis);
+    }
+
     #[test]
     fn redis_older_than_7_is_refused_by_name() {
         let why = too_old(Some(6)).expect("6.x refused");

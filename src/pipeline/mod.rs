@@ -184,7 +184,7 @@ impl Dedup {
                 Ok(Some(claimed))
             }
             Err(error @ RedisDedupError::HeldElsewhere(_)) => Err(PipelineError::InFlightElsewhere(error)),
-            Err(error @ RedisDedupError::Unavailable(_)) => {
+            Err(error @ (RedisDedupError::Unavailable(_) | RedisDedupError::ClaimsExpired)) => {
                 // Availability first: deliver with in-process dedup only. A repeat
                 // that another instance already delivered may be written again;
                 // ClickHouse collapses it (ReplacingMergeTree on messageId).

@@ -58,6 +58,9 @@ pub mod metric {
     pub const REDIS_ROUND_TRIPS: &str = "breakwater_redis_round_trips_total";
     /// Failed Redis round trips, by `operation` (counter).
     pub const REDIS_ERRORS: &str = "breakwater_redis_errors_total";
+    /// Requests whose Redis claims expired before their commit (counter): another
+    /// request may have delivered the same ids; `redis.pending_ttl_ms` is too short.
+    pub const DEDUP_CLAIMS_EXPIRED: &str = "breakwater_dedup_claims_expired_total";
     /// Requests delivered without the shared (Redis) dedup because Redis failed (counter).
     pub const DEDUP_FAIL_OPEN: &str = "breakwater_dedup_fail_open_total";
     /// Events per ClickHouse INSERT (histogram).
@@ -322,6 +325,10 @@ fn describe_dependencies() {
         "Redis round trips by operation (claim, commit, release)."
     );
     describe_counter!(REDIS_ERRORS, "Failed Redis round trips by operation.");
+    describe_counter!(
+        DEDUP_CLAIMS_EXPIRED,
+        "Requests whose Redis claims expired before their commit: another request may have delivered the same ids."
+    );
     describe_counter!(
         DEDUP_FAIL_OPEN,
         "Requests delivered without shared dedup because Redis failed."
