@@ -3,6 +3,8 @@
 //!
 //! Invariant: `event` imports nothing from the crate; every other module may use it.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -144,6 +146,15 @@ impl SinkBatch {
         self.run_end_hooks(how);
     }
 
+    /// A test batch: one fixture event per id (see [`NormalizedEvent::fixture`]).
+    pub fn fixture(source: &str, message_ids: &[&str]) -> SinkBatch {
+        let events = message_ids
+            .iter()
+            .map(|id| NormalizedEvent::fixture(id, b"{}"))
+            .collect();
+        SinkBatch::new(Arc::from(source), events)
+    }
+
     /// Takes the events and source out (a batch with a `Drop` cannot be moved
     /// apart); hooks left on it run as it is dropped.
     pub fn into_parts(mut self) -> (Arc<str>, Vec<NormalizedEvent>) {
@@ -163,6 +174,91 @@ impl SinkBatch {
     /// JSON bytes of all events: the size measure batch limits use.
     pub fn json_bytes(&self) -> usize {
         self.events.iter().map(|e| e.json.len()).sum()
+    }
+}
+
+/// An event as dedup knows it: (source, messageId). Another source's event with the
+/// same messageId is another event.
+pub type EventKey = (Arc<str>, String);
+
+/// A bounded set of events by [`EventKey`], whose emptiness is read without its
+/// lock: the memories of events in doubt (a route's copies for failed requests,
+/// ClickHouse's INSERTs of unknown outcome) are consulted on every request but hold
+/// something only after a failure.
+pub struct EventKeySet {
+    keys: Mutex<HashSet<EventKey>>,
+    len: AtomicUsize,
+    max: usize,
+}
+
+impl EventKeySet {
+    /// A set that holds at most `max` events.
+    pub fn bounded(max: usize) -> EventKeySet {
+        EventKeySet {
+            keys: Mutex::new(HashSet::new()),
+            len: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len.load(Ordering::Relaxed) == 0
+    }
+
+    /// For each event of the batch, whether it is in the set.
+    pub fn known_in(&self, batch: &SinkBatch) -> Vec<bool> {
+        if self.is_empty() {
+            return vec![false; batch.events.len()];
+        }
+        let keys = self.lock();
+        batch
+            .events
+            .iter()
+            .map(|e| keys.contains(&(batch.source.clone(), e.message_id.clone())))
+            .collect()
+    }
+
+    /// Adds the batch's events; returns (how many were new, how many the bound left out).
+    pub fn insert_batch(&self, batch: &SinkBatch) -> (usize, usize) {
+        let mut keys = self.lock();
+        let (mut added, mut dropped) = (0, 0);
+        for event in &batch.events {
+            if keys.len() >= self.max {
+                dropped += 1;
+            } else if keys.insert((batch.source.clone(), event.message_id.clone())) {
+                added += 1;
+            }
+        }
+        self.len.store(keys.len(), Ordering::Relaxed);
+        (added, dropped)
+    }
+
+    /// Removes the batch's events.
+    pub fn remove_batch(&self, batch: &SinkBatch) {
+        if self.is_empty() {
+            return;
+        }
+        let mut keys = self.lock();
+        for event in &batch.events {
+            keys.remove(&(batch.source.clone(), event.message_id.clone()));
+        }
+        self.len.store(keys.len(), Ordering::Relaxed);
+    }
+
+    /// Removes these events.
+    pub fn remove<'a>(&self, known: impl Iterator<Item = &'a EventKey>) {
+        if self.is_empty() {
+            return;
+        }
+        let mut keys = self.lock();
+        for key in known {
+            keys.remove(key);
+        }
+        self.len.store(keys.len(), Ordering::Relaxed);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<EventKey>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -22,16 +22,7 @@ fn an_insert_clickhouse_finished_after_it_timed_out_is_not_replayed() {
     let dir = tempfile::tempdir().unwrap();
     // One attempt of 1.5 s (the INSERT deadline fits: 1.24 s), a breaker that opens
     // at once and probes again after a second.
-    let policy = policy_file(
-        dir.path(),
-        "fast.toml",
-        &[
-            ("clickhouse", "timeout_ms", "1500"),
-            ("clickhouse.retry", "max_attempts", "1"),
-            ("clickhouse.circuit_breaker", "consecutive_failures", "1"),
-            ("clickhouse.circuit_breaker", "open_ms", "1000"),
-        ],
-    );
+    let policy = quick_clickhouse_policy(dir.path(), "1500", "1000");
     let config = format!(
         "[server]\npolicy_file = \"{}\"\n\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{DATABASE}\"\n",
         policy.display(),

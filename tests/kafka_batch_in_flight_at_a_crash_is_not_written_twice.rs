@@ -42,17 +42,7 @@ fn a_resent_batch_that_reached_kafka_before_the_crash_is_not_written_again() {
     // SAFETY: signalling a child process we started.
     unsafe { libc::kill(kafka.pid() as i32, libc::SIGSTOP) };
     let (crash_ids, crash) = batch("crash");
-    let unanswered = {
-        let url = server.url("/v1/batch");
-        let body = crash.clone();
-        std::thread::spawn(move || client().post(url).json(&body).send().map(|r| r.status().as_u16()))
-    };
-    std::thread::sleep(Duration::from_millis(1_500));
-    server.kill9();
-    assert!(
-        !matches!(unanswered.join().unwrap(), Ok(200)),
-        "the request was answered before the crash"
-    );
+    send_then_kill9(&mut server, &crash);
     // The broker wakes up, reads the request and writes the batch.
     // SAFETY: as above.
     unsafe { libc::kill(kafka.pid() as i32, libc::SIGCONT) };

@@ -50,16 +50,7 @@ fn a_request_refused_after_kafka_took_it_is_not_written_twice_by_its_retry() {
     let kafka = Kafka::start();
     kafka.create_topic(TOPIC, PARTITIONS as u32);
     let dir = tempfile::tempdir().unwrap();
-    let policy = policy_file(
-        dir.path(),
-        "fast.toml",
-        &[
-            ("clickhouse", "timeout_ms", "500"),
-            ("clickhouse.retry", "max_attempts", "1"),
-            ("clickhouse.circuit_breaker", "consecutive_failures", "1"),
-            ("clickhouse.circuit_breaker", "open_ms", "60000"),
-        ],
-    );
+    let policy = quick_clickhouse_policy(dir.path(), "500", "60000");
     // ClickHouse is not there: its copy of every request goes to the spool, while
     // Kafka and the file sink take theirs at once.
     let config = format!(
@@ -155,17 +146,7 @@ fn a_batch_kafka_took_before_a_crash_is_not_written_again_when_its_request_is_re
     // its copy; breakwater dies before answering.
     clickhouse.freeze();
     let (crash_ids, crash) = request("crash", 20);
-    let unanswered = {
-        let url = server.url("/v1/batch");
-        let body = crash.clone();
-        std::thread::spawn(move || client().post(url).json(&body).send().map(|r| r.status().as_u16()))
-    };
-    std::thread::sleep(Duration::from_millis(1_500));
-    server.kill9();
-    assert!(
-        !matches!(unanswered.join().unwrap(), Ok(200)),
-        "the request was answered before the crash"
-    );
+    send_then_kill9(&mut server, &crash);
     clickhouse.thaw();
 
     // The client resends the unanswered request to the restarted server.

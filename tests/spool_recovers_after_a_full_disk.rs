@@ -38,16 +38,7 @@ fn spool_file_len(server: &Server) -> u64 {
 fn spool_refuses_while_the_disk_is_full_and_recovers_without_a_restart() {
     let clickhouse_port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let policy = policy_file(
-        dir.path(),
-        "fast.toml",
-        &[
-            ("clickhouse", "timeout_ms", "500"),
-            ("clickhouse.retry", "max_attempts", "1"),
-            ("clickhouse.circuit_breaker", "consecutive_failures", "1"),
-            ("clickhouse.circuit_breaker", "open_ms", "500"),
-        ],
-    );
+    let policy = quick_clickhouse_policy(dir.path(), "500", "500");
     let config = format!(
         "[server]\npolicy_file = \"{}\"\n\n[clickhouse]\nurl = \"http://127.0.0.1:{clickhouse_port}\"\ndatabase = \"{DATABASE}\"\n",
         policy.display()

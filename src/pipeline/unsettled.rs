@@ -12,47 +12,46 @@
 //!
 //! The memory is the process's: it covers a request that failed, not one cut off by
 //! a crash (Kafka's in-doubt journal covers that for Kafka). It is bounded; past
-//! the bound, events are not remembered (counted, and logged).
+//! the bound, events are not remembered (logged).
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::event::{RequestEnd, SinkBatch, SinkKind};
+use crate::event::{EventKeySet, RequestEnd, SinkBatch, SinkKind};
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
 /// At most this many events are remembered per route.
 const MAX_REMEMBERED: usize = 200_000;
 
-/// An event as dedup knows it: (source, messageId).
-type EventKey = (Arc<str>, String);
-
 /// Events one route made durable for requests that ended unsettled.
-#[derive(Default)]
 pub struct UnsettledCopies {
-    events: Mutex<HashSet<EventKey>>,
-    /// `events.len()`, read without the lock on every request.
-    count: AtomicUsize,
+    events: EventKeySet,
+}
+
+impl Default for UnsettledCopies {
+    fn default() -> Self {
+        UnsettledCopies {
+            events: EventKeySet::bounded(MAX_REMEMBERED),
+        }
+    }
 }
 
 impl UnsettledCopies {
     /// This route's copy of `batch`: without the events it already made durable for
-    /// an unsettled request (`None`: all of them), with how many were left out. A
-    /// copy that is a new batch ends when `batch` ends (its sink may be waiting).
+    /// an unsettled request (`None`: all of them). A copy that is a new batch ends
+    /// when `batch` ends (its sink may be waiting for that).
     pub fn copy_for(&self, kind: SinkKind, batch: &Arc<SinkBatch>) -> Option<Arc<SinkBatch>> {
-        if self.count.load(Ordering::Relaxed) == 0 {
+        if self.events.is_empty() {
             return Some(batch.clone());
         }
-        let rest: Vec<_> = {
-            let events = lock(&self.events);
-            batch
-                .events
-                .iter()
-                .filter(|e| !events.contains(&(batch.source.clone(), e.message_id.clone())))
-                .cloned()
-                .collect()
-        };
+        let known = self.events.known_in(batch);
+        let rest: Vec<_> = batch
+            .events
+            .iter()
+            .zip(&known)
+            .filter(|(_, known)| !**known)
+            .map(|(event, _)| event.clone())
+            .collect();
         let left_out = batch.events.len() - rest.len();
         if left_out == 0 {
             return Some(batch.clone());
@@ -72,22 +71,13 @@ impl UnsettledCopies {
     pub fn watch(self: &Arc<Self>, kind: SinkKind, batch: &SinkBatch) {
         let copies = self.clone();
         batch.when_ended(Box::new(move |end, batch| match end {
-            RequestEnd::Settled => copies.forget(batch),
+            RequestEnd::Settled => copies.events.remove_batch(batch),
             RequestEnd::Unsettled => copies.remember(kind, batch),
         }));
     }
 
     fn remember(&self, kind: SinkKind, batch: &SinkBatch) {
-        let mut events = lock(&self.events);
-        let mut dropped = 0;
-        for event in &batch.events {
-            if events.len() >= MAX_REMEMBERED {
-                dropped += 1;
-                continue;
-            }
-            events.insert((batch.source.clone(), event.message_id.clone()));
-        }
-        self.count.store(events.len(), Ordering::Relaxed);
+        let (_, dropped) = self.events.insert_batch(batch);
         if dropped > 0 {
             static FULL: Throttle = Throttle::new(WARN_EVERY);
             if let Some(suppressed) = FULL.allow() {
@@ -100,31 +90,15 @@ impl UnsettledCopies {
             }
         }
     }
-
-    fn forget(&self, batch: &SinkBatch) {
-        if self.count.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        let mut events = lock(&self.events);
-        for event in &batch.events {
-            events.remove(&(batch.source.clone(), event.message_id.clone()));
-        }
-        self.count.store(events.len(), Ordering::Relaxed);
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::NormalizedEvent;
+    use std::sync::Mutex;
 
     fn batch(source: &str, ids: &[&str]) -> Arc<SinkBatch> {
-        let events = ids.iter().map(|id| NormalizedEvent::fixture(id, b"{}")).collect();
-        Arc::new(SinkBatch::new(Arc::from(source), events))
+        Arc::new(SinkBatch::fixture(source, ids))
     }
 
     fn ids(batch: &SinkBatch) -> Vec<&str> {
@@ -154,7 +128,7 @@ mod tests {
         // Settled: forgotten.
         copies.watch(kind, &resend);
         resend.end(RequestEnd::Settled);
-        assert_eq!(copies.count.load(Ordering::Relaxed), 0);
+        assert!(copies.events.is_empty());
     }
 
     #[test]
@@ -169,11 +143,11 @@ mod tests {
         let copy = copies.copy_for(kind, &resend).unwrap();
         let seen = Arc::new(Mutex::new(None));
         let seen_by_sink = seen.clone();
-        copy.when_ended(Box::new(move |end, _| *lock(&seen_by_sink) = Some(end)));
+        copy.when_ended(Box::new(move |end, _| *seen_by_sink.lock().unwrap() = Some(end)));
         drop(copy);
         resend.end(RequestEnd::Settled);
         assert_eq!(
-            *lock(&seen),
+            *seen.lock().unwrap(),
             Some(RequestEnd::Settled),
             "the sink's hook on the copy ran with the request's end"
         );

@@ -509,6 +509,8 @@ impl Kafka {
             .set("bootstrap.servers", self.brokers())
             .set("group.id", "breakwater-tests")
             .set("enable.auto.commit", "false")
+            // As a downstream consumer reads: committed data only.
+            .set("isolation.level", "read_committed")
             .create()
             .expect("consumer");
         let mut assignment = TopicPartitionList::new();

@@ -297,3 +297,36 @@ pub fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
     let result = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
     assert_eq!(result, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
+
+/// Sends `body` to `/v1/batch` from another thread and kills the server (`kill -9`)
+/// 1.5 s later, while the request is still unanswered (something downstream hangs);
+/// fails if it was answered 200 before the crash.
+pub fn send_then_kill9(server: &mut Server, body: &Value) {
+    let unanswered = {
+        let url = server.url("/v1/batch");
+        let body = body.clone();
+        std::thread::spawn(move || client().post(url).json(&body).send().map(|r| r.status().as_u16()))
+    };
+    std::thread::sleep(Duration::from_millis(1_500));
+    server.kill9();
+    assert!(
+        !matches!(unanswered.join().unwrap(), Ok(200)),
+        "the request was answered before the crash"
+    );
+}
+
+/// A policy file whose ClickHouse stack gives up quickly: one attempt of
+/// `timeout_ms`, a breaker that opens at the first failure and probes again after
+/// `open_ms`.
+pub fn quick_clickhouse_policy(dir: &Path, timeout_ms: &str, open_ms: &str) -> PathBuf {
+    policy_file(
+        dir,
+        "fast.toml",
+        &[
+            ("clickhouse", "timeout_ms", timeout_ms),
+            ("clickhouse.retry", "max_attempts", "1"),
+            ("clickhouse.circuit_breaker", "consecutive_failures", "1"),
+            ("clickhouse.circuit_breaker", "open_ms", open_ms),
+        ],
+    )
+}

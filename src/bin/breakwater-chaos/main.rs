@@ -282,7 +282,10 @@ fn run(scenario: &Scenario, out: &Path, min_events: u64) -> Result<Value, String
     };
     if let Some(redis) = &redis {
         config.push_str(&format!(
-            "[redis]\nurl = \"{}\"\ncommand_timeout_ms = 300\n",
+            // Claims of a request cut off by a breakwater kill -9 block its resends
+            // until they expire: 40 s (not the 120 s default) keeps the runs short;
+            // breakwater checks it is still longer than any request can take.
+            "[redis]\nurl = \"{}\"\ncommand_timeout_ms = 300\npending_ttl_ms = 40000\n",
             lock(redis).url()
         ));
     }

@@ -13,51 +13,51 @@
 //! The memory is the process's (bounded): an INSERT in flight at a `kill -9` is not
 //! remembered, and its rows can be written twice (raw), once under `FINAL`.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::event::SinkBatch;
+use crate::event::{EventKey, EventKeySet, SinkBatch};
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
-/// At most this many events are remembered; past it, they are not (counted, logged).
+/// At most this many events are remembered; past it, they are not (logged).
 const MAX_REMEMBERED: usize = 200_000;
 
-/// An event as dedup knows it: (source, messageId).
-pub type EventKey = (Arc<str>, String);
-
-#[derive(Default)]
 pub struct InDoubt {
-    events: Mutex<HashSet<EventKey>>,
-    /// `events.len()`, read without the lock on every INSERT.
-    count: AtomicUsize,
+    events: EventKeySet,
+}
+
+impl Default for InDoubt {
+    fn default() -> Self {
+        InDoubt {
+            events: EventKeySet::bounded(MAX_REMEMBERED),
+        }
+    }
 }
 
 impl InDoubt {
     /// The group's events of unknown outcome, if any.
     pub fn in_group(&self, group: &[Arc<SinkBatch>]) -> Vec<EventKey> {
-        if self.count.load(Ordering::Relaxed) == 0 {
+        if self.events.is_empty() {
             return Vec::new();
         }
-        let events = lock(&self.events);
-        keys(group).filter(|key| events.contains(key)).collect()
+        let mut doubtful = Vec::new();
+        for batch in group {
+            let known = self.events.known_in(batch);
+            let in_doubt = batch.events.iter().zip(known).filter(|(_, known)| *known);
+            doubtful.extend(in_doubt.map(|(event, _)| (batch.source.clone(), event.message_id.clone())));
+        }
+        doubtful
     }
 
     /// The group's INSERT may or may not have been written.
     pub fn remember(&self, group: &[Arc<SinkBatch>]) {
-        let mut events = lock(&self.events);
-        let mut added = 0;
-        let mut dropped = 0;
-        for key in keys(group) {
-            if events.len() >= MAX_REMEMBERED {
-                dropped += 1;
-            } else if events.insert(key) {
-                added += 1;
-            }
+        let (mut added, mut dropped) = (0, 0);
+        for batch in group {
+            let (new, left_out) = self.events.insert_batch(batch);
+            added += new;
+            dropped += left_out;
         }
-        self.count.store(events.len(), Ordering::Relaxed);
-        metrics::counter!(metric::CLICKHOUSE_IN_DOUBT_EVENTS).increment(added);
+        metrics::counter!(metric::CLICKHOUSE_IN_DOUBT_EVENTS).increment(added as u64);
         if dropped > 0 {
             static FULL: Throttle = Throttle::new(WARN_EVERY);
             if let Some(suppressed) = FULL.allow() {
@@ -70,49 +70,25 @@ impl InDoubt {
         }
     }
 
-    /// Their outcome is known now (inserted, or found in the table).
+    /// Their outcome is known now (found in the table).
     pub fn forget<'a>(&self, known: impl Iterator<Item = &'a EventKey>) {
-        if self.count.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        let mut events = lock(&self.events);
-        for key in known {
-            events.remove(key);
-        }
-        self.count.store(events.len(), Ordering::Relaxed);
+        self.events.remove(known);
     }
 
     /// Forgets every event of the group (it was inserted).
     pub fn forget_group(&self, group: &[Arc<SinkBatch>]) {
-        if self.count.load(Ordering::Relaxed) == 0 {
-            return;
+        for batch in group {
+            self.events.remove_batch(batch);
         }
-        let known: Vec<EventKey> = keys(group).collect();
-        self.forget(known.iter());
     }
-}
-
-fn keys(group: &[Arc<SinkBatch>]) -> impl Iterator<Item = EventKey> + '_ {
-    group.iter().flat_map(|batch| {
-        batch
-            .events
-            .iter()
-            .map(|e| (batch.source.clone(), e.message_id.clone()))
-    })
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::NormalizedEvent;
 
     fn batch(source: &str, ids: &[&str]) -> Arc<SinkBatch> {
-        let events = ids.iter().map(|id| NormalizedEvent::fixture(id, b"{}")).collect();
-        Arc::new(SinkBatch::new(Arc::from(source), events))
+        Arc::new(SinkBatch::fixture(source, ids))
     }
 
     #[test]

@@ -9,11 +9,11 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::errors::{classify, ClickHouseError};
-use super::in_doubt::{EventKey, InDoubt};
+use super::in_doubt::InDoubt;
 use super::row_binary;
 use super::schema::{self, Layout};
 use crate::config::{ClickHouseCompression, ClickHouseConfig, ClickHouseSchema};
-use crate::event::SinkBatch;
+use crate::event::{EventKey, SinkBatch};
 use crate::telemetry::metric;
 
 /// An INSERT's RowBinary is sent in chunks of about this size (each compressed on
@@ -143,15 +143,24 @@ impl Inserter {
             "SELECT source_name, message_id FROM `{}`.`{}` WHERE has(?, message_id)",
             self.database, self.table
         );
-        let bytes = self
-            .client
-            .query(&sql)
-            .bind(&ids)
-            .fetch_bytes("JSONEachRow")
-            .map_err(classify)?
-            .collect()
-            .await
-            .map_err(classify)?;
+        let lookup = async {
+            self.client
+                .query(&sql)
+                .bind(&ids)
+                .fetch_bytes("JSONEachRow")
+                .map_err(classify)?
+                .collect()
+                .await
+                .map_err(classify)
+        };
+        // Bounded like the INSERT: one flush at a time, so a lookup left hanging on a
+        // dead connection would hold every later group behind it.
+        let bytes = tokio::time::timeout(self.insert_timeout, lookup).await.map_err(|_| {
+            ClickHouseError::Unavailable(format!(
+                "the lookup of events of unknown outcome did not finish within {} ms",
+                self.insert_timeout.as_millis()
+            ))
+        })??;
         let in_table: HashSet<(String, String)> = String::from_utf8_lossy(&bytes)
             .lines()
             .filter_map(|line| {

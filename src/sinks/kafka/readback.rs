@@ -29,7 +29,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::journal::{Journal, OpenBatch};
-use crate::event::SinkBatch;
+use crate::event::{EventKey, SinkBatch};
 
 /// Where each partition's log ended, as far as the sink knows: anything sent from
 /// now on lands at or after these offsets.
@@ -44,9 +44,6 @@ const MAX_READ_BACK_MESSAGES: i64 = 2_000_000;
 /// A read-back gives up (the batch stays in the spool) after this long without
 /// progress.
 const READ_BACK_IDLE_LIMIT: Duration = Duration::from_secs(15);
-
-/// An event as dedup knows it: (source, messageId).
-type EventKey = (Arc<str>, String);
 
 #[derive(Default)]
 pub struct UnknownOutcomes {
@@ -394,17 +391,13 @@ pub fn connection_settings(producer: &ClientConfig) -> ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::NormalizedEvent;
 
     fn batch(ids: &[&str]) -> SinkBatch {
         batch_of("s", ids)
     }
 
     fn batch_of(source: &str, ids: &[&str]) -> SinkBatch {
-        SinkBatch::new(
-            Arc::from(source),
-            ids.iter().map(|id| NormalizedEvent::fixture(id, b"{}")).collect(),
-        )
+        SinkBatch::fixture(source, ids)
     }
 
     #[test]
