@@ -164,7 +164,8 @@ impl Drop for Breakwater {
 
 /// Everything the load, the faults and the sampler share.
 struct Shared {
-    addr: Mutex<SocketAddr>,
+    /// Every instance's address; the first is the one faults hit.
+    addrs: Mutex<Vec<SocketAddr>>,
     acked: Mutex<HashSet<String>>,
     sent: Mutex<HashSet<String>>,
     requests: AtomicU64,
@@ -315,10 +316,27 @@ fn run(scenario: &Scenario, out: &Path, min_events: u64) -> Result<Value, String
     std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
     let log = out.join("breakwater.log");
     let _ = std::fs::remove_file(&log);
-    let breakwater = Mutex::new(Breakwater::start(&config_path, &work.path().join("data"), &log)?);
+    // The first instance on `data`, others on `data-1`, …; one log for all.
+    let data_dirs: Vec<PathBuf> = (0..scenario.backends.instances.max(1))
+        .map(|i| {
+            work.path().join(if i == 0 {
+                "data".to_string()
+            } else {
+                format!("data-{i}")
+            })
+        })
+        .collect();
+    let mut instances = Vec::new();
+    for data_dir in &data_dirs {
+        instances.push(Breakwater::start(&config_path, data_dir, &log)?);
+    }
+    let addrs: Vec<SocketAddr> = instances.iter().map(|b| b.addr).collect();
+    let mut instances = instances.into_iter();
+    let breakwater = Mutex::new(instances.next().expect("one instance at least"));
+    let _others: Vec<Breakwater> = instances.collect();
 
     let shared = Arc::new(Shared {
-        addr: Mutex::new(lock(&breakwater).addr),
+        addrs: Mutex::new(addrs),
         acked: Mutex::new(HashSet::new()),
         sent: Mutex::new(HashSet::new()),
         requests: AtomicU64::new(0),
@@ -432,7 +450,12 @@ fn run(scenario: &Scenario, out: &Path, min_events: u64) -> Result<Value, String
         );
     }
     if scenario.backends.file {
-        let ids = file_sink_ids(&work.path().join("data").join("events"));
+        let mut ids: HashMap<String, usize> = HashMap::new();
+        for data_dir in &data_dirs {
+            for (id, n) in file_sink_ids(&data_dir.join("events")) {
+                *ids.entry(id).or_insert(0) += n;
+            }
+        }
         check_sink("file", &ids, &acked, &sent, &mut problems);
         sinks.insert("file".into(), json!({ "lines": ids.values().sum::<usize>() }));
     }
@@ -604,16 +627,21 @@ fn counter_growth(samples: &[Sample], counter: impl Fn(&Sample) -> f64) -> u64 {
     growth as u64
 }
 
-/// Reads breakwater's /metrics (None while it is down).
+/// Reads every instance's /metrics, summed (None while one is down).
 fn sample(shared: &Shared) -> Option<Sample> {
-    let addr = *lock(&shared.addr);
-    let text = reqwest::blocking::Client::new()
-        .get(format!("http://{addr}/metrics"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .ok()?
-        .text()
-        .ok()?;
+    let addrs = lock(&shared.addrs).clone();
+    let mut text = String::new();
+    for addr in addrs {
+        let one = reqwest::blocking::Client::new()
+            .get(format!("http://{addr}/metrics"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .ok()?
+            .text()
+            .ok()?;
+        text.push_str(&one);
+        text.push('\n');
+    }
     let mut spool_events = 0.0;
     let mut breaker_openings = 0.0;
     let mut breaker_closings = 0.0;
@@ -639,7 +667,9 @@ fn sample(shared: &Shared) -> Option<Sample> {
                 .unwrap_or(0.0);
         } else if let Some(rest) = line.strip_prefix("breakwater_circuit_breaker_state{dependency=\"") {
             if let Some((name, value)) = rest.split_once("\"} ") {
-                breakers.insert(name.to_string(), value.parse().unwrap_or(0.0));
+                // The worst state over the instances (0 closed, 1 open, 2 half-open).
+                let state = breakers.entry(name.to_string()).or_insert(0.0_f64);
+                *state = state.max(value.parse().unwrap_or(0.0));
             }
         }
     }
@@ -732,7 +762,7 @@ fn fault_steps<'a>(
             Some(Box::new(move || {
                 let mut breakwater = lock(breakwater);
                 if breakwater.restart().is_ok() {
-                    *lock(&shared.addr) = breakwater.addr;
+                    lock(&shared.addrs)[0] = breakwater.addr;
                 }
             })),
         ),
@@ -817,7 +847,10 @@ fn load_writer(scenario: &Scenario, writer: usize, shared: &Shared) {
         let over_websocket = (request % 100) < (load.websocket_share * 100.0) as u64;
         for attempt in 0..MAX_ATTEMPTS {
             shared.requests.fetch_add(1, Ordering::Relaxed);
-            let addr = *lock(&shared.addr);
+            let addr = {
+                let addrs = lock(&shared.addrs);
+                addrs[(writer + attempt as usize) % addrs.len()]
+            };
             let acked = if over_websocket {
                 send_frame(&mut socket, addr, request, &events, shared)
             } else {

@@ -37,6 +37,15 @@ pub struct Backends {
     /// `acknowledge` for ClickHouse and Kafka: "on_delivery" (default) or "on_spool".
     #[serde(default)]
     pub acknowledge: Option<String>,
+    /// breakwater instances sharing the backends (default 1). Each writer sends to
+    /// one and resends a failed request to the next, as a balancer would; faults
+    /// aimed at `breakwater` hit the first.
+    #[serde(default = "one_instance")]
+    pub instances: usize,
+}
+
+fn one_instance() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
