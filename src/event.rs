@@ -3,7 +3,7 @@
 //!
 //! Invariant: `event` imports nothing from the crate; every other module may use it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -186,7 +186,8 @@ pub type EventKey = (Arc<str>, String);
 /// ClickHouse's INSERTs of unknown outcome) are consulted on every request but hold
 /// something only after a failure.
 pub struct EventKeySet {
-    keys: Mutex<HashSet<EventKey>>,
+    /// source → messageIds: looked up with borrowed strings, no key built per event.
+    keys: Mutex<HashMap<Arc<str>, HashSet<String>>>,
     len: AtomicUsize,
     max: usize,
 }
@@ -195,7 +196,7 @@ impl EventKeySet {
     /// A set that holds at most `max` events.
     pub fn bounded(max: usize) -> EventKeySet {
         EventKeySet {
-            keys: Mutex::new(HashSet::new()),
+            keys: Mutex::new(HashMap::new()),
             len: AtomicUsize::new(0),
             max,
         }
@@ -211,53 +212,64 @@ impl EventKeySet {
             return vec![false; batch.events.len()];
         }
         let keys = self.lock();
+        let Some(ids) = keys.get(&*batch.source) else {
+            return vec![false; batch.events.len()];
+        };
         batch
             .events
             .iter()
-            .map(|e| keys.contains(&(batch.source.clone(), e.message_id.clone())))
+            .map(|e| ids.contains(e.message_id.as_str()))
             .collect()
+    }
+
+    /// Adds events; returns (how many were new, how many the bound left out).
+    pub fn insert<'a>(&self, events: impl Iterator<Item = (&'a Arc<str>, &'a str)>) -> (usize, usize) {
+        let mut keys = self.lock();
+        let (mut added, mut dropped) = (0, 0);
+        let mut len = self.len.load(Ordering::Relaxed);
+        for (source, id) in events {
+            if len >= self.max {
+                dropped += 1;
+            } else if keys.entry(source.clone()).or_default().insert(id.to_string()) {
+                added += 1;
+                len += 1;
+            }
+        }
+        self.len.store(len, Ordering::Relaxed);
+        (added, dropped)
     }
 
     /// Adds the batch's events; returns (how many were new, how many the bound left out).
     pub fn insert_batch(&self, batch: &SinkBatch) -> (usize, usize) {
-        let mut keys = self.lock();
-        let (mut added, mut dropped) = (0, 0);
-        for event in &batch.events {
-            if keys.len() >= self.max {
-                dropped += 1;
-            } else if keys.insert((batch.source.clone(), event.message_id.clone())) {
-                added += 1;
-            }
-        }
-        self.len.store(keys.len(), Ordering::Relaxed);
-        (added, dropped)
+        self.insert(batch.events.iter().map(|e| (&batch.source, e.message_id.as_str())))
     }
 
     /// Removes the batch's events.
     pub fn remove_batch(&self, batch: &SinkBatch) {
-        if self.is_empty() {
-            return;
-        }
-        let mut keys = self.lock();
-        for event in &batch.events {
-            keys.remove(&(batch.source.clone(), event.message_id.clone()));
-        }
-        self.len.store(keys.len(), Ordering::Relaxed);
+        self.remove(batch.events.iter().map(|e| (&*batch.source, e.message_id.as_str())));
     }
 
     /// Removes these events.
-    pub fn remove<'a>(&self, known: impl Iterator<Item = &'a EventKey>) {
+    pub fn remove<'a>(&self, known: impl Iterator<Item = (&'a str, &'a str)>) {
         if self.is_empty() {
             return;
         }
         let mut keys = self.lock();
-        for key in known {
-            keys.remove(key);
+        let mut len = self.len.load(Ordering::Relaxed);
+        for (source, id) in known {
+            if let Some(ids) = keys.get_mut(source) {
+                if ids.remove(id) {
+                    len -= 1;
+                }
+                if ids.is_empty() {
+                    keys.remove(source);
+                }
+            }
         }
-        self.len.store(keys.len(), Ordering::Relaxed);
+        self.len.store(len, Ordering::Relaxed);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<EventKey>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, HashSet<String>>> {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -108,11 +108,7 @@ fn a_request_refused_after_kafka_took_it_is_not_written_twice_by_its_retry() {
         expected.extend(ids);
     }
     assert_each_once_in_kafka(&kafka, &expected, &server);
-    let lines = id_counts(&server.sink_events());
-    let twice: Vec<_> = lines.iter().filter(|(_, n)| **n > 1).collect();
-    let missing = expected.iter().filter(|id| !lines.contains_key(*id)).count();
-    assert_eq!(missing, 0, "missing from the file sink");
-    assert!(twice.is_empty(), "written to the file sink twice: {twice:?}");
+    assert_each_once_in_the_files(&server, &expected);
     let left_out: f64 = ["file", "kafka", "clickhouse"]
         .iter()
         .map(|sink| {
@@ -133,7 +129,7 @@ fn a_batch_kafka_took_before_a_crash_is_not_written_again_when_its_request_is_re
     kafka.create_topic(TOPIC, PARTITIONS as u32);
     let clickhouse = ClickHouse::start();
     let config = format!(
-        "[clickhouse]\nurl = \"{}\"\ndatabase = \"crash_wait\"\n\n[kafka]\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\n",
+        "[file_sink]\nenabled = true\n\n[clickhouse]\nurl = \"{}\"\ndatabase = \"crash_wait\"\n\n[kafka]\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\n",
         clickhouse.url(),
         kafka.brokers()
     );
@@ -155,4 +151,19 @@ fn a_batch_kafka_took_before_a_crash_is_not_written_again_when_its_request_is_re
     assert_eq!(status, 200, "{answer}\n{}", server.log());
     let expected: Vec<String> = warm_ids.into_iter().chain(crash_ids).collect();
     assert_each_once_in_kafka(&kafka, &expected, &server);
+    // The file sink had fsynced the request's lines before the crash; its resend
+    // must not write them again.
+    assert_each_once_in_the_files(&server, &expected);
+}
+
+fn assert_each_once_in_the_files(server: &Server, expected: &[String]) {
+    let lines = id_counts(&server.sink_events());
+    let twice: Vec<_> = lines.iter().filter(|(_, n)| **n > 1).collect();
+    let missing = expected.iter().filter(|id| !lines.contains_key(*id)).count();
+    assert_eq!(missing, 0, "missing from the file sink");
+    assert!(
+        twice.is_empty(),
+        "written to the file sink {} times over: {twice:?}",
+        twice.len()
+    );
 }

@@ -47,11 +47,18 @@ pub struct Delivery {
     pub batch_limits: Vec<(SinkKind, watch::Sender<BatchLimits>)>,
 }
 
+/// How far back (by their `receivedAt`) from the newest line the file sink's lines
+/// seed its route's memory at start-up: far beyond any request the timing checks
+/// allow, so every request a crash cut off is covered.
+const RESEND_WINDOW_SECONDS: u64 = 600;
+
 /// Builds every configured sink, its spool queue and its stack. `dedup_refill` sees
 /// the events the file sink finds at start-up, but only while the file sink is the
 /// only sink: beside ClickHouse or Kafka a line there says nothing of them (a crash
 /// between the file's fsync and their writes leaves an event in the file alone, and
-/// its retry must reach them); then the files are not read at all.
+/// its retry must reach them). There, when refilling is asked for (the server), the
+/// recent lines seed the file route's memory instead: the resend of a request the
+/// crash cut off reaches the other sinks, but is not written to the files again.
 pub fn build_delivery(
     config: &Config,
     policy: &Policy,
@@ -59,7 +66,19 @@ pub fn build_delivery(
     dedup_refill: Option<&mut dyn FnMut(RecoveredEvent<'_>)>,
 ) -> Result<Delivery, AssembleError> {
     let file_is_the_only_sink = config.clickhouse.is_none() && config.kafka.is_none();
-    let recovered = dedup_refill.filter(|_| file_is_the_only_sink);
+    let mut in_files: Vec<(Arc<str>, String, u64)> = Vec::new();
+    let mut collect = |event: RecoveredEvent<'_>| {
+        in_files.push((
+            Arc::from(event.source),
+            event.message_id.to_string(),
+            event.received_at_unix_seconds,
+        ))
+    };
+    let recovered: Option<&mut dyn FnMut(RecoveredEvent<'_>)> = match dedup_refill {
+        Some(refill) if file_is_the_only_sink => Some(refill),
+        Some(_) => Some(&mut collect),
+        None => None,
+    };
     let handles = start_sinks(config, policy, data_dir, recovered)?;
     let queue_sizes: Vec<_> = handles
         .iter()
@@ -90,7 +109,25 @@ pub fn build_delivery(
             delivery.batch_limits.push((kind, sender));
         }
     }
+    seed_file_route(&delivery.routes, &in_files);
     Ok(delivery)
+}
+
+/// The file route remembers the lines of the last `RESEND_WINDOW_SECONDS` before the
+/// newest one (see `build_delivery`).
+fn seed_file_route(routes: &[SinkRoute], in_files: &[(Arc<str>, String, u64)]) {
+    let (Some(route), Some(newest)) = (
+        routes.iter().find(|route| route.kind == SinkKind::File),
+        in_files.iter().map(|(_, _, received)| *received).max(),
+    ) else {
+        return;
+    };
+    let since = newest.saturating_sub(RESEND_WINDOW_SECONDS);
+    let recent = in_files
+        .iter()
+        .filter(|(_, _, received)| *received >= since)
+        .map(|(source, id, _)| (source, id.as_str()));
+    route.unsettled.seed(route.kind, recent);
 }
 
 /// Starts every configured sink, in `SinkKind::ALL` order.

@@ -76,6 +76,19 @@ impl UnsettledCopies {
         }));
     }
 
+    /// Events this route's sink is known to hold already from before a restart
+    /// (the file sink's recent lines): a resend of a request the crash cut off leaves
+    /// them out. They are forgotten once such a resend is settled.
+    pub fn seed<'a>(&self, kind: SinkKind, events: impl Iterator<Item = (&'a Arc<str>, &'a str)>) {
+        let (added, dropped) = self.events.insert(events);
+        tracing::info!(
+            sink = kind.name(),
+            events = added,
+            left_out_by_the_bound = dropped,
+            "remembering the events the sink holds from before the restart, for resends"
+        );
+    }
+
     fn remember(&self, kind: SinkKind, batch: &SinkBatch) {
         let (_, dropped) = self.events.insert_batch(batch);
         if dropped > 0 {

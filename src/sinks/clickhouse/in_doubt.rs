@@ -72,7 +72,7 @@ impl InDoubt {
 
     /// Their outcome is known now (found in the table).
     pub fn forget<'a>(&self, known: impl Iterator<Item = &'a EventKey>) {
-        self.events.remove(known);
+        self.events.remove(known.map(|(source, id)| (&**source, id.as_str())));
     }
 
     /// Forgets every event of the group (it was inserted).
