@@ -4,10 +4,10 @@
 //! holding any of them is first checked against the topic (`readback.rs`).
 //!
 //! A batch Kafka acknowledged stays in doubt until the request behind it ends
-//! (`SinkBatch::when_ended`): settled, its journal entry is closed; unsettled (another
-//! sink failed it, so its client will resend it), its events are remembered as
-//! written, and the resend is read back instead of produced again. Until then its
-//! journal entry stays open, so a crash in between is read back after the restart.
+//! (`SinkBatch::when_ended`): until then its journal entry stays open, so a crash in
+//! between is read back after the restart. However it ends, the entry is closed
+//! then: a resend of a request another sink failed is left out of Kafka's copy by
+//! the route's memory (`pipeline/unsettled.rs`), so it never reaches this sink.
 
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use super::errors::{classify, refused_by_broker, KafkaSinkError};
 use super::readback::{self, LogEnds, ReadBackError, UnknownOutcomes};
 use super::KafkaSink;
 use crate::config::KafkaKey;
-use crate::event::{EndHook, NormalizedEvent, RequestEnd, SinkBatch};
+use crate::event::{EndHook, NormalizedEvent, SinkBatch};
 use crate::telemetry::metric;
 
 /// Events handed to librdkafka for one batch; unless the batch is settled as
@@ -77,20 +77,14 @@ fn remember<'a>(
     }
 }
 
-/// What becomes of a batch written to the topic once the request behind it ends:
-/// settled, its events are no longer in doubt (nor are those an earlier attempt left
-/// in doubt, which this batch wrote or found); unsettled, they are remembered, so
-/// the request's resend is read back, not produced again.
-fn when_request_ends(outcomes: Arc<UnknownOutcomes>, log_ends: Arc<LogEnds>, journal_batch: Option<u64>) -> EndHook {
-    Box::new(move |end, batch| {
-        let ids = batch.events.iter().map(|e| e.message_id.as_str());
-        match end {
-            RequestEnd::Settled => {
-                outcomes.forget(&batch.source, ids);
-                outcomes.journal_settled(journal_batch);
-            }
-            RequestEnd::Unsettled => remember(&outcomes, &batch.source, ids, &log_ends, journal_batch),
-        }
+/// What becomes of a batch written to the topic once the request behind it ends,
+/// settled or not: its events, and those an earlier attempt left in doubt that this
+/// batch wrote or found, are no longer in doubt, and its journal entry is closed.
+/// (An unsettled request's resend is left out of Kafka's copy by its route.)
+fn when_request_ends(outcomes: Arc<UnknownOutcomes>, journal_batch: Option<u64>) -> EndHook {
+    Box::new(move |_end, batch| {
+        outcomes.forget(&batch.source, batch.events.iter().map(|e| e.message_id.as_str()));
+        outcomes.journal_settled(journal_batch);
     })
 }
 
@@ -107,7 +101,7 @@ impl KafkaSink {
             Some((ids, start)) => match self.leave_out_written(requested.clone(), ids, start).await? {
                 Some(rest) => rest,
                 None => {
-                    let hook = when_request_ends(self.outcomes.clone(), self.outcomes.log_ends(), None);
+                    let hook = when_request_ends(self.outcomes.clone(), None);
                     requested.when_ended(hook);
                     return Ok(());
                 }
@@ -128,7 +122,7 @@ impl KafkaSink {
             results = join_all(deliveries) => {
                 self.settle(results)?;
                 in_doubt.settled = true;
-                let hook = when_request_ends(self.outcomes.clone(), in_doubt.log_ends.clone(), in_doubt.journal_batch);
+                let hook = when_request_ends(self.outcomes.clone(), in_doubt.journal_batch);
                 requested.when_ended(hook);
                 Ok(())
             }
