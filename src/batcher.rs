@@ -2,7 +2,10 @@
 //! an event count and a byte size, waiting at most `linger` after the oldest
 //! arrived), makes it durable with one `flush`, and answers every request with the
 //! same result. One flush runs at a time; requests arriving meanwhile form the next
-//! group, so the group grows with load on its own. Used by the file and ClickHouse
+//! group, so the group grows with load on its own. A requester that gave up (its
+//! attempt timed out) before its group was flushed is left out of it; one that
+//! gave up while the flush ran has its events remembered, and the next copy of them
+//! (the retry, or the replay of what it spooled) is not written again. Used by the file and ClickHouse
 //! sinks and by the spool's append writer, each with its own error type.
 //!
 //! Invariant: generic machinery: imports only `event`; knows no sink and no spool.
@@ -14,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::event::SinkBatch;
+use crate::event::{EventKeySet, SinkBatch};
 
 /// Bounds of one group.
 #[derive(Debug, Clone, Copy)]
@@ -78,16 +81,32 @@ where
         let (queue, mut receiver) = mpsc::channel::<Queued<E>>(QUEUE_BATCHES);
         let task = tokio::spawn(async move {
             let mut carried: Option<Queued<E>> = None;
+            let mut written_late = WrittenLate::default();
             loop {
                 let current = *limits.borrow();
                 let Some(group) = next_group(&mut receiver, &mut carried, current).await else {
                     break;
                 };
-                let (batches, answers): (Vec<_>, Vec<_>) = group.into_iter().map(|q| (q.batch, q.done)).unzip();
-                let result = flush(batches).await;
-                for answer in answers {
-                    // The requester may have gone; the outcome stands all the same.
-                    let _ = answer.send(result.clone());
+                written_late.expire();
+                let (to_write, answers): (Vec<_>, Vec<_>) = group
+                    .into_iter()
+                    .map(|queued| (written_late.left_out_of(&queued.batch), queued.done))
+                    .unzip();
+                let batches: Vec<Arc<SinkBatch>> = to_write.iter().flatten().cloned().collect();
+                let result = if batches.is_empty() {
+                    Ok(())
+                } else {
+                    flush(batches).await
+                };
+                for (written, answer) in to_write.into_iter().zip(answers) {
+                    // The requester may have gone (its attempt timed out while this
+                    // flush ran): the outcome stands all the same, and what was
+                    // written is remembered for its retry or its spooled copy.
+                    if answer.send(result.clone()).is_err() && result.is_ok() {
+                        if let Some(written) = written {
+                            written_late.remember(name, &written);
+                        }
+                    }
                 }
             }
             tracing::debug!(batcher = name, "batcher stopped");
@@ -105,6 +124,59 @@ where
         };
         self.queue.send(queued).await.map_err(|_| E::from(BatcherStopped))?;
         answer.await.map_err(|_| E::from(BatcherStopped))?
+    }
+}
+
+/// Events a flush wrote after their requester had gone (its attempt timed out while
+/// the flush ran): the next copy of them, the retry or the replay of what the
+/// requester spooled instead, is not written again. Bounded, and forgotten once
+/// nothing was added for `WRITTEN_LATE_KEPT`, far beyond any retry or replay of a
+/// running server.
+struct WrittenLate {
+    events: EventKeySet,
+    last_added: Option<Instant>,
+}
+
+const MAX_WRITTEN_LATE: usize = 100_000;
+const WRITTEN_LATE_KEPT: Duration = Duration::from_secs(3600);
+
+impl Default for WrittenLate {
+    fn default() -> Self {
+        WrittenLate {
+            events: EventKeySet::bounded(MAX_WRITTEN_LATE),
+            last_added: None,
+        }
+    }
+}
+
+impl WrittenLate {
+    fn expire(&mut self) {
+        if self.last_added.is_some_and(|at| at.elapsed() > WRITTEN_LATE_KEPT) {
+            *self = WrittenLate::default();
+        }
+    }
+
+    /// The batch without the events written late (`None`: nothing left to write).
+    fn left_out_of(&self, batch: &Arc<SinkBatch>) -> Option<Arc<SinkBatch>> {
+        let (rest, left_out) = self.events.leave_out(batch);
+        if left_out > 0 {
+            tracing::info!(
+                events = left_out,
+                "written by an earlier flush after its caller had given up: not written again"
+            );
+        }
+        rest
+    }
+
+    fn remember(&mut self, name: &'static str, batch: &SinkBatch) {
+        let (_, dropped) = self.events.insert_batch(batch);
+        self.last_added = Some(Instant::now());
+        tracing::warn!(
+            batcher = name,
+            events = batch.events.len(),
+            left_out_by_the_bound = dropped,
+            "a flush finished after its caller had given up (its attempt timed out); its events are left out of later copies"
+        );
     }
 }
 
@@ -234,5 +306,49 @@ mod tests {
         let (batcher, groups) = recording_batcher(limits);
         batcher.submit(batch(10)).await.unwrap();
         assert_eq!(*groups.lock().unwrap(), [10]);
+    }
+}
+
+#[cfg(test)]
+mod late_tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A flush slower than the caller's attempt: the caller gives up while it runs,
+    /// and its retry (the same batch) and a later copy of the same events (its spooled
+    /// copy, replayed) must not be written again (issue 19 e).
+    #[tokio::test]
+    async fn a_flush_that_outlived_its_caller_is_not_written_again_by_the_retry() {
+        let limits = BatchLimits {
+            max_events: 100,
+            max_bytes: 1 << 20,
+            linger: Duration::ZERO,
+        };
+        let written: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = written.clone();
+        let (batcher, _task) = Batcher::<BatcherStopped>::start("test", watch::channel(limits).1, move |group| {
+            let seen = seen.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                for batch in &group {
+                    seen.lock()
+                        .unwrap()
+                        .extend(batch.events.iter().map(|e| e.message_id.clone()));
+                }
+                Ok(())
+            }
+        });
+        let batch = Arc::new(SinkBatch::fixture("web", &["a", "b"]));
+        let attempt = tokio::time::timeout(Duration::from_millis(50), batcher.submit(batch.clone())).await;
+        assert!(attempt.is_err(), "the attempt timed out while its flush ran");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The retry of the same batch: answered, nothing written again.
+        batcher.submit(batch.clone()).await.unwrap();
+        // A copy with one more event (another request's): only that one is written.
+        batcher
+            .submit(Arc::new(SinkBatch::fixture("web", &["a", "c"])))
+            .await
+            .unwrap();
+        assert_eq!(*written.lock().unwrap(), ["a", "b", "c"]);
     }
 }

@@ -222,6 +222,34 @@ impl EventKeySet {
             .collect()
     }
 
+    /// The batch without the events in the set: the batch itself when none is,
+    /// `None` when all are, else a new batch that ends when `batch` ends (a sink may
+    /// wait for that); and how many were left out.
+    pub fn leave_out(&self, batch: &Arc<SinkBatch>) -> (Option<Arc<SinkBatch>>, usize) {
+        if self.is_empty() {
+            return (Some(batch.clone()), 0);
+        }
+        let known = self.known_in(batch);
+        let rest: Vec<NormalizedEvent> = batch
+            .events
+            .iter()
+            .zip(&known)
+            .filter(|(_, known)| !**known)
+            .map(|(event, _)| event.clone())
+            .collect();
+        let left_out = batch.events.len() - rest.len();
+        if left_out == 0 {
+            return (Some(batch.clone()), 0);
+        }
+        if rest.is_empty() {
+            return (None, left_out);
+        }
+        let copy = Arc::new(SinkBatch::new(batch.source.clone(), rest));
+        let ends_with_it = copy.clone();
+        batch.when_ended(Box::new(move |end, _| ends_with_it.end(end)));
+        (Some(copy), left_out)
+    }
+
     /// Adds events; returns (how many were new, how many the bound left out).
     pub fn insert<'a>(&self, events: impl Iterator<Item = (&'a Arc<str>, &'a str)>) -> (usize, usize) {
         let mut keys = self.lock();
@@ -267,6 +295,13 @@ impl EventKeySet {
             }
         }
         self.len.store(len, Ordering::Relaxed);
+    }
+
+    /// Forgets every event.
+    pub fn clear(&self) {
+        let mut keys = self.lock();
+        keys.clear();
+        self.len.store(0, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, HashSet<String>>> {

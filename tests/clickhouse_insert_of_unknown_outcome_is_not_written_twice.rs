@@ -62,3 +62,45 @@ fn an_insert_clickhouse_finished_after_it_timed_out_is_not_replayed() {
         server.log()
     );
 }
+
+/// The same INSERT, but breakwater is killed (`kill -9`) while it waits for it: the
+/// memory of the INSERT dies with the process. Its in-doubt journal
+/// (`<data_dir>/clickhouse/in-doubt.journal`) outlives it, so the client's resend of
+/// the unanswered request is looked up before it is inserted again.
+#[test]
+fn an_insert_in_flight_at_a_kill_9_is_not_written_again_by_the_resend() {
+    let clickhouse = ClickHouse::start();
+    let config = format!(
+        "[clickhouse]\nurl = \"{}\"\ndatabase = \"{DATABASE}_crash\"\n",
+        clickhouse.url()
+    );
+    let mut server = Server::start_with(&config, &[]);
+    let (status, answer) = post_json(&server, "/v1/batch", &json!({ "batch": [track("warm-up")] }));
+    assert_eq!(status, 200, "{answer}");
+
+    clickhouse.freeze();
+    let ids: Vec<String> = (0..EVENTS).map(|i| format!("crash-{i}")).collect();
+    let body = json!({ "batch": ids.iter().map(|id| track(id)).collect::<Vec<_>>() });
+    send_then_kill9(&mut server, &body);
+    // ClickHouse wakes, reads the INSERT the dead process left in its socket, and
+    // writes it.
+    clickhouse.thaw();
+
+    let server = server.restart();
+    let (status, answer) = post_json(&server, "/v1/batch", &body);
+    assert_eq!(status, 200, "the resend: {answer}\n{}", server.log());
+    let raw: u64 = clickhouse
+        .query(&format!(
+            "SELECT count() FROM {DATABASE}_crash.events WHERE startsWith(message_id, 'crash-')"
+        ))
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        raw,
+        EVENTS as u64,
+        "raw rows (no FINAL): each event once (found in the table: {})\n{}",
+        server.metric("breakwater_clickhouse_in_doubt_found_events_total"),
+        server.log()
+    );
+}

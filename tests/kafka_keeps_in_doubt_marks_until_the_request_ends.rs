@@ -167,3 +167,45 @@ fn assert_each_once_in_the_files(server: &Server, expected: &[String]) {
         twice.len()
     );
 }
+
+/// Kafka is acknowledged on spool: its copy of a request is in the spool at once,
+/// while the request waits for a frozen ClickHouse; breakwater dies before answering.
+/// The copy is replayed after the restart, and the client's resend must not put the
+/// same events in the topic a second time: the spool's recent records seed Kafka's
+/// route memory at start-up, and a copy is not replayed while its request is still
+/// unanswered (a replay then a crash would leave nothing to say it was written).
+#[test]
+fn a_copy_spooled_for_a_request_cut_off_by_a_crash_is_not_written_again_by_its_resend() {
+    let kafka = Kafka::start();
+    kafka.create_topic(TOPIC, PARTITIONS as u32);
+    let clickhouse = ClickHouse::start();
+    let config = format!(
+        "[clickhouse]\nurl = \"{}\"\ndatabase = \"spooled_crash\"\n\n[kafka]\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\nacknowledge = \"on_spool\"\n",
+        clickhouse.url(),
+        kafka.brokers()
+    );
+    let mut server = Server::start_with(&config, &[]);
+    let (warm_ids, warm) = request("spool-warm-up", 20);
+    let (status, answer) = post_json(&server, "/v1/batch", &warm);
+    assert_eq!(status, 200, "{answer}");
+
+    clickhouse.freeze();
+    let (crash_ids, crash) = request("spool-crash", 20);
+    send_then_kill9(&mut server, &crash);
+    clickhouse.thaw();
+
+    let server = server.restart();
+    let (status, answer) = post_json(&server, "/v1/batch", &crash);
+    assert_eq!(status, 200, "{answer}\n{}", server.log());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric("breakwater_spool_events{sink=\"kafka\"}") > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "Kafka's spool did not drain\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let expected: Vec<String> = warm_ids.into_iter().chain(crash_ids).collect();
+    assert_each_once_in_kafka(&kafka, &expected, &server);
+}

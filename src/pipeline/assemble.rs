@@ -9,12 +9,14 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::route::SinkRoute;
+use super::unsettled::UnsettledCopies;
 use crate::batcher::BatchLimits;
 use crate::config::{invalid, Acknowledge, ClickHouseConfig, Config, ConfigError, INSERT_MARGIN_MS};
 use crate::dedup::redis::{self, RedisDedup};
 use crate::event::SinkKind;
 use crate::policy::{CallPolicy, LoadedPolicy, Policy};
 use crate::resilience;
+use crate::sinks::clickhouse::ClickHouseSinkSettings;
 use crate::sinks::file::{FileSinkSettings, RecoveredEvent};
 use crate::sinks::kafka::KafkaSinkSettings;
 use crate::sinks::{batch_limits_of, clickhouse, file, kafka, ResilientSink, SinkError, SinkHandle};
@@ -66,6 +68,7 @@ pub fn build_delivery(
     dedup_refill: Option<&mut dyn FnMut(RecoveredEvent<'_>)>,
 ) -> Result<Delivery, AssembleError> {
     let file_is_the_only_sink = config.clickhouse.is_none() && config.kafka.is_none();
+    let seed_routes = dedup_refill.is_some();
     let mut in_files: Vec<(Arc<str>, String, u64)> = Vec::new();
     let mut collect = |event: RecoveredEvent<'_>| {
         in_files.push((
@@ -109,8 +112,34 @@ pub fn build_delivery(
             delivery.batch_limits.push((kind, sender));
         }
     }
-    seed_file_route(&delivery.routes, &in_files);
+    if seed_routes {
+        seed_file_route(&delivery.routes, &in_files);
+        seed_routes_from_spool(&delivery.routes);
+    }
     Ok(delivery)
+}
+
+/// Each route remembers the events of its spool's records of the last
+/// `RESEND_WINDOW_SECONDS` before the newest one: copies of requests a crash cut off
+/// (or that failed just before it), which the replay delivers; a resend of such a
+/// request leaves them out of that sink's copy.
+fn seed_routes_from_spool(routes: &[SinkRoute]) {
+    for route in routes {
+        match route
+            .queue
+            .recent_events(RESEND_WINDOW_SECONDS as i64 * 1000, UnsettledCopies::MAX_REMEMBERED)
+        {
+            Ok(events) if events.is_empty() => {}
+            Ok(events) => route
+                .unsettled
+                .seed(route.kind, events.iter().map(|(source, id)| (source, id.as_str()))),
+            Err(error) => tracing::warn!(
+                sink = route.kind.name(),
+                %error,
+                "cannot read the spool's recent records; resends of requests cut off by the last crash may be written twice"
+            ),
+        }
+    }
 }
 
 /// The file route remembers the lines of the last `RESEND_WINDOW_SECONDS` before the
@@ -153,6 +182,10 @@ fn start_sinks(
         handles.push(handle);
     }
     if let Some(settings) = &config.clickhouse {
+        let settings = ClickHouseSinkSettings {
+            config: settings,
+            dir: data_dir.join(SinkKind::ClickHouse.name()),
+        };
         let handle =
             clickhouse::start(settings, &policy.clickhouse.batch).map_err(|e| AssembleError::Sink(e.into()))?;
         handles.push(handle);

@@ -10,28 +10,43 @@
 //! remembered, and the resend's copy for that route leaves them out (they are
 //! forgotten once that request is settled).
 //!
-//! The memory is the process's: it covers a request that failed, not one cut off by
-//! a crash (Kafka's in-doubt journal covers that for Kafka). It is bounded; past
-//! the bound, events are not remembered (logged).
+//! The memory is the process's. After a crash it is seeded with what the sink's
+//! route is known to hold for requests the crash may have cut off: the file sink's
+//! recent lines, and the recent records of the route's spool (a spooled copy is not
+//! replayed while its request is unanswered, so it is still there). What Kafka and
+//! ClickHouse took directly is in their in-doubt journals. It is bounded (past the
+//! bound, events are not remembered; logged), and forgotten 10 minutes after the
+//! last event was added.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::event::{EventKeySet, RequestEnd, SinkBatch, SinkKind};
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
-/// At most this many events are remembered per route.
-const MAX_REMEMBERED: usize = 200_000;
-
 /// Events one route made durable for requests that ended unsettled.
 pub struct UnsettledCopies {
     events: EventKeySet,
+    /// When an event was last remembered; all are forgotten `KEPT` after that.
+    last_added: Mutex<Instant>,
+}
+
+impl UnsettledCopies {
+    /// At most this many events are remembered per route.
+    pub const MAX_REMEMBERED: usize = 200_000;
+    /// Resends come within seconds to minutes (SDK backoff; after a crash, once the
+    /// dead process's Redis claims expire): everything is forgotten once nothing was
+    /// added for this long, so a memory nobody asks for again stops costing every
+    /// request a lookup.
+    const KEPT: Duration = Duration::from_secs(600);
 }
 
 impl Default for UnsettledCopies {
     fn default() -> Self {
         UnsettledCopies {
-            events: EventKeySet::bounded(MAX_REMEMBERED),
+            events: EventKeySet::bounded(Self::MAX_REMEMBERED),
+            last_added: Mutex::new(Instant::now()),
         }
     }
 }
@@ -41,29 +56,14 @@ impl UnsettledCopies {
     /// an unsettled request (`None`: all of them). A copy that is a new batch ends
     /// when `batch` ends (its sink may be waiting for that).
     pub fn copy_for(&self, kind: SinkKind, batch: &Arc<SinkBatch>) -> Option<Arc<SinkBatch>> {
-        if self.events.is_empty() {
-            return Some(batch.clone());
+        if !self.events.is_empty() && self.lock_last_added().elapsed() > Self::KEPT {
+            self.events.clear();
         }
-        let known = self.events.known_in(batch);
-        let rest: Vec<_> = batch
-            .events
-            .iter()
-            .zip(&known)
-            .filter(|(_, known)| !**known)
-            .map(|(event, _)| event.clone())
-            .collect();
-        let left_out = batch.events.len() - rest.len();
-        if left_out == 0 {
-            return Some(batch.clone());
+        let (copy, left_out) = self.events.leave_out(batch);
+        if left_out > 0 {
+            metrics::counter!(metric::SINK_UNSETTLED_LEFT_OUT_EVENTS, "sink" => kind.name()).increment(left_out as u64);
         }
-        metrics::counter!(metric::SINK_UNSETTLED_LEFT_OUT_EVENTS, "sink" => kind.name()).increment(left_out as u64);
-        if rest.is_empty() {
-            return None;
-        }
-        let copy = Arc::new(SinkBatch::new(batch.source.clone(), rest));
-        let ends_with_it = copy.clone();
-        batch.when_ended(Box::new(move |end, _| ends_with_it.end(end)));
-        Some(copy)
+        copy
     }
 
     /// The route's copy of `batch` is durable: remember its events if the request
@@ -76,11 +76,13 @@ impl UnsettledCopies {
         }));
     }
 
-    /// Events this route's sink is known to hold already from before a restart
-    /// (the file sink's recent lines): a resend of a request the crash cut off leaves
-    /// them out. They are forgotten once such a resend is settled.
+    /// Events this route's sink is known to hold already from before a restart (the
+    /// file sink's recent lines, the recent records of the route's spool): a resend
+    /// of a request the crash cut off leaves them out. They are forgotten once such a
+    /// resend is settled.
     pub fn seed<'a>(&self, kind: SinkKind, events: impl Iterator<Item = (&'a Arc<str>, &'a str)>) {
         let (added, dropped) = self.events.insert(events);
+        *self.lock_last_added() = Instant::now();
         tracing::info!(
             sink = kind.name(),
             events = added,
@@ -89,8 +91,13 @@ impl UnsettledCopies {
         );
     }
 
+    fn lock_last_added(&self) -> std::sync::MutexGuard<'_, Instant> {
+        self.last_added.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn remember(&self, kind: SinkKind, batch: &SinkBatch) {
         let (_, dropped) = self.events.insert_batch(batch);
+        *self.lock_last_added() = Instant::now();
         if dropped > 0 {
             static FULL: Throttle = Throttle::new(WARN_EVERY);
             if let Some(suppressed) = FULL.allow() {

@@ -2,7 +2,8 @@
 //! `mod.rs` (its public `start`, taking the sink's settings and its batch policy and
 //! returning one `SinkHandle`), the writer or service that does the I/O, and
 //! `errors.rs` (the sink's own error type, its retry classification through
-//! `ClassifyError::classify`, and its conversion into `SinkError`).
+//! `ClassifyError::classify`, and its conversion into `SinkError`). `journal.rs` is not
+//! a sink: the in-doubt journal Kafka and ClickHouse each keep.
 //!
 //! Invariant: sinks know nothing of HTTP, dedup, the spool or sources beyond the
 //! batch's source name; they import only `event`, `config`, `policy`, `telemetry`,
@@ -10,6 +11,7 @@
 
 pub mod clickhouse;
 pub mod file;
+pub mod journal;
 pub mod kafka;
 
 use std::future::Future;

@@ -2,6 +2,7 @@
 //! through a `Batcher` (one fsync for many), reads oldest first, deletions after the
 //! sink acknowledged, and the counters behind the spool's metrics.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -15,10 +16,14 @@ use super::record::{decode, encode, max_encoded_len};
 use super::SpoolError;
 use crate::batcher::{BatchLimits, Batcher};
 use crate::clock::now_ms;
-use crate::event::{SinkBatch, SinkKind};
+use crate::event::{EventKey, SinkBatch, SinkKind};
 use crate::telemetry::metric;
 
 pub(super) const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The queue table of a sink.
 fn queue_table(sink: SinkKind) -> TableDefinition<'static, u64, &'static [u8]> {
@@ -105,8 +110,13 @@ pub struct SinkQueue {
     /// Set when an append was refused for room; cleared when records leave.
     refusing: AtomicBool,
     pub(super) next_key: Arc<AtomicU64>,
-    /// Woken on every append, so the replayer starts at once.
-    pub appended: Notify,
+    /// Woken on every append (and when a request whose copy was appended ends), so
+    /// the replayer starts at once.
+    pub appended: Arc<Notify>,
+    /// Requests still unanswered whose copy was appended: the key the queue was at
+    /// when each appended (its record's key is at least that), counted. See
+    /// `append_into`.
+    unanswered: Arc<Mutex<BTreeMap<u64, usize>>>,
     writer: Batcher<SpoolError>,
     pub(super) writer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -144,7 +154,8 @@ impl SinkQueue {
             reserved: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
             next_key,
-            appended: Notify::new(),
+            appended: Arc::new(Notify::new()),
+            unanswered: Arc::default(),
             writer,
             writer_task: Mutex::new(Some(writer_task)),
         };
@@ -177,14 +188,27 @@ impl SinkQueue {
         })
     }
 
-    /// Durably appends the batch (answered after the commit's fsync).
+    /// Durably appends the batch (answered after the commit's fsync), for replay at
+    /// once: a batch no request waits on (tools, tests).
     pub async fn append(&self, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
         let room = self.reserve(&batch)?;
-        self.append_into(room, batch).await
+        self.store(room, batch).await
     }
 
-    /// Durably appends a batch into room held for it (answered after the fsync).
+    /// Durably appends a request's batch into room held for it (answered after the
+    /// fsync).
+    ///
+    /// The record is not replayed until the request behind the batch has ended
+    /// (`SinkBatch::when_ended`): delivered by the replayer while its request waits
+    /// for another sink, then a crash before the answer, and nothing would tell the
+    /// client's resend that this sink has it. (Once ended, the route's memory and,
+    /// after a crash, the spool's recent records tell it; see `recent_events`.)
     pub async fn append_into(&self, room: SpoolRoom<'_>, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
+        self.hold_replay_until_answered(&batch);
+        self.store(room, batch).await
+    }
+
+    async fn store(&self, room: SpoolRoom<'_>, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
         // Stored before the room is given back, so the bytes are never uncounted.
         let size = room.bytes;
         self.bytes.fetch_add(size, Ordering::SeqCst);
@@ -206,6 +230,56 @@ impl SinkQueue {
         }
     }
 
+    fn hold_replay_until_answered(&self, batch: &SinkBatch) {
+        let from_key = self.next_key.load(Ordering::SeqCst);
+        *lock(&self.unanswered).entry(from_key).or_default() += 1;
+        let unanswered = self.unanswered.clone();
+        let appended = self.appended.clone();
+        batch.when_ended(Box::new(move |_, _| {
+            let mut held = lock(&unanswered);
+            if let Some(count) = held.get_mut(&from_key) {
+                *count -= 1;
+                if *count == 0 {
+                    held.remove(&from_key);
+                }
+            }
+            drop(held);
+            appended.notify_one();
+        }));
+    }
+
+    /// The first key the replayer must not read yet (see `append_into`).
+    fn replay_below(&self) -> u64 {
+        lock(&self.unanswered).keys().next().copied().unwrap_or(u64::MAX)
+    }
+
+    /// The events of the newest records, from the newest back to those stored
+    /// `window_ms` before it, at most about `max_events`: at start-up, the copies
+    /// the requests a crash cut off (and those that failed just before) may have
+    /// left here. The client's resend of such a request leaves them out of this
+    /// sink's copy (the replay delivers them).
+    pub fn recent_events(&self, window_ms: i64, max_events: usize) -> Result<Vec<EventKey>, SpoolError> {
+        self.file.run(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(self.table)?;
+            let mut out = Vec::new();
+            let mut since = None;
+            for entry in table.iter()?.rev() {
+                let (_, value) = entry?;
+                let Ok((created_at_ms, batch)) = decode(value.value()) else {
+                    continue;
+                };
+                let since = *since.get_or_insert(created_at_ms - window_ms);
+                if created_at_ms < since || out.len() >= max_events {
+                    break;
+                }
+                let (source, events) = batch.into_parts();
+                out.extend(events.into_iter().map(|event| (source.clone(), event.message_id)));
+            }
+            Ok(out)
+        })
+    }
+
     pub(super) fn account_added(&self, bytes: u64, events: u64) {
         self.bytes.fetch_add(bytes, Ordering::SeqCst);
         self.events.fetch_add(events, Ordering::SeqCst);
@@ -214,9 +288,11 @@ impl SinkQueue {
     }
 
     /// The oldest records, up to about `max_events` events (at least one record);
-    /// records delivered but not yet deleted are left out.
+    /// records delivered but not yet deleted are left out, and so are those of
+    /// requests still unanswered and everything after them (`append_into`).
     pub fn read_oldest(&self, max_events: usize, max_records: usize) -> Result<Vec<StoredBatch>, SpoolError> {
         let skipped: Vec<u64> = self.lock_delivered().iter().map(|record| record.key).collect();
+        let below = self.replay_below();
         self.file.run(|db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(self.table)?;
@@ -224,6 +300,9 @@ impl SinkQueue {
             let mut events = 0;
             for entry in table.iter()? {
                 let (key, value) = entry?;
+                if key.value() >= below {
+                    break;
+                }
                 if skipped.contains(&key.value()) {
                     continue;
                 }
@@ -478,4 +557,52 @@ fn scan_queue(
     // Committed even when nothing changed: the first scan creates the table.
     txn.commit()?;
     Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::event::{RequestEnd, SinkBatch, SinkKind};
+    use crate::spool::Spool;
+    use std::sync::Arc;
+
+    fn keys(events: &[crate::event::EventKey]) -> Vec<(&str, &str)> {
+        events.iter().map(|(source, id)| (&**source, id.as_str())).collect()
+    }
+
+    #[tokio::test]
+    async fn a_record_is_replayed_only_once_its_request_has_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), &[(SinkKind::Kafka, 1 << 20)]).unwrap();
+        let queue = spool.queue(SinkKind::Kafka).unwrap();
+        let answered = Arc::new(SinkBatch::fixture("web", &["a"]));
+        queue
+            .append_into(queue.reserve(&answered).unwrap(), answered.clone())
+            .await
+            .unwrap();
+        answered.end(RequestEnd::Settled);
+        let waiting = Arc::new(SinkBatch::fixture("web", &["b"]));
+        queue
+            .append_into(queue.reserve(&waiting).unwrap(), waiting.clone())
+            .await
+            .unwrap();
+        let after = Arc::new(SinkBatch::fixture("ios", &["c"]));
+        queue
+            .append_into(queue.reserve(&after).unwrap(), after.clone())
+            .await
+            .unwrap();
+        after.end(RequestEnd::Settled);
+
+        let ready = |queue: &super::SinkQueue| -> Vec<String> {
+            let records = queue.read_oldest(100, 100).unwrap();
+            records.iter().map(|r| r.batch.events[0].message_id.clone()).collect()
+        };
+        assert_eq!(ready(&queue), ["a"], "nothing from the unanswered request on");
+        waiting.end(RequestEnd::Unsettled);
+        assert_eq!(ready(&queue), ["a", "b", "c"]);
+
+        // The newest records' events, newest first, for the route's memory.
+        let recent = queue.recent_events(60_000, 10).unwrap();
+        assert_eq!(keys(&recent), [("ios", "c"), ("web", "b"), ("web", "a")]);
+        assert_eq!(queue.recent_events(60_000, 1).unwrap().len(), 1);
+    }
 }

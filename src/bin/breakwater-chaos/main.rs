@@ -443,6 +443,13 @@ fn run(scenario: &Scenario, out: &Path, min_events: u64) -> Result<Value, String
                 .lines(),
         );
         check_sink("clickhouse", &collapsed, &acked, &sent, &mut problems);
+        // Raw rows too: FINAL would hide an INSERT written twice.
+        let raw_doubled = raw.values().filter(|n| **n > 1).count();
+        if raw_doubled > 0 {
+            problems.push(format!(
+                "clickhouse: {raw_doubled} events in more than one raw row (FINAL hides them; must be one row)"
+            ));
+        }
         sinks.insert(
             "clickhouse".into(),
             json!({ "rows_final": collapsed.values().sum::<usize>(), "rows_raw": raw.values().sum::<usize>(),

@@ -1,7 +1,8 @@
 //! The ClickHouse writer: one client, layout detection and table creation on first
 //! use, and one INSERT per group, its RowBinary encoded and sent in chunks.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,8 @@ use super::in_doubt::InDoubt;
 use super::row_binary;
 use super::schema::{self, Layout};
 use crate::config::{ClickHouseCompression, ClickHouseConfig, ClickHouseSchema};
-use crate::event::{EventKey, SinkBatch};
+use crate::event::{EventKey, SinkBatch, SinkKind};
+use crate::sinks::journal::Journal;
 use crate::telemetry::metric;
 
 /// An INSERT's RowBinary is sent in chunks of about this size (each compressed on
@@ -35,6 +37,8 @@ pub struct Inserter {
 }
 
 impl Inserter {
+    /// An inserter whose memory of INSERTs of unknown outcome lives in memory only
+    /// (tools, tests); the sink's keeps a journal (`with_journal`).
     pub fn new(config: &ClickHouseConfig) -> Result<Inserter, ClickHouseError> {
         let mut client = clickhouse::Client::default()
             .with_url(&config.url)
@@ -69,6 +73,15 @@ impl Inserter {
         })
     }
 
+    /// Keeps the in-doubt memory in the journal under `dir` too, and remembers what
+    /// an earlier process left open there.
+    pub fn with_journal(mut self, dir: &Path) -> Result<Inserter, ClickHouseError> {
+        let (journal, open) = Journal::open(SinkKind::ClickHouse, dir)
+            .map_err(|error| ClickHouseError::Config(format!("in-doubt journal in {}: {error}", dir.display())))?;
+        self.in_doubt = InDoubt::with_journal(journal, open);
+        Ok(self)
+    }
+
     /// The layout in use, detecting it and creating the table the first time.
     pub async fn prepare(&self) -> Result<Layout, ClickHouseError> {
         let mut prepared = self.layout.lock().await;
@@ -85,6 +98,9 @@ impl Inserter {
             self.execute(&schema::create_database(&self.database)).await?;
             self.execute(&schema::create_table(layout, &self.database, &self.table))
                 .await?;
+        }
+        for warning in durability_warnings(&self.durability_settings().await) {
+            tracing::warn!("{warning}");
         }
         tracing::info!(
             server_version = version.trim(),
@@ -108,6 +124,25 @@ impl Inserter {
         Ok(String::from_utf8_lossy(&bytes).trim().to_string())
     }
 
+    /// The server settings that decide what an acknowledged INSERT means (those
+    /// this server has; none if it cannot be asked).
+    async fn durability_settings(&self) -> HashMap<String, String> {
+        let sql = "SELECT name, value FROM system.settings WHERE name IN ('async_insert', 'wait_for_async_insert') \
+                   UNION ALL SELECT name, value FROM system.merge_tree_settings WHERE name = 'fsync_after_insert'";
+        let answer = async { self.client.query(sql).fetch_bytes("TSV")?.collect().await };
+        match answer.await {
+            Ok(bytes) => String::from_utf8_lossy(&bytes)
+                .lines()
+                .filter_map(|line| line.split_once('\t'))
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
+            Err(error) => {
+                tracing::debug!(%error, "clickhouse: cannot read its durability settings");
+                HashMap::new()
+            }
+        }
+    }
+
     async fn execute(&self, sql: &str) -> Result<(), ClickHouseError> {
         self.client.query(sql).execute().await.map_err(classify)
     }
@@ -122,11 +157,12 @@ impl Inserter {
         if events == 0 {
             return Ok(());
         }
+        let entries = self.in_doubt.begin(group);
         let result = self.insert_rows(layout, group, &found, events).await;
         match &result {
-            Ok(()) => self.in_doubt.forget_group(group),
-            Err(error) if error.outcome_unknown() => self.in_doubt.remember(group),
-            Err(_) => {}
+            Ok(()) => self.in_doubt.inserted(group, entries),
+            Err(error) if error.outcome_unknown() => self.in_doubt.unknown(group, entries),
+            Err(_) => self.in_doubt.not_written(entries),
         }
         result
     }
@@ -240,6 +276,30 @@ impl Inserter {
     }
 }
 
+/// What the server's settings make of an acknowledged INSERT, where that is less than
+/// "on disk": asynchronous inserts answered before they are written, and parts not
+/// fsynced (ClickHouse's default). Said as warnings at start-up.
+pub fn durability_warnings(settings: &HashMap<String, String>) -> Vec<String> {
+    let is = |name: &str, value: &str| settings.get(name).is_some_and(|v| v.trim() == value);
+    let mut warnings = Vec::new();
+    if is("async_insert", "1") && is("wait_for_async_insert", "0") {
+        warnings.push(
+            "clickhouse has async_insert = 1 and wait_for_async_insert = 0 for breakwater's user: it answers an INSERT \
+             before writing it, so a 200 means the rows are in ClickHouse's insert buffer (a ClickHouse crash loses them)"
+                .to_string(),
+        );
+    }
+    if is("fsync_after_insert", "0") {
+        warnings.push(
+            "clickhouse has fsync_after_insert = 0 (its default): a 200 means the rows are written to the ClickHouse \
+             host's page cache, not fsynced; a power cut of that host can lose the last inserts \
+             (set it on the table to make them durable; docs/resilience.md)"
+                .to_string(),
+        );
+    }
+    warnings
+}
+
 /// The same events in the same order give the same token, so the server drops a
 /// retried INSERT whole.
 fn deduplication_token(group: &[Arc<SinkBatch>]) -> String {
@@ -253,4 +313,35 @@ fn deduplication_token(group: &[Arc<SinkBatch>]) -> String {
         }
     }
     format!("{:x}", hasher.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn settings_that_weaken_an_acknowledged_insert_are_named() {
+        assert!(
+            durability_warnings(&settings(&[])).is_empty(),
+            "an old server has none of them"
+        );
+        let durable = settings(&[
+            ("async_insert", "1"),
+            ("wait_for_async_insert", "1"),
+            ("fsync_after_insert", "1"),
+        ]);
+        assert!(durability_warnings(&durable).is_empty());
+        let weak = settings(&[
+            ("async_insert", "1"),
+            ("wait_for_async_insert", "0"),
+            ("fsync_after_insert", "0"),
+        ]);
+        let warnings = durability_warnings(&weak);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("async_insert") && warnings[1].contains("fsync_after_insert"));
+    }
 }

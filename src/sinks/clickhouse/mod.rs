@@ -12,6 +12,7 @@ mod inserter;
 pub mod row_binary;
 pub mod schema;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -25,10 +26,17 @@ use crate::telemetry::health::DependencyHealth;
 pub use errors::{classify, exception_code, ClickHouseError};
 pub use inserter::Inserter;
 
+/// What the ClickHouse sink needs to start.
+pub struct ClickHouseSinkSettings<'a> {
+    pub config: &'a ClickHouseConfig,
+    /// `<data_dir>/clickhouse`: the in-doubt journal (`sinks/journal.rs`).
+    pub dir: PathBuf,
+}
+
 /// Builds the client and starts the batcher whose flush is one INSERT; connects
-/// lazily.
-pub fn start(config: &ClickHouseConfig, batch: &BatchPolicy) -> Result<SinkHandle, ClickHouseError> {
-    let inserter = Arc::new(Inserter::new(config)?);
+/// lazily. INSERTs an earlier process left in doubt are remembered for a lookup.
+pub fn start(settings: ClickHouseSinkSettings<'_>, batch: &BatchPolicy) -> Result<SinkHandle, ClickHouseError> {
+    let inserter = Arc::new(Inserter::new(settings.config)?.with_journal(&settings.dir)?);
     let (limits_sender, limits) = watch::channel(batch_limits_of(batch));
     let health = Arc::new(DependencyHealth::default());
     let flush_health = health.clone();

@@ -151,10 +151,40 @@ pub(super) fn learn_log_ends(producer: &KafkaProducer, topic: &str, outcomes: &U
     let Ok(metadata) = producer.client().fetch_metadata(Some(topic), timeout) else {
         return false;
     };
+    let replicas = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions())
+        .map(|partition| partition.replicas().len())
+        .min();
+    if let Some(warning) = replicas.and_then(|replicas| single_copy_warning(topic, replicas)) {
+        warn_once(&warning);
+    }
     for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
         if let Ok((_, high)) = producer.client().fetch_watermarks(topic, partition.id(), timeout) {
             outcomes.advance(partition.id(), high);
         }
     }
     true
+}
+
+/// What "delivered" means when a partition of the topic has one replica: Kafka
+/// acknowledged a message its one broker has (in its page cache with the brokers'
+/// default `log.flush.*`), not a copy on a second machine. `None` with replicas.
+pub(super) fn single_copy_warning(topic: &str, replicas: usize) -> Option<String> {
+    (replicas < 2).then(|| {
+        format!(
+            "kafka topic {topic:?} has a partition with {replicas} replica: a 200 means one broker has the event \
+             (acks=all waits for in-sync replicas, and there is no other); a lost broker disk loses it \
+             (docs/resilience.md, \"What a 200 means\")"
+        )
+    })
+}
+
+/// Said once per process (the warm-up runs again after every broker outage).
+fn warn_once(warning: &str) {
+    static SAID: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if SAID.set(()).is_ok() {
+        tracing::warn!("{warning}");
+    }
 }

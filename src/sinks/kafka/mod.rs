@@ -21,7 +21,6 @@
 
 mod broker_watch;
 mod errors;
-mod journal;
 mod produce;
 mod producer;
 pub mod readback;
@@ -38,12 +37,12 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::config::{KafkaConfig, KafkaKey};
 use crate::event::{SinkBatch, SinkKind};
 use crate::policy::BatchPolicy;
+use crate::sinks::journal::Journal;
 use crate::sinks::{record_outcome, Sink, SinkError, SinkHandle};
 use crate::telemetry::health::DependencyHealth;
 use crate::telemetry::metric;
 use broker_watch::{watch_brokers, BrokerState};
 pub use errors::KafkaSinkError;
-use journal::Journal;
 use producer::{renew_stuck_producer, ProducerSlot};
 use readback::UnknownOutcomes;
 
@@ -84,10 +83,32 @@ pub fn producer_settings(config: &KafkaConfig, batch: &BatchPolicy) -> BTreeMap<
     settings
 }
 
+/// Settings in `kafka.librdkafka` that weaken what a 200 means for Kafka, each said
+/// as a warning at start-up: `acks` other than `all` (a leader's copy only), and the
+/// idempotent producer turned off (a retried send can land twice).
+pub fn durability_warnings(settings: &BTreeMap<String, String>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let Some(acks) = settings.get("acks").filter(|acks| !matches!(acks.trim(), "all" | "-1")) {
+        warnings.push(format!(
+            "kafka.librdkafka sets acks = {acks:?}: a 200 then means the partition leader has the event, not its in-sync replicas"
+        ));
+    }
+    if settings
+        .get("enable.idempotence")
+        .is_some_and(|on| on.trim() == "false")
+    {
+        warnings.push(
+            "kafka.librdkafka sets enable.idempotence = false: librdkafka's own retries can then write a message twice"
+                .into(),
+        );
+    }
+    warnings
+}
+
 /// What the Kafka sink needs to start.
 pub struct KafkaSinkSettings<'a> {
     pub config: &'a KafkaConfig,
-    /// `<data_dir>/kafka`: the in-doubt journal (`journal.rs`).
+    /// `<data_dir>/kafka`: the in-doubt journal (`sinks/journal.rs`).
     pub dir: PathBuf,
 }
 
@@ -96,7 +117,7 @@ pub struct KafkaSinkSettings<'a> {
 /// batches an earlier process left in doubt are remembered for a read-back.
 pub fn start(settings: KafkaSinkSettings<'_>, batch: &BatchPolicy) -> Result<SinkHandle, KafkaSinkError> {
     let config = settings.config;
-    let (journal, open) = Journal::open(&settings.dir)
+    let (journal, open) = Journal::open(SinkKind::Kafka, &settings.dir)
         .map_err(|error| KafkaSinkError::Journal(format!("{}: {error}", settings.dir.display())))?;
     if !open.is_empty() {
         tracing::warn!(
@@ -111,7 +132,11 @@ pub fn start(settings: KafkaSinkSettings<'_>, batch: &BatchPolicy) -> Result<Sin
         changed,
     });
     let mut client_config = ClientConfig::new();
-    for (key, value) in producer_settings(config, batch) {
+    let settings = producer_settings(config, batch);
+    for warning in durability_warnings(&settings) {
+        tracing::warn!("{warning}");
+    }
+    for (key, value) in settings {
         client_config.set(key, value);
     }
     let read_back_connection = Arc::new(readback::connection_settings(&client_config));
@@ -186,5 +211,22 @@ mod tests {
         assert_eq!(settings["acks"], "all");
         assert_eq!(settings["compression.type"], "lz4");
         assert_eq!(settings["linger.ms"], "50");
+        assert!(durability_warnings(&settings).is_empty());
+
+        config.librdkafka.insert("acks".into(), "1".into());
+        config.librdkafka.insert("enable.idempotence".into(), "false".into());
+        let warnings = durability_warnings(&producer_settings(&config, &batch));
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("acks = \"1\""), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_topic_with_one_replica_is_said_to_keep_one_copy() {
+        assert!(broker_watch::single_copy_warning("events", 3).is_none());
+        let warning = broker_watch::single_copy_warning("events", 1).unwrap();
+        assert!(
+            warning.contains("1 replica") && warning.contains("one broker"),
+            "{warning}"
+        );
     }
 }

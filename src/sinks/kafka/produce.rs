@@ -8,6 +8,10 @@
 //! between is read back after the restart. However it ends, the entry is closed
 //! then: a resend of a request another sink failed is left out of Kafka's copy by
 //! the route's memory (`pipeline/unsettled.rs`), so it never reaches this sink.
+//!
+//! A call that gives up on messages librdkafka still holds (a send refused part-way
+//! through a batch, the brokers lost) leaves their acknowledgements watched: a
+//! read-back waits until none is queued, so a copy landing late is found.
 
 use std::sync::Arc;
 
@@ -21,6 +25,11 @@ use super::KafkaSink;
 use crate::config::KafkaKey;
 use crate::event::{EndHook, NormalizedEvent, SinkBatch};
 use crate::telemetry::metric;
+
+/// How long a read-back waits for an abandoned call's messages to leave librdkafka
+/// before the batch is left for a later attempt (they leave within the message
+/// timeout).
+const QUEUED_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Events handed to librdkafka for one batch; unless the batch is settled as
 /// delivered, dropping this remembers them as of unknown outcome (whatever ended the
@@ -116,22 +125,42 @@ impl KafkaSink {
             log_ends,
             settled: false,
         };
-        let deliveries = self.hand_over(&batch, &mut in_doubt)?;
+        let deliveries = match self.hand_over(&batch, &mut in_doubt) {
+            Ok(deliveries) => deliveries,
+            Err((error, handed_over)) => {
+                // Refused part-way (a full queue): those handed over may still land.
+                self.outcomes
+                    .hold_while_queued(handed_over.len(), join_all(handed_over));
+                return Err(error);
+            }
+        };
+        let messages = deliveries.len();
+        let mut acknowledged = Box::pin(join_all(deliveries));
         let mut down = self.down.clone();
         tokio::select! {
-            results = join_all(deliveries) => {
+            results = &mut acknowledged => {
                 self.settle(results)?;
                 in_doubt.settled = true;
                 let hook = when_request_ends(self.outcomes.clone(), in_doubt.journal_batch);
                 requested.when_ended(hook);
                 Ok(())
             }
-            _ = down.wait_for(|down| *down) => Err(KafkaSinkError::BrokersDown),
+            _ = down.wait_for(|down| *down) => {
+                // Answered at once, but the messages stay queued until they time out
+                // or the brokers come back.
+                self.outcomes.hold_while_queued(messages, acknowledged);
+                Err(KafkaSinkError::BrokersDown)
+            }
         }
     }
 
     /// Hands every event to librdkafka; counts each one handed over in `in_doubt`.
-    fn hand_over(&self, batch: &SinkBatch, in_doubt: &mut InDoubt<'_>) -> Result<Vec<DeliveryFuture>, KafkaSinkError> {
+    /// Refused part-way: the error, and the acknowledgements of those handed over.
+    fn hand_over(
+        &self,
+        batch: &SinkBatch,
+        in_doubt: &mut InDoubt<'_>,
+    ) -> Result<Vec<DeliveryFuture>, (KafkaSinkError, Vec<DeliveryFuture>)> {
         let producer = self.slot.current();
         let mut deliveries = Vec::with_capacity(batch.events.len());
         for event in &batch.events {
@@ -140,7 +169,7 @@ impl KafkaSink {
                     deliveries.push(delivery);
                     in_doubt.handed_over += 1;
                 }
-                Err((error, _)) => return Err(classify(error)),
+                Err((error, _)) => return Err((classify(error), deliveries)),
             }
         }
         Ok(deliveries)
@@ -213,6 +242,13 @@ impl KafkaSink {
         ids: std::collections::HashSet<String>,
         start: LogEnds,
     ) -> Result<Option<Arc<SinkBatch>>, KafkaSinkError> {
+        // Copies an abandoned call left queued in librdkafka would land after the
+        // read-back looked: wait for them, or leave the batch for later.
+        if !self.outcomes.wait_until_none_queued(QUEUED_WAIT).await {
+            return Err(KafkaSinkError::ReadBack(
+                "messages of an earlier attempt are still queued in the producer".into(),
+            ));
+        }
         let connection = self.read_back_connection.clone();
         let topic = self.topic.clone();
         let source = batch.source.clone();

@@ -11,7 +11,7 @@
 //! from there to its end and the events already in it are left out.
 //!
 //! The batches handed over and not yet acknowledged are also in the in-doubt
-//! journal (`journal.rs`), so a breakwater crash does not forget them.
+//! journal (`sinks/journal.rs`), so a breakwater crash does not forget them.
 //!
 //! What this does not cover: a batch Kafka acknowledged before a breakwater crash
 //! whose request was not answered or whose spool record was not yet deleted (it is
@@ -28,8 +28,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::journal::{Journal, OpenBatch};
 use crate::event::{EventKey, SinkBatch};
+use crate::sinks::journal::{Journal, OpenBatch};
 
 /// Where each partition's log ended, as far as the sink knows: anything sent from
 /// now on lands at or after these offsets.
@@ -47,10 +47,14 @@ const READ_BACK_IDLE_LIMIT: Duration = Duration::from_secs(15);
 
 #[derive(Default)]
 pub struct UnknownOutcomes {
+    /// Messages of abandoned calls still queued in librdkafka (see
+    /// `hold_while_queued`); a read-back waits for none to be left.
+    still_queued: AtomicUsize,
+    queue_emptied: tokio::sync::Notify,
     log_ends: Mutex<LogEnds>,
     remembered: Mutex<Remembered>,
     count: AtomicUsize,
-    /// Where the batches in doubt are kept across restarts (`journal.rs`); none in
+    /// Where the batches in doubt are kept across restarts (`sinks/journal.rs`); none in
     /// unit tests.
     journal: Option<Journal>,
 }
@@ -76,7 +80,8 @@ impl UnknownOutcomes {
         };
         for batch in open {
             let ids = batch.ids.iter().map(String::as_str);
-            outcomes.remember(&batch.source, ids, &Arc::new(batch.ends), Some(batch.number));
+            let ends: LogEnds = batch.ends.iter().copied().collect();
+            outcomes.remember(&batch.source, ids, &Arc::new(ends), Some(batch.number));
         }
         outcomes
     }
@@ -84,13 +89,46 @@ impl UnknownOutcomes {
     /// Writes a batch about to be handed over to the journal; its number there.
     pub fn journal_sent(&self, batch: &SinkBatch, ends: &LogEnds) -> Option<u64> {
         let journal = self.journal.as_ref()?;
-        journal.sent(&batch.source, batch.events.iter().map(|e| e.message_id.as_str()), ends)
+        let ids = batch.events.iter().map(|e| e.message_id.as_str());
+        journal.sent(&batch.source, ids, ends.iter().map(|(p, o)| (*p, *o)))
     }
 
     /// Marks a journal batch settled (all of it delivered, or nothing handed over).
     pub fn journal_settled(&self, number: Option<u64>) {
         if let (Some(journal), Some(number)) = (&self.journal, number) {
             journal.settled(number);
+        }
+    }
+
+    /// A call gave up on messages librdkafka still holds (a send refused part-way
+    /// through a batch, the brokers lost): they may still land, until their
+    /// acknowledgements (`pending`) resolve, within the message timeout. Until then
+    /// a read-back would not see them, and the events would be sent again.
+    pub fn hold_while_queued<F>(self: &Arc<Self>, messages: usize, pending: F)
+    where
+        F: std::future::Future + Send + 'static,
+    {
+        self.still_queued.fetch_add(messages, Ordering::SeqCst);
+        let outcomes = self.clone();
+        tokio::spawn(async move {
+            pending.await;
+            outcomes.still_queued.fetch_sub(messages, Ordering::SeqCst);
+            outcomes.queue_emptied.notify_waiters();
+        });
+    }
+
+    /// Waits (up to `limit`) until no message of an abandoned call is queued in
+    /// librdkafka; false if some still are.
+    pub async fn wait_until_none_queued(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let emptied = self.queue_emptied.notified();
+            if self.still_queued.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, emptied).await.is_err() {
+                return self.still_queued.load(Ordering::SeqCst) == 0;
+            }
         }
     }
 
@@ -391,6 +429,19 @@ pub fn connection_settings(producer: &ClientConfig) -> ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_read_back_waits_for_messages_an_abandoned_call_left_queued() {
+        let outcomes = Arc::new(UnknownOutcomes::default());
+        assert!(outcomes.wait_until_none_queued(Duration::ZERO).await);
+        let (acknowledge, acknowledged) = tokio::sync::oneshot::channel::<()>();
+        outcomes.hold_while_queued(3, async move {
+            let _ = acknowledged.await;
+        });
+        assert!(!outcomes.wait_until_none_queued(Duration::from_millis(50)).await);
+        acknowledge.send(()).unwrap();
+        assert!(outcomes.wait_until_none_queued(Duration::from_secs(1)).await);
+    }
 
     fn batch(ids: &[&str]) -> SinkBatch {
         batch_of("s", ids)

@@ -1,12 +1,14 @@
-//! The in-doubt journal: which batches were handed to librdkafka and not yet
-//! settled, kept in `<data_dir>/kafka/in-doubt.journal` so that the read-back
-//! (`readback.rs`) outlives the process. Before a batch is produced its
-//! `(source, messageIds)` and each partition's log end are written; once every
-//! message is acknowledged (or, for a batch of unknown outcome, once each of its
-//! events was found in the topic or delivered again) the batch is marked settled.
-//! At start-up the batches still open are remembered as of unknown outcome, so a
-//! client's resend of a request that was unanswered when breakwater died is read
-//! back before it is produced again.
+//! An in-doubt journal: which batches were handed to a sink and are not yet
+//! settled, kept in `<data_dir>/<sink>/in-doubt.journal` so that the sink's memory of
+//! writes of unknown outcome outlives the process. Kafka (`kafka/readback.rs`) and
+//! ClickHouse (`clickhouse/in_doubt.rs`) keep one each. Before a batch is handed
+//! over its `(source, messageIds)` are written (with, for Kafka, each partition's
+//! log end); once the request behind it has ended and the write's outcome is known
+//! (or, for a write of unknown outcome, once each of its events was found in the
+//! sink or written again) the batch is marked settled. At start-up the batches
+//! still open are remembered as of unknown outcome, so a client's resend of a
+//! request that was unanswered when breakwater died is looked up in the sink before
+//! it is written again.
 //!
 //! The journal is written without fsync: it survives the process (`kill -9`), not a
 //! power loss. It is rewritten with only the open batches at start-up and whenever it
@@ -20,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::readback::LogEnds;
+use crate::event::SinkKind;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
 const FILE_NAME: &str = "in-doubt.journal";
@@ -35,7 +37,9 @@ enum Line {
         sent: u64,
         source: String,
         ids: Vec<String>,
-        /// (partition, log end) pairs (an untagged enum cannot read integer map keys).
+        /// Kafka's (partition, log end) pairs (an untagged enum cannot read integer
+        /// map keys); none for other sinks.
+        #[serde(default)]
         ends: Vec<(i32, i64)>,
     },
     Settled {
@@ -49,6 +53,7 @@ struct SentLine<'a> {
     sent: u64,
     source: &'a str,
     ids: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     ends: Vec<(i32, i64)>,
 }
 
@@ -57,10 +62,12 @@ pub struct OpenBatch {
     pub number: u64,
     pub source: Arc<str>,
     pub ids: Vec<String>,
-    pub ends: LogEnds,
+    /// Kafka's (partition, log end) pairs when it was sent.
+    pub ends: Vec<(i32, i64)>,
 }
 
 pub struct Journal {
+    sink: SinkKind,
     path: PathBuf,
     state: Mutex<State>,
 }
@@ -75,8 +82,8 @@ struct State {
 
 impl Journal {
     /// Reads what an earlier process left, rewrites the journal with its open
-    /// batches only, and returns them.
-    pub fn open(dir: &Path) -> std::io::Result<(Journal, Vec<OpenBatch>)> {
+    /// batches only, and returns them (in the order they were sent).
+    pub fn open(sink: SinkKind, dir: &Path) -> std::io::Result<(Journal, Vec<OpenBatch>)> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
         let (open_lines, next) = read_open(&path)?;
@@ -88,14 +95,16 @@ impl Journal {
                     number,
                     source: Arc::from(source),
                     ids,
-                    ends: ends.into_iter().collect(),
+                    ends,
                 });
                 open.insert(number, line);
             }
         }
+        batches.sort_unstable_by_key(|batch| batch.number);
         let file = rewrite(&path, &open)?;
         let written_bytes = open.values().map(|line| line.len() as u64).sum();
         let journal = Journal {
+            sink,
             path,
             state: Mutex::new(State {
                 file,
@@ -110,7 +119,12 @@ impl Journal {
     /// Records a batch about to be handed over; its number, or `None` when the
     /// journal cannot be written (then the batch is produced all the same: a crash
     /// before it is settled may then send it twice; logged).
-    pub fn sent<'a>(&self, source: &str, ids: impl Iterator<Item = &'a str>, ends: &LogEnds) -> Option<u64> {
+    pub fn sent<'a>(
+        &self,
+        source: &str,
+        ids: impl Iterator<Item = &'a str>,
+        ends: impl Iterator<Item = (i32, i64)>,
+    ) -> Option<u64> {
         let mut state = self.lock();
         let number = state.next;
         state.next += 1;
@@ -118,17 +132,17 @@ impl Journal {
             sent: number,
             source,
             ids: ids.collect(),
-            ends: ends.iter().map(|(p, o)| (*p, *o)).collect(),
+            ends: ends.collect(),
         };
         let mut bytes = serde_json::to_vec(&line).ok()?;
         bytes.push(b'\n');
         if let Err(error) = state.append(&bytes) {
-            warn_unwritable(&error);
+            warn_unwritable(self.sink, &error);
             return None;
         }
         state.open.insert(number, bytes);
         if state.written_bytes > COMPACT_AFTER_BYTES {
-            state.compact(&self.path);
+            state.compact(self.sink, &self.path);
         }
         Some(number)
     }
@@ -142,7 +156,7 @@ impl Journal {
         let mut bytes = serde_json::to_vec(&Line::Settled { settled: number }).unwrap_or_default();
         bytes.push(b'\n');
         if let Err(error) = state.append(&bytes) {
-            warn_unwritable(&error);
+            warn_unwritable(self.sink, &error);
         }
     }
 
@@ -159,13 +173,13 @@ impl State {
     }
 
     /// Rewrites the journal with the open batches only.
-    fn compact(&mut self, path: &Path) {
+    fn compact(&mut self, sink: SinkKind, path: &Path) {
         match rewrite(path, &self.open) {
             Ok(file) => {
                 self.file = file;
                 self.written_bytes = self.open.values().map(|line| line.len() as u64).sum();
             }
-            Err(error) => warn_unwritable(&error),
+            Err(error) => warn_unwritable(sink, &error),
         }
     }
 }
@@ -213,10 +227,20 @@ fn rewrite(path: &Path, open: &HashMap<u64, Vec<u8>>) -> std::io::Result<File> {
     OpenOptions::new().append(true).open(path)
 }
 
-fn warn_unwritable(error: &std::io::Error) {
+/// The numbers of the batches open in the journal in `dir`, read without rewriting it
+/// (a journal in use there is left as it is).
+#[cfg(test)]
+pub fn open_numbers(dir: &Path) -> Vec<u64> {
+    let (open, _) = read_open(&dir.join(FILE_NAME)).unwrap();
+    let mut numbers: Vec<u64> = open.into_keys().collect();
+    numbers.sort_unstable();
+    numbers
+}
+
+fn warn_unwritable(sink: SinkKind, error: &std::io::Error) {
     static UNWRITABLE: Throttle = Throttle::new(WARN_EVERY);
     if let Some(suppressed) = UNWRITABLE.allow() {
-        tracing::warn!(%error, suppressed_since_last = suppressed, "kafka: the in-doubt journal cannot be written; a crash may then send a batch twice");
+        tracing::warn!(sink = sink.name(), %error, suppressed_since_last = suppressed, "the in-doubt journal cannot be written; a crash may then write a batch twice");
     }
 }
 
@@ -227,34 +251,38 @@ mod tests {
     #[test]
     fn batches_not_settled_are_found_open_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, open) = Journal::open(dir.path()).unwrap();
+        let (journal, open) = Journal::open(SinkKind::Kafka, dir.path()).unwrap();
         assert!(open.is_empty());
-        let ends: LogEnds = [(0, 10), (1, 7)].into_iter().collect();
-        let first = journal.sent("web", ["a", "b"].into_iter(), &ends).unwrap();
-        let second = journal.sent("ios", ["c"].into_iter(), &ends).unwrap();
+        let ends = vec![(0, 10), (1, 7)];
+        let first = journal
+            .sent("web", ["a", "b"].into_iter(), ends.iter().copied())
+            .unwrap();
+        let second = journal.sent("ios", ["c"].into_iter(), std::iter::empty()).unwrap();
         journal.settled(first);
+        let third = journal.sent("web", ["d"].into_iter(), ends.iter().copied()).unwrap();
         drop(journal);
 
-        let (journal, open) = Journal::open(dir.path()).unwrap();
-        assert_eq!(open.len(), 1);
+        let (journal, open) = Journal::open(SinkKind::Kafka, dir.path()).unwrap();
+        assert_eq!(open.len(), 2);
         assert_eq!(open[0].number, second);
         assert_eq!((&*open[0].source, open[0].ids.clone()), ("ios", vec!["c".to_string()]));
-        assert_eq!(open[0].ends, ends);
+        assert!(open[0].ends.is_empty(), "a batch sent without log ends");
+        assert_eq!((open[1].number, open[1].ends.clone()), (third, ends));
         // Numbers go on after the ones already used.
-        assert!(journal.sent("web", ["d"].into_iter(), &ends).unwrap() > second);
+        assert!(journal.sent("web", ["e"].into_iter(), std::iter::empty()).unwrap() > third);
     }
 
     #[test]
     fn a_line_cut_by_a_crash_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = Journal::open(dir.path()).unwrap();
-        journal.sent("web", ["a"].into_iter(), &LogEnds::new()).unwrap();
+        let (journal, _) = Journal::open(SinkKind::ClickHouse, dir.path()).unwrap();
+        journal.sent("web", ["a"].into_iter(), std::iter::empty()).unwrap();
         drop(journal);
         let path = dir.path().join(FILE_NAME);
         let mut text = std::fs::read(&path).unwrap();
         text.extend_from_slice(b"{\"sent\":9,\"source\":\"we");
         std::fs::write(&path, text).unwrap();
-        let (_, open) = Journal::open(dir.path()).unwrap();
+        let (_, open) = Journal::open(SinkKind::ClickHouse, dir.path()).unwrap();
         assert_eq!(open.len(), 1);
     }
 }
