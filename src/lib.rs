@@ -3,7 +3,8 @@
 //! Modules in layer order, bottom to top. A module imports only from layers below
 //! its own (`tests/modules_import_only_downward.rs` checks every `use crate::`):
 //!
-//! 1. shared types: `event` (the event model, `SinkKind`), `clock`, `config`,
+//! 1. shared types: `event` (the event model, `SinkKind`), `clock`, `threads`
+//!    (blocking calls stay off runtime workers), `config`,
 //!    `telemetry`, `policy`;
 //! 2. generic machinery: `resilience` (tower stacks for any dependency),
 //!    `batcher` (group commit, generic over its error);
@@ -18,6 +19,7 @@
 
 pub mod event;
 pub mod clock;
+pub mod threads;
 pub mod config;
 pub mod telemetry;
 pub mod policy;

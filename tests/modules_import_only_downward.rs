@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u32)] = &[
     ("event", 0),
     ("clock", 0),
+    ("threads", 0),
     ("config", 1),
     ("telemetry", 2),
     ("policy", 3),
@@ -229,7 +230,7 @@ fn the_architecture_invariants_hold() {
             if line.contains("AppState") && top != "server" {
                 problems.push(format!("nothing below `server` names `AppState`: {}", at()));
             }
-            if (top == "event" || top == "clock") && line.contains("crate::") {
+            if (top == "event" || top == "clock" || top == "threads") && line.contains("crate::") {
                 problems.push(format!("`{top}` imports nothing from the crate: {}", at()));
             }
             if top == "resilience" && line.contains("Sink") {

@@ -40,6 +40,18 @@ fn dead_letters_can_be_inspected_fixed_and_replayed() {
         server.metric("breakwater_dead_letter_events_total{sink=\"clickhouse\"}"),
         10.0
     );
+    // The admin endpoint pages them, oldest first.
+    let (status, first) = admin_get(&server, "/admin/dead-letters?limit=1");
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["deadLetters"].as_array().unwrap().len(), 1, "{first}");
+    assert_eq!(first["deadLetters"][0]["events"], 5);
+    assert_eq!(first["deadLetters"][0]["messageIds"][0], "d0-0");
+    let next = first["next"].as_u64().expect("a next page");
+    let (_, second) = admin_get(&server, &format!("/admin/dead-letters?after={next}&limit=1"));
+    assert_eq!(second["deadLetters"][0]["messageIds"][0], "d1-0", "{second}");
+    assert!(second["next"].is_null(), "the last page: {second}");
+    let (_, spool) = admin_get(&server, "/admin/spool");
+    assert_eq!(spool["deadLetterRecords"], 2, "{spool}");
     assert!(server.terminate(std::time::Duration::from_secs(10)).success());
 
     let config_path = server.data_dir.parent().unwrap().join("breakwater.toml");
@@ -60,6 +72,11 @@ fn dead_letters_can_be_inspected_fixed_and_replayed() {
         listed.contains("clickhouse rejected the batch"),
         "the sink's error is kept: {listed}"
     );
+    let (code, page) = cli(&with(&["dlq", "list", "--limit", "1"]));
+    assert_eq!(code, 0, "{page}");
+    assert!(page.contains("more: dlq list --after 1"), "{page}");
+    let (_, page) = cli(&with(&["dlq", "list", "--after", "1"]));
+    assert!(!page.contains("more:") && page.contains("rejected"), "{page}");
     let (code, shown) = cli(&with(&["dlq", "show", "1"]));
     assert_eq!(code, 0, "{shown}");
     assert!(shown.contains("\"messageId\":\"d0-0\""), "{shown}");

@@ -10,7 +10,7 @@ use support::backends::free_port;
 use support::*;
 
 fn policy_hash(server: &Server) -> String {
-    let (_, body) = status_and_json(client().get(server.url("/admin/policy")).send().unwrap());
+    let (_, body) = admin_get(server, "/admin/policy");
     body["hash"].as_str().unwrap().to_string()
 }
 
@@ -37,7 +37,7 @@ fn a_smaller_spool_in_the_policy_takes_effect_live_and_a_bad_edit_is_refused() {
         free_port()
     );
     let server = Server::start_with(&config, &[]);
-    let (_, body) = status_and_json(client().get(server.url("/admin/policy")).send().unwrap());
+    let (_, body) = admin_get(&server, "/admin/policy");
     assert_eq!(body["version"], "default");
     assert_eq!(body["file"], policy.display().to_string());
 
@@ -84,14 +84,4 @@ fn a_smaller_spool_in_the_policy_takes_effect_live_and_a_bad_edit_is_refused() {
     assert_eq!(policy_hash(&server), running);
     assert!(server.log().contains("invalid policy edit; keeping the running policy"));
     assert!(server.log().contains("clickhouse.retry.max_backoff_ms"));
-}
-
-/// Random hex that LZ4 finds nothing to shrink in (spool records are compressed),
-/// so that these bytes fill the spool in full.
-fn incompressible(len: usize) -> String {
-    let mut text: String = (0..len.div_ceil(32))
-        .map(|_| uuid::Uuid::new_v4().simple().to_string())
-        .collect();
-    text.truncate(len);
-    text
 }

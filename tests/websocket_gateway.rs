@@ -162,6 +162,43 @@ fn write_keys_by_header_query_or_hello_frame() {
     assert_eq!(sources, HashSet::from([json!("app")]));
 }
 
+/// A connection that did not authenticate at the upgrade must send its `hello` in
+/// time; answering the server's pings does not keep it open (issue 20).
+#[test]
+fn a_connection_that_never_says_hello_is_closed_though_it_answers_pings() {
+    let server = Server::start_with(
+        "[websocket]\nhello_timeout_ms = 600\nping_interval_ms = 100\n\n[[sources]]\nname = \"app\"\nwrite_key = \"ws-key\"\n",
+        &[],
+    );
+    let runtime = runtime();
+    runtime.block_on(async {
+        let started = std::time::Instant::now();
+        let mut socket = connect(&server, "").await;
+        // Reading answers the pings (tungstenite sends the pongs) until the close.
+        assert_eq!(next_answer(&mut socket).await.unwrap_err(), Some(1008));
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(500), "closed after {waited:?}");
+        assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
+        // A connection that says hello in time is served past the deadline.
+        let mut socket = connect(&server, "").await;
+        socket
+            .send(Message::text(r#"{"type":"hello","writeKey":"ws-key"}"#))
+            .await
+            .unwrap();
+        assert_eq!(next_answer(&mut socket).await.unwrap()["type"], "ready");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        socket
+            .send(Message::text(track("after-hello").to_string()))
+            .await
+            .unwrap();
+        assert_eq!(next_answer(&mut socket).await.unwrap()["type"], "ack");
+    });
+    assert_eq!(
+        server.metric("breakwater_websocket_connections_closed_total{reason=\"hello_timeout\"}"),
+        1.0
+    );
+}
+
 #[test]
 fn bad_frames_are_answered_and_harm_no_one_else() {
     let server = Server::start_with("[websocket]\nmax_frame_bytes = 20000\n", &[]);

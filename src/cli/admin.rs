@@ -195,10 +195,11 @@ pub fn spool_purge(config: &Config, sink: Option<&str>, yes: bool) -> AdminResul
     })
 }
 
-pub fn dlq_list(config: &Config) -> AdminResult {
+pub fn dlq_list(config: &Config, after: Option<u64>, limit: usize) -> AdminResult {
     runtime()?.block_on(async {
         let (_lock, spool) = open_spool(config)?;
-        let letters = spool.dead_letters().map_err(|e| e.to_string())?;
+        let total = spool.dead_letter_count().map_err(|e| e.to_string())?;
+        let (letters, next) = spool.dead_letter_page(after, limit.max(1)).map_err(|e| e.to_string())?;
         println!(
             "{:>6} {:<12} {:>7} {:<20} error",
             "key", "sink", "events", "rejected_at"
@@ -216,7 +217,10 @@ pub fn dlq_list(config: &Config) -> AdminResult {
                 letter.error
             );
         }
-        println!("{} dead-letter records", letters.len());
+        println!("{total} dead-letter records");
+        if let Some(next) = next {
+            println!("more: dlq list --after {next}");
+        }
         spool.close().await;
         Ok(())
     })

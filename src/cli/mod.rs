@@ -91,8 +91,17 @@ enum SpoolCommand {
 
 #[derive(Subcommand)]
 enum DlqCommand {
-    /// Every dead letter: key, sink, events, when, error.
-    List(DataArgs),
+    /// Dead letters, a page at a time, oldest first: key, sink, events, when, error.
+    List {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Start after this key (the last page's `next`).
+        #[arg(long)]
+        after: Option<u64>,
+        /// At most this many records.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// One dead letter's error and events.
     Show {
         #[command(flatten)]
@@ -197,6 +206,8 @@ struct ServeArgs {
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Only workers park: blocking stores check they are not called on one.
+        .on_thread_park(crate::threads::mark_runtime_worker)
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
@@ -215,7 +226,9 @@ pub fn main() -> ExitCode {
         Command::Spool(SpoolCommand::Purge { data, sink, yes }) => {
             run_admin(&data, |config| admin::spool_purge(config, sink.as_deref(), yes))
         }
-        Command::Dlq(DlqCommand::List(data)) => run_admin(&data, admin::dlq_list),
+        Command::Dlq(DlqCommand::List { data, after, limit }) => {
+            run_admin(&data, |config| admin::dlq_list(config, after, limit))
+        }
         Command::Dlq(DlqCommand::Show { data, key }) => run_admin(&data, |config| admin::dlq_show(config, key)),
         Command::Dlq(DlqCommand::Replay { data, keys, yes }) => run_admin(&data, |config| {
             admin::dlq_apply(config, &keys, admin::DeadLetterAction::Requeue, yes)
@@ -298,6 +311,7 @@ fn check(args: ConfigArgs) -> ExitCode {
         };
         resolve_timings(&mut config, &policy.policy);
         check_timings(&config, &policy.policy).map_err(|e| e.to_string())?;
+        config.admin.resolve_token().map_err(|e| e.to_string())?;
         Ok((config, sources))
     });
     match result {
@@ -339,6 +353,11 @@ fn print_summary(config: &Config, sources: &[Source]) {
         sinks.push(format!("kafka ({} topic {})", kafka.brokers, kafka.topic));
     }
     println!("  sinks:             {}", sinks.join(", "));
+    let admin = match config.admin.resolve_token() {
+        Ok(Some(_)) => "/admin/* need the admin token",
+        _ => "/admin/* closed (no admin.token)",
+    };
+    println!("  admin:             {admin}");
     match &config.redis {
         Some(redis) => println!("  shared dedup:      redis ({})", redact_url(&redis.url)),
         None => println!("  shared dedup:      none (in-process only)"),

@@ -20,7 +20,8 @@ pub use backends::{
     KafkaKey, RedisConfig, Secret, INSERT_MARGIN_MS,
 };
 pub use server::{
-    DedupConfig, LimitsConfig, LogConfig, LogFormat, RejectedStoreConfig, ServerConfig, TlsConfig, WebSocketConfig,
+    AdminConfig, DedupConfig, LimitsConfig, LogConfig, LogFormat, RejectedStoreConfig, ServerConfig, TlsConfig,
+    WebSocketConfig, HELD_PER_BODY_BYTE,
 };
 pub use sources::{Source, SourceConfig};
 
@@ -42,6 +43,8 @@ pub struct Config {
     pub rejected_store: RejectedStoreConfig,
     pub log: LogConfig,
     pub websocket: WebSocketConfig,
+    /// The `/admin/` endpoints' token.
+    pub admin: AdminConfig,
     /// Shared dedup in Redis; absent: dedup stays in-process.
     pub redis: Option<RedisConfig>,
     /// ClickHouse sink; absent: off.
@@ -133,6 +136,19 @@ impl Config {
             return Err(invalid(
                 "file_sink.enabled",
                 "is false and no other sink ([clickhouse], [kafka]) is configured: events would go nowhere",
+            ));
+        }
+        let smallest_budget = self.limits.max_request_bytes as u64 * HELD_PER_BODY_BYTE;
+        if self
+            .server
+            .memory_budget_bytes
+            .is_some_and(|budget| budget < smallest_budget)
+        {
+            return Err(invalid(
+                "server.memory_budget_bytes",
+                format!(
+                    "must hold at least one largest request: {HELD_PER_BODY_BYTE} × limits.max_request_bytes = {smallest_budget}"
+                ),
             ));
         }
         if self.rejected_store.max_bytes < 8192 {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{all_positive, invalid, ConfigError};
+use super::{all_positive, invalid, ConfigError, Secret};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -15,6 +15,15 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Requests being processed at once; beyond this, 503 with `Retry-After`.
     pub max_in_flight_requests: usize,
+    /// Memory, in bytes, for everything requests, WebSocket frames and replay rounds
+    /// hold until their pipeline task ends; past it, `503 memory_budget` (a
+    /// retryable nack on WebSocket). None: a quarter of the machine's memory,
+    /// between 256 MiB and 4 GiB (`pipeline/budget.rs`).
+    pub memory_budget_bytes: Option<u64>,
+    /// Requests whose write key is in the body (browser SDKs), while their body is
+    /// read and before the key is known: a budget of their own, so they cannot take
+    /// the slots of authenticated requests; beyond it, `503 overloaded_body_key`.
+    pub max_body_key_requests: usize,
     /// A client that has not sent its whole body by then gets 408.
     pub body_read_timeout_ms: u64,
     /// Open HTTP connections (WebSocket included) at once; one more is answered
@@ -48,6 +57,8 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./data"),
             max_in_flight_requests: 1024,
+            max_body_key_requests: 64,
+            memory_budget_bytes: None,
             body_read_timeout_ms: 10_000,
             max_connections: 10_000,
             header_read_timeout_ms: 10_000,
@@ -119,6 +130,9 @@ pub struct WebSocketConfig {
     pub max_frames_per_second: u32,
     /// A connection that sends nothing (not even a pong) for this long is closed.
     pub idle_timeout_ms: u64,
+    /// A connection not authenticated at the upgrade must send its `hello` within
+    /// this long, or it is closed (1008): answering pings does not keep it.
+    pub hello_timeout_ms: u64,
     /// How often the server pings.
     pub ping_interval_ms: u64,
     /// A client that does not take an answer within this is disconnected.
@@ -136,6 +150,7 @@ impl Default for WebSocketConfig {
             max_frame_bytes: 500 * 1024,
             max_frames_per_second: 0,
             idle_timeout_ms: 60_000,
+            hello_timeout_ms: 10_000,
             ping_interval_ms: 20_000,
             write_timeout_ms: 30_000,
             serve_example_page: false,
@@ -166,6 +181,37 @@ pub enum LogFormat {
     Json,
 }
 
+/// The operator endpoints under `/admin/` (the policy in force, the spool, dead
+/// letters: they reveal event contents). Each request needs
+/// `Authorization: Bearer <token>`; without a token configured they are closed.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `"…"`, `{ env = "VAR" }` or `{ file = "/path" }`; at least 16 characters.
+    pub token: Secret,
+}
+
+impl AdminConfig {
+    /// The token, if one is configured; an unreadable or too short one is an error.
+    pub fn resolve_token(&self) -> Result<Option<String>, ConfigError> {
+        let token = self.token.resolve("admin.token")?;
+        match token {
+            Some(token) if token.chars().count() < MIN_ADMIN_TOKEN_CHARS => Err(invalid(
+                "admin.token",
+                format!("must be at least {MIN_ADMIN_TOKEN_CHARS} characters (a random one: `openssl rand -hex 24`)"),
+            )),
+            token => Ok(token),
+        }
+    }
+}
+
+const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
+/// Bytes of the memory budget a request holds per body byte: the body, its
+/// decompressed JSON and the normalized events are alive together for a while
+/// (about 2.2× for 400-byte track events; 3 leaves room). `pipeline/budget.rs`.
+pub const HELD_PER_BODY_BYTE: u64 = 3;
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -178,6 +224,7 @@ impl ServerConfig {
             ("server.max_connections", self.max_connections as u64),
             ("server.header_read_timeout_ms", self.header_read_timeout_ms),
             ("server.max_in_flight_requests", self.max_in_flight_requests as u64),
+            ("server.max_body_key_requests", self.max_body_key_requests as u64),
         ])
     }
 }
@@ -217,6 +264,7 @@ impl WebSocketConfig {
             ("websocket.max_unacked_frames", self.max_unacked_frames as u64),
             ("websocket.max_frame_bytes", self.max_frame_bytes as u64),
             ("websocket.idle_timeout_ms", self.idle_timeout_ms),
+            ("websocket.hello_timeout_ms", self.hello_timeout_ms),
             ("websocket.ping_interval_ms", self.ping_interval_ms),
             ("websocket.write_timeout_ms", self.write_timeout_ms),
         ])

@@ -12,6 +12,7 @@ use flate2::read::MultiGzDecoder;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::error::IntakeError;
+use crate::pipeline::budget::HELD_PER_BODY_BYTE;
 
 /// How the body is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,22 @@ pub fn check_content_type(headers: &HeaderMap) -> Result<(), IntakeError> {
         "application/json" | "text/plain" | "" => Ok(()),
         _ => Err(IntakeError::UnsupportedMediaType(truncate_for_message(text))),
     }
+}
+
+/// The room a request may need in the memory budget before its body is read: its
+/// declared length (the body limit when it declares none), or the body limit when
+/// compressed (it may decompress to that), times what parsing and normalizing add.
+pub fn budget_for_body(headers: &HeaderMap, encoding: ContentEncoding, max_request_bytes: usize) -> u64 {
+    let max = max_request_bytes as u64;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok())
+        .map_or(max, |length| length.min(max));
+    let decompressed = match encoding {
+        ContentEncoding::Identity => declared,
+        ContentEncoding::Gzip => max,
+    };
+    decompressed * HELD_PER_BODY_BYTE
 }
 
 pub fn content_encoding(headers: &HeaderMap) -> Result<ContentEncoding, IntakeError> {

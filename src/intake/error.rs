@@ -63,6 +63,13 @@ pub enum IntakeError {
     InvalidBatch(Vec<RejectedEvent>),
     #[error("too many requests in flight; retry later")]
     Overloaded,
+    #[error("the server's memory budget for requests in progress is used up; retry later")]
+    MemoryBudget,
+    #[error(
+        "too many requests with the write key in the body are being read at once; send the key in a header \
+         (Authorization: Basic, or X-Write-Key), or retry later"
+    )]
+    BodyKeyOverloaded,
     #[error(
         "source `{source_name}` is over its rate limit of {per_second} events/s; retry in {retry_after_seconds} s"
     )]
@@ -102,8 +109,8 @@ impl IntakeError {
             UnsupportedMediaType(_) | UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             MissingWriteKey | InvalidWriteKey => StatusCode::UNAUTHORIZED,
-            Overloaded | SinkUnavailable | SpoolFull | SpoolUnavailable | InFlightElsewhere | TooManyConnections
-            | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded | BodyKeyOverloaded | MemoryBudget | SinkUnavailable | SpoolFull | SpoolUnavailable
+            | InFlightElsewhere | TooManyConnections | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -130,6 +137,8 @@ impl IntakeError {
             InvalidEvent(_) => "invalid_event",
             InvalidBatch(_) => "invalid_batch",
             Overloaded => "overloaded",
+            BodyKeyOverloaded => "overloaded_body_key",
+            MemoryBudget => "memory_budget",
             RateLimited { .. } => "rate_limited",
             SinkUnavailable => "sink_unavailable",
             InFlightElsewhere => "in_flight_elsewhere",
@@ -147,6 +156,8 @@ impl IntakeError {
         matches!(
             self,
             IntakeError::Overloaded
+                | IntakeError::BodyKeyOverloaded
+                | IntakeError::MemoryBudget
                 | IntakeError::RateLimited { .. }
                 | IntakeError::SinkUnavailable
                 | IntakeError::InFlightElsewhere

@@ -1,6 +1,7 @@
 //! The HTTP handlers: one per Segment route, each a thin wrapper that checks the
-//! in-flight limit, the content type and the key, reads and decompresses the body,
-//! and answers with what `ingest_json` made of it.
+//! content type and a key in the headers, takes an in-flight slot (the body-key
+//! budget's while a body carrying the key is read), reads and decompresses the
+//! body, and answers with what `ingest_json` made of it.
 
 use std::time::Instant;
 
@@ -52,22 +53,37 @@ pub(super) async fn handle(
 }
 
 async fn accept(app: &IntakeState, kind: RouteKind, headers: &HeaderMap, body: Body) -> Result<Accepted, IntakeError> {
-    let _in_flight = app.in_flight.enter()?;
     decode::check_content_type(headers)?;
     let encoding = decode::content_encoding(headers)?;
     let limits = &app.limits;
 
-    // A key in the headers is checked before reading the body; a key in the body
-    // (browser SDK) only after.
+    // A key in the headers is checked before anything else: a wrong one takes no
+    // slot and no body byte is read.
     let header_key = auth::write_key_from_headers(headers);
     let early_source = if app.write_keys.is_open() || header_key.is_some() {
         Some(app.write_keys.authenticate(header_key.as_deref())?)
     } else {
         None
     };
-
-    let raw = decode::read_body(body, limits.max_request_bytes, app.body_read_timeout).await?;
-    let json = decode::decompress(raw, encoding, limits.max_request_bytes)?;
-    let ingested = ingest_json(app, kind, &json, early_source, TRANSPORT).await?;
+    // Room in the memory budget before the first body byte; it goes with the events
+    // to the pipeline task and is given back when that ends.
+    let held = app
+        .budget
+        .try_hold(decode::budget_for_body(headers, encoding, limits.max_request_bytes))
+        .ok_or(IntakeError::MemoryBudget)?;
+    let (_in_flight, json) = if early_source.is_some() {
+        let in_flight = app.in_flight.enter()?;
+        let raw = decode::read_body(body, limits.max_request_bytes, app.body_read_timeout).await?;
+        (in_flight, decode::decompress(raw, encoding, limits.max_request_bytes)?)
+    } else {
+        // The key is in the body (browser SDKs): its reading holds a slot of the
+        // small body-key budget, and the request takes a main slot only once read.
+        let reading = app.body_key_in_flight.enter_or(IntakeError::BodyKeyOverloaded)?;
+        let raw = decode::read_body(body, limits.max_request_bytes, app.body_read_timeout).await?;
+        let in_flight = app.in_flight.enter()?;
+        drop(reading);
+        (in_flight, decode::decompress(raw, encoding, limits.max_request_bytes)?)
+    };
+    let ingested = ingest_json(app, kind, &json, early_source, TRANSPORT, held).await?;
     Ok(ingested.accepted)
 }

@@ -13,6 +13,7 @@ use super::rejected_store::RejectedRecord;
 use super::segment::{self, ParsedRequest, ReceivedEvent, Refused, RequestContext};
 use super::{IntakeState, RouteKind};
 use crate::event::{format_timestamp, NormalizedEvent};
+use crate::pipeline::budget::BudgetHold;
 use crate::pipeline::PipelineError;
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
@@ -52,6 +53,7 @@ pub(crate) async fn ingest_json(
     json: &[u8],
     authenticated: Option<Arc<str>>,
     transport: &'static str,
+    held: BudgetHold,
 ) -> Result<IngestedRequest, IntakeError> {
     let received_at = Utc::now();
     let (parsed, route_type) = match kind {
@@ -92,7 +94,11 @@ pub(crate) async fn ingest_json(
     }
 
     let message_ids: Vec<String> = events.iter().map(|e| e.message_id.clone()).collect();
-    let ingested = app.pipeline.ingest(source.clone(), events).await.map_err(refusal_for)?;
+    let ingested = app
+        .pipeline
+        .ingest(source.clone(), events, held)
+        .await
+        .map_err(refusal_for)?;
     count_events(&source, transport, "accepted", ingested.accepted);
     count_events(&source, transport, "duplicate", ingested.duplicates);
     Ok(IngestedRequest {
@@ -157,7 +163,7 @@ fn normalize_all(
 /// (each cause logged at most once per interval).
 fn refusal_for(error: PipelineError) -> IntakeError {
     match error {
-        PipelineError::InFlightElsewhere(_) => IntakeError::InFlightElsewhere,
+        PipelineError::InFlightElsewhere(_) | PipelineError::InFlightHere(_) => IntakeError::InFlightElsewhere,
         PipelineError::SpoolFull(full) => {
             static FULL: Throttle = Throttle::new(WARN_EVERY);
             if let Some(suppressed) = FULL.allow() {

@@ -11,6 +11,7 @@ use super::rate_limit::SourceRateLimits;
 use super::rejected_store::RejectedStore;
 use super::websocket::ConnectionRegistry;
 use crate::config::{LimitsConfig, WebSocketConfig};
+use crate::pipeline::budget::MemoryBudget;
 use crate::pipeline::Pipeline;
 use crate::telemetry::metric;
 
@@ -23,8 +24,15 @@ pub struct IntakeState {
     pub source_rate_limits: SourceRateLimits,
     /// Where valid events go; also read by readiness and `/admin/spool`.
     pub pipeline: Pipeline,
+    /// The memory budget every request and frame holds room in until its pipeline
+    /// task ends (`pipeline/budget.rs`).
+    pub budget: MemoryBudget,
     pub rejected_store: Arc<RejectedStore>,
     pub in_flight: InFlightLimit,
+    /// Requests whose write key is in the body, while that body is read (before
+    /// the key is known): a small budget of their own, so clients without a valid
+    /// key cannot take the main one's slots.
+    pub body_key_in_flight: InFlightLimit,
     pub websocket: WebSocketConfig,
     /// Live WebSocket connections.
     pub websockets: Arc<ConnectionRegistry>,
@@ -38,6 +46,9 @@ pub struct IntakeState {
 pub struct InFlightLimit {
     current: AtomicUsize,
     max: usize,
+    /// Whether this limit's requests count in `breakwater_requests_in_flight` (the
+    /// body-key budget's do not: they are counted again in the main limit).
+    metered: bool,
 }
 
 /// Held for the duration of one request.
@@ -48,16 +59,33 @@ impl InFlightLimit {
         Self {
             current: AtomicUsize::new(0),
             max,
+            metered: true,
         }
     }
 
+    /// A limit not counted in the in-flight gauge.
+    pub fn unmetered(max: usize) -> Self {
+        Self {
+            metered: false,
+            ..Self::new(max)
+        }
+    }
+
+    /// A slot, or `Overloaded` at the limit.
     pub fn enter(&self) -> Result<InFlightGuard<'_>, IntakeError> {
+        self.enter_or(IntakeError::Overloaded)
+    }
+
+    /// A slot, or `refusal` at the limit.
+    pub fn enter_or(&self, refusal: IntakeError) -> Result<InFlightGuard<'_>, IntakeError> {
         let previous = self.current.fetch_add(1, Ordering::AcqRel);
         let guard = InFlightGuard(self);
         if previous >= self.max {
-            return Err(IntakeError::Overloaded);
+            return Err(refusal);
         }
-        metrics::gauge!(metric::REQUESTS_IN_FLIGHT).increment(1.0);
+        if self.metered {
+            metrics::gauge!(metric::REQUESTS_IN_FLIGHT).increment(1.0);
+        }
         Ok(guard)
     }
 
@@ -73,7 +101,7 @@ impl InFlightLimit {
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
         let previous = self.0.current.fetch_sub(1, Ordering::AcqRel);
-        if previous <= self.0.max {
+        if previous <= self.0.max && self.0.metered {
             metrics::gauge!(metric::REQUESTS_IN_FLIGHT).decrement(1.0);
         }
     }

@@ -14,6 +14,7 @@
 //! what lies below them, never `intake`, `server` or `cli`.
 
 pub mod assemble;
+pub mod budget;
 mod deliver;
 pub mod replay;
 pub mod route;
@@ -31,8 +32,13 @@ use crate::sinks::SinkError;
 use crate::spool::{Spool, SpoolError};
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
+use budget::BudgetHold;
 use deliver::deliver_everywhere;
 pub use route::SinkRoute;
+
+/// How long a request waits for another one here with the same ids before it is
+/// refused (503, to be retried).
+const LOCAL_DEDUP_WAIT: Duration = Duration::from_secs(30);
 
 /// What became of a request's events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +55,8 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     InFlightElsewhere(RedisDedupError),
+    #[error("another request with the same ids is still being delivered here (waited {0:?})")]
+    InFlightHere(Duration),
     #[error(transparent)]
     SpoolFull(SpoolError),
     #[error(transparent)]
@@ -94,13 +102,22 @@ impl Pipeline {
     }
 
     /// Makes the events durable in every sink, or fails leaving nothing marked seen.
-    pub async fn ingest(&self, source: Arc<str>, events: Vec<NormalizedEvent>) -> Result<Ingested, PipelineError> {
+    /// `held` (the request's room in the memory budget) is kept until the task that
+    /// carries the events ends, even when the client has gone.
+    pub async fn ingest(
+        &self,
+        source: Arc<str>,
+        events: Vec<NormalizedEvent>,
+        held: BudgetHold,
+    ) -> Result<Ingested, PipelineError> {
         let dedup = self.dedup.clone();
         let routes = self.routes.clone();
         let spool = self.spool.clone();
-        let task = self
-            .tasks
-            .spawn(async move { ingest_to_completion(&dedup, &routes, &spool, source, events).await });
+        let task = self.tasks.spawn(async move {
+            let ingested = ingest_to_completion(&dedup, &routes, &spool, source, events).await;
+            drop(held);
+            ingested
+        });
         task.await.map_err(|e| PipelineError::TaskFailed(e.to_string()))?
     }
 
@@ -123,8 +140,11 @@ async fn ingest_to_completion(
         .iter()
         .map(|event| DedupKey::new(&source, &event.message_id))
         .collect();
-    // In-process first: repeats within this instance never reach Redis.
-    let reservation = dedup.local.reserve(&keys).await;
+    // In-process first: repeats within this instance never reach Redis. Waiting
+    // for another request with the same ids holds this one's budget: bounded.
+    let reservation = tokio::time::timeout(LOCAL_DEDUP_WAIT, dedup.local.reserve(&keys))
+        .await
+        .map_err(|_| PipelineError::InFlightHere(LOCAL_DEDUP_WAIT))?;
     let mut is_new: Vec<bool> = reservation.verdicts().iter().map(|v| *v == Verdict::New).collect();
     let claim = dedup.claim_shared(&source, &events, &mut is_new).await?;
 

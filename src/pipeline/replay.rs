@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tower_resilience::circuitbreaker::CircuitState;
 
+use super::budget::MemoryBudget;
 use super::route::{dead_letter, SinkRoute};
 use crate::config::Acknowledge;
 use crate::event::{NormalizedEvent, RequestEnd, SinkBatch, SinkKind};
@@ -128,17 +129,25 @@ pub struct Replayer {
     /// one (a round cut off after its sink took the batch would leave the record to
     /// be delivered again at the next start).
     stop: CancellationToken,
+    /// Each round holds `ROUND_BYTES` of the memory budget while it runs.
+    budget: MemoryBudget,
 }
+
+/// The most JSON one replay round reads into memory (it holds that much of the
+/// memory budget, waiting for it when intake has it).
+const ROUND_BYTES: usize = 16 * 1024 * 1024;
 
 impl Replayer {
     pub fn new(
         spool: Arc<Spool>,
         route: &SinkRoute,
         policy: watch::Receiver<Arc<LoadedPolicy>>,
+        budget: MemoryBudget,
         stop: CancellationToken,
     ) -> Replayer {
         Replayer {
             spool,
+            budget,
             queue: route.queue.clone(),
             kind: route.kind,
             sink: route.sink.clone(),
@@ -168,16 +177,18 @@ impl Replayer {
             }
             // Not closed: one record, as a probe; closed: a full round.
             let max_records = if state == CircuitState::Closed { usize::MAX } else { 1 };
+            let held = self.budget.hold(ROUND_BYTES as u64).await;
             let Some(records) = self.read_round(settings.spool.replay_batch_events, max_records).await else {
                 continue;
             };
             self.note_drain_started();
             let started = Instant::now();
             let events: usize = records.iter().map(|r| r.batch.events.len()).sum();
-            if !self
+            let delivered = self
                 .deliver_round(join_records(records, settings.max_call_events))
-                .await
-            {
+                .await;
+            drop(held);
+            if !delivered {
                 // The breaker sees the failures and opens; wait for it rather than spin.
                 tokio::time::sleep(IDLE_CHECK).await;
                 continue;
@@ -238,7 +249,8 @@ impl Replayer {
     async fn read_round(&self, max_events: usize, max_records: usize) -> Option<Vec<StoredBatch>> {
         let queue = self.queue.clone();
         let name = self.kind.name();
-        match tokio::task::spawn_blocking(move || queue.read_oldest(max_events, max_records)).await {
+        match tokio::task::spawn_blocking(move || queue.read_oldest_within(max_events, max_records, ROUND_BYTES)).await
+        {
             Ok(Ok(records)) if !records.is_empty() => return Some(records),
             Ok(Ok(_)) => tokio::time::sleep(IDLE_CHECK).await,
             Ok(Err(error)) => {

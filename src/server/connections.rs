@@ -66,6 +66,11 @@ pub fn load_tls(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Connections over the limit answered `503` at once (each waits up to a second
+/// for the request head, then up to a second to write); the others are closed
+/// without an answer, so a flood holds at most this many tasks and descriptors.
+const MAX_ANSWERED_REFUSALS: usize = 64;
+
 /// The answer to a connection over the limit (it is closed right after).
 static TOO_MANY_CONNECTIONS: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
     let body = IntakeError::TooManyConnections.json_body();
@@ -81,6 +86,7 @@ static TOO_MANY_CONNECTIONS: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock:
 /// connections' in-flight requests (the caller bounds that wait).
 pub async fn serve(listener: TcpListener, router: Router, settings: ListenerSettings, stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let answering = Arc::new(Semaphore::new(MAX_ANSWERED_REFUSALS));
     let connections = TaskTracker::new();
     let (closing, close) = watch::channel(false);
     metrics::gauge!(metric::HTTP_CONNECTIONS).set(0.0);
@@ -103,9 +109,17 @@ pub async fn serve(listener: TcpListener, router: Router, settings: ListenerSett
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics::counter!(metric::HTTP_CONNECTIONS_REFUSED).increment(1);
-            if settings.tls.is_none() {
-                connections.spawn(refuse(stream));
-            } // else: no handshake for a connection over the limit; it is just closed
+            // Answered (503) by at most `MAX_ANSWERED_REFUSALS` tasks at once; past
+            // that, and always with TLS (no handshake for it), just closed.
+            match (settings.tls.is_none(), answering.clone().try_acquire_owned()) {
+                (true, Ok(permit)) => {
+                    connections.spawn(async move {
+                        refuse(stream).await;
+                        drop(permit);
+                    });
+                }
+                _ => drop(stream),
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);

@@ -7,6 +7,7 @@
 //!
 //! Invariant: nothing but `cli` imports `server`; nothing below it names `AppState`.
 
+mod admin;
 mod connections;
 mod data_dir;
 mod ops;
@@ -36,6 +37,7 @@ use crate::intake::{InFlightLimit, IntakeState};
 use crate::pipeline::assemble::{
     build_delivery, check_timings, resolve_timings, AssembleError, Delivery, PolicyApplier,
 };
+use crate::pipeline::budget::{default_budget_bytes, MemoryBudget};
 use crate::pipeline::replay::Replayer;
 use crate::pipeline::{Pipeline, SinkRoute};
 use crate::policy::{reload, LoadedPolicy, Policy, PolicyError};
@@ -43,6 +45,7 @@ use crate::resilience;
 use crate::sinks::file::RecoveredEvent;
 use crate::spool::Spool;
 use crate::telemetry::{self, metric};
+use admin::AdminToken;
 use connections::ListenerSettings;
 pub use data_dir::lock_data_dir;
 use shutdown::Shutdown;
@@ -132,7 +135,8 @@ impl Server {
             batch_limits,
         };
         let stop_maintenance = CancellationToken::new();
-        let maintenance = start_maintenance(&routes, &spool, &policy, applier, &stop_maintenance);
+        let budget = memory_budget(&config);
+        let maintenance = start_maintenance(&routes, &spool, &policy, applier, &budget, &stop_maintenance);
         metrics::gauge!(metric::DEDUP_ENTRIES).set(dedup.len() as f64);
         tracing::info!(
             sinks = routes.iter().map(|r| r.kind.name()).collect::<Vec<_>>().join(","),
@@ -143,13 +147,14 @@ impl Server {
         let write_keys = WriteKeys::new(&sources);
         series::preregister(&routes, shared_dedup.is_some(), &write_keys.source_names());
         let pipeline = Pipeline::new(dedup, shared_dedup.clone(), routes, spool);
-        let intake = build_intake(&config, write_keys, pipeline)?;
+        let intake = build_intake(&config, write_keys, pipeline, budget)?;
         let state = Arc::new(AppState {
             intake,
             redis_health: shared_dedup.as_ref().map(|redis| redis.health()),
             redis_breaker: shared_dedup.map(|redis| Arc::new(move || redis.breaker()) as resilience::BreakerState),
             policy,
             metrics,
+            admin_token: config.admin.resolve_token()?.as_deref().map(AdminToken::new),
         });
         let (listener, listener_settings) = bind(&config, sources.len()).await?;
         Ok(Server {
@@ -192,11 +197,15 @@ fn start_maintenance(
     spool: &Arc<Spool>,
     policy: &PolicyFeed,
     applier: PolicyApplier,
+    budget: &MemoryBudget,
     stop: &CancellationToken,
 ) -> Vec<JoinHandle<()>> {
     let mut maintenance: Vec<JoinHandle<()>> = routes
         .iter()
-        .map(|route| tokio::spawn(Replayer::new(spool.clone(), route, policy.clone(), stop.clone()).run()))
+        .map(|route| {
+            let replayer = Replayer::new(spool.clone(), route, policy.clone(), budget.clone(), stop.clone());
+            tokio::spawn(replayer.run())
+        })
         .collect();
     let stop = stop.clone();
     maintenance.push(tokio::spawn(async move {
@@ -292,7 +301,25 @@ fn load_policy(config: &Config) -> Result<PolicyFeed, StartupError> {
 }
 
 /// Intake's own state: keys, rate limits, the rejected store, limits.
-fn build_intake(config: &Config, write_keys: WriteKeys, pipeline: Pipeline) -> Result<Arc<IntakeState>, StartupError> {
+/// The memory budget: from config, or derived from the machine; said at start-up.
+fn memory_budget(config: &Config) -> MemoryBudget {
+    let (bytes, from) = match config.server.memory_budget_bytes {
+        Some(bytes) => (bytes, "server.memory_budget_bytes"),
+        None => (
+            default_budget_bytes(),
+            "a quarter of the machine's memory, within 256 MiB-4 GiB",
+        ),
+    };
+    tracing::info!(bytes, from, "memory budget for requests, frames and replay rounds");
+    MemoryBudget::new(bytes)
+}
+
+fn build_intake(
+    config: &Config,
+    write_keys: WriteKeys,
+    pipeline: Pipeline,
+    budget: MemoryBudget,
+) -> Result<Arc<IntakeState>, StartupError> {
     let data_dir = &config.server.data_dir;
     let rejected_store =
         RejectedStore::open(&data_dir.join("rejected"), config.rejected_store.max_bytes).map_err(|source| {
@@ -313,8 +340,10 @@ fn build_intake(config: &Config, write_keys: WriteKeys, pipeline: Pipeline) -> R
         write_keys,
         source_rate_limits,
         pipeline,
+        budget,
         rejected_store: Arc::new(rejected_store),
         in_flight: InFlightLimit::new(config.server.max_in_flight_requests),
+        body_key_in_flight: InFlightLimit::unmetered(config.server.max_body_key_requests),
         websocket: config.websocket.clone(),
         websockets: ConnectionRegistry::new(config.websocket.max_connections),
         shutting_down: AtomicBool::new(false),

@@ -1,4 +1,5 @@
-//! Operator endpoints: liveness, readiness and the Prometheus scrape.
+//! Open operator endpoints: liveness, readiness and the Prometheus scrape (the
+//! admin ones, behind the admin token, are in `admin.rs`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,8 +19,6 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/admin/policy", get(policy))
-        .route("/admin/spool", get(spool))
 }
 
 /// The process is up and answering; no dependency is consulted.
@@ -35,7 +34,8 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
     let mut ready = !shutting_down;
     let mut sinks = Map::new();
     for route in app.intake.pipeline.routes() {
-        let stats = route.queue.stats();
+        // Counters only: nothing read from the spool file on a runtime thread.
+        let stats = route.queue.counters();
         let spool_full = route.queue.is_full();
         let spool_writable = route.queue.is_writable();
         let headroom = stats.max_bytes.saturating_sub(stats.bytes);
@@ -79,33 +79,6 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
         "maxInFlightRequests": app.intake.in_flight.max(),
     });
     (status, Json(body)).into_response()
-}
-
-/// The policy in force: version label, content hash and file.
-async fn policy(State(app): State<Arc<AppState>>) -> Json<Value> {
-    let loaded = app.policy.borrow().clone();
-    Json(json!({
-        "version": loaded.policy.version,
-        "hash": loaded.hash,
-        "file": loaded.path.as_ref().map(|p| p.display().to_string()),
-        "policy": loaded.policy,
-    }))
-}
-
-/// Spool queues, dead letters and quarantined records.
-async fn spool(State(app): State<Arc<AppState>>) -> Response {
-    let spool = app.intake.pipeline.spool().clone();
-    let counts = tokio::task::spawn_blocking(move || {
-        let queues: Vec<_> = spool.queues().iter().map(|q| q.stats()).collect();
-        let dead_letters = spool.dead_letters().map(|l| l.len()).unwrap_or(0);
-        let quarantined = spool.quarantined().unwrap_or(0);
-        json!({ "queues": queues, "deadLetterRecords": dead_letters, "quarantinedRecords": quarantined })
-    })
-    .await;
-    match counts {
-        Ok(body) => Json(body).into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
 }
 
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {

@@ -7,7 +7,8 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
-use super::ops;
+use super::admin::AdminToken;
+use super::{admin, ops};
 use crate::intake::error::IntakeError;
 use crate::intake::IntakeState;
 use crate::policy::LoadedPolicy;
@@ -26,13 +27,16 @@ pub struct AppState {
     /// The resilience policy in force.
     pub policy: watch::Receiver<Arc<LoadedPolicy>>,
     pub metrics: PrometheusHandle,
+    /// The `/admin/*` token; none: those endpoints are closed.
+    pub admin_token: Option<AdminToken>,
 }
 
 /// The whole HTTP surface: intake routes, ops endpoints, JSON 404/405.
 pub fn router(state: Arc<AppState>) -> Router {
     crate::intake::routes()
         .with_state(state.intake.clone())
-        .merge(ops::routes().with_state(state))
+        .merge(ops::routes().with_state(state.clone()))
+        .merge(admin::routes(state.clone()).with_state(state))
         .fallback(|uri: Uri| async move {
             tracing::debug!(%uri, "no such endpoint");
             IntakeError::NotFound

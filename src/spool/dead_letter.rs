@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::record::{decode, encode};
 use super::{SinkQueue, Spool, SpoolError};
@@ -54,6 +54,54 @@ impl Spool {
             .iter()
             .map(|(key, value)| DeadLetter::decode(*key, value))
             .collect()
+    }
+
+    /// One page of dead letters, oldest first: at most `limit` after the key `after`
+    /// (from the start when `None`), and the key to ask for the next page after
+    /// (`None`: this was the last). Only that page is decoded (blocking).
+    pub fn dead_letter_page(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, Option<u64>), SpoolError> {
+        let (stored, more) = self.file.run(|db| {
+            let txn = db.begin_read()?;
+            let table = match txn.open_table(DEAD_LETTER) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), false)),
+                Err(error) => return Err(error.into()),
+            };
+            let start = after.map_or(0, |key| key.saturating_add(1));
+            let mut stored = Vec::new();
+            let mut more = false;
+            for entry in table.range(start..)? {
+                let (key, value) = entry?;
+                if stored.len() == limit {
+                    more = true;
+                    break;
+                }
+                stored.push((key.value(), value.value().to_vec()));
+            }
+            Ok((stored, more))
+        })?;
+        let next = more.then(|| stored.last().map(|(key, _)| *key)).flatten();
+        let letters = stored
+            .iter()
+            .map(|(key, value)| DeadLetter::decode(*key, value))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((letters, next))
+    }
+
+    /// How many dead-letter records there are, without reading them (blocking).
+    pub fn dead_letter_count(&self) -> Result<u64, SpoolError> {
+        self.file.run(|db| {
+            let txn = db.begin_read()?;
+            match txn.open_table(DEAD_LETTER) {
+                Ok(table) => Ok(table.len()?),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+                Err(error) => Err(error.into()),
+            }
+        })
     }
 
     /// Moves dead letters back into their sink's queue (all, or those in `keys`);

@@ -81,6 +81,7 @@ impl SpoolFile {
     /// Runs one operation on the database (blocking). An I/O error closes the
     /// database for reopening; the error is returned either way.
     pub(super) fn run<T>(&self, op: impl FnOnce(&Database) -> Result<T, redb::Error>) -> Result<T, SpoolError> {
+        crate::threads::debug_assert_blocking_allowed("a spool (redb) operation");
         let db = self.database()?;
         let result = op(&db);
         match result {

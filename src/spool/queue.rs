@@ -117,6 +117,8 @@ pub struct SinkQueue {
     /// when each appended (its record's key is at least that), counted. See
     /// `append_into`.
     unanswered: Arc<Mutex<BTreeMap<u64, usize>>>,
+    /// The oldest record's age when `stats` last read it.
+    last_oldest_age: Mutex<Option<f64>>,
     writer: Batcher<SpoolError>,
     pub(super) writer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -156,6 +158,7 @@ impl SinkQueue {
             next_key,
             appended: Arc::new(Notify::new()),
             unanswered: Arc::default(),
+            last_oldest_age: Mutex::new(None),
             writer,
             writer_task: Mutex::new(Some(writer_task)),
         };
@@ -291,13 +294,24 @@ impl SinkQueue {
     /// records delivered but not yet deleted are left out, and so are those of
     /// requests still unanswered and everything after them (`append_into`).
     pub fn read_oldest(&self, max_events: usize, max_records: usize) -> Result<Vec<StoredBatch>, SpoolError> {
+        self.read_oldest_within(max_events, max_records, usize::MAX)
+    }
+
+    /// `read_oldest`, also stopping once the events read hold about `max_bytes` of
+    /// JSON (a replay round's share of the memory budget; at least one record).
+    pub fn read_oldest_within(
+        &self,
+        max_events: usize,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredBatch>, SpoolError> {
         let skipped: Vec<u64> = self.lock_delivered().iter().map(|record| record.key).collect();
         let below = self.replay_below();
         self.file.run(|db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(self.table)?;
             let mut out = Vec::new();
-            let mut events = 0;
+            let (mut events, mut bytes) = (0, 0);
             for entry in table.iter()? {
                 let (key, value) = entry?;
                 if key.value() >= below {
@@ -313,13 +327,14 @@ impl SinkQueue {
                     continue;
                 };
                 events += batch.events.len();
+                bytes += batch.json_bytes();
                 out.push(StoredBatch {
                     key: key.value(),
                     created_at_ms,
                     stored_bytes,
                     batch: Arc::new(batch),
                 });
-                if events >= max_events || out.len() >= max_records {
+                if events >= max_events || out.len() >= max_records || bytes >= max_bytes {
                     break;
                 }
             }
@@ -414,20 +429,47 @@ impl SinkQueue {
             || self.bytes.load(Ordering::Relaxed) >= self.max_bytes.load(Ordering::Relaxed)
     }
 
+    /// The counters and the oldest record's age, read from the file (blocking);
+    /// the age is kept for `counters`.
     pub fn stats(&self) -> QueueStats {
-        let oldest_age_seconds = self.read_oldest(1, 1).ok().and_then(|oldest| {
-            oldest
-                .first()
-                .map(|s| (now_ms() - s.created_at_ms).max(0) as f64 / 1000.0)
-        });
+        let oldest_age_seconds = self
+            .oldest_created_at_ms()
+            .ok()
+            .flatten()
+            .map(|created_at_ms| (now_ms() - created_at_ms).max(0) as f64 / 1000.0);
+        *lock(&self.last_oldest_age) = oldest_age_seconds;
+        QueueStats {
+            oldest_age_seconds,
+            ..self.counters()
+        }
+    }
+
+    /// The counters, and the oldest record's age as last read by `stats` (the
+    /// spool gauges' refresh reads it every few seconds); reads nothing from the file, so
+    /// it is fit for an async handler (readiness).
+    pub fn counters(&self) -> QueueStats {
         QueueStats {
             sink: self.sink.name(),
             events: self.events(),
             records: self.records.load(Ordering::SeqCst),
             bytes: self.bytes.load(Ordering::SeqCst),
             max_bytes: self.max_bytes.load(Ordering::Relaxed),
-            oldest_age_seconds,
+            oldest_age_seconds: *lock(&self.last_oldest_age),
         }
+    }
+
+    fn oldest_created_at_ms(&self) -> Result<Option<i64>, SpoolError> {
+        self.file.run(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(self.table)?;
+            for entry in table.iter()? {
+                let (_, value) = entry?;
+                if let Ok((created_at_ms, _)) = decode(value.value()) {
+                    return Ok(Some(created_at_ms));
+                }
+            }
+            Ok(None)
+        })
     }
 
     fn publish(&self) {

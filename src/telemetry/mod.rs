@@ -38,6 +38,10 @@ pub mod metric {
     /// Events left out of a sink's write because the sink wrote them for an earlier
     /// request that then failed (its resend), by `sink` (counter; `sinks/unsettled.rs`).
     pub const SINK_UNSETTLED_LEFT_OUT_EVENTS: &str = "breakwater_sink_unsettled_left_out_events_total";
+    /// The memory budget (gauge, bytes; `pipeline/budget.rs`).
+    pub const MEMORY_BUDGET_BYTES: &str = "breakwater_memory_budget_bytes";
+    /// Bytes held in it by requests, frames and replay rounds (gauge).
+    pub const MEMORY_BUDGET_HELD_BYTES: &str = "breakwater_memory_budget_held_bytes";
     /// Sink write failures, by `sink` and `kind` (counter).
     pub const SINK_ERRORS: &str = "breakwater_sink_errors_total";
     /// fsync duration of the file sink (histogram, seconds).
@@ -202,6 +206,16 @@ fn describe_intake() {
         "Requests refused with 429 because their source was over its rate limit, by source."
     );
     describe_gauge!(REQUESTS_IN_FLIGHT, "Requests being processed now.");
+    describe_gauge!(
+        MEMORY_BUDGET_BYTES,
+        Unit::Bytes,
+        "The memory budget for requests, frames and replay rounds."
+    );
+    describe_gauge!(
+        MEMORY_BUDGET_HELD_BYTES,
+        Unit::Bytes,
+        "Bytes of the memory budget held by requests, frames and replay rounds (until their pipeline task ends)."
+    );
     describe_counter!(
         EVENTS,
         "Events by source, transport and outcome (accepted, duplicate, rejected)."

@@ -30,12 +30,16 @@ impl Server {
         Server::start_with("", &[])
     }
 
-    /// With `config` as the TOML config file and extra environment variables.
+    /// With `config` as the TOML config file and extra environment variables. The
+    /// admin endpoints take `ADMIN_TOKEN` unless `config` has an `[admin]` section.
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Server {
         let temp = Arc::new(tempfile::tempdir().expect("temp dir"));
         let config_path = temp.path().join("breakwater.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if !config.contains("[admin]") {
+            env.push(("BREAKWATER_ADMIN__TOKEN".into(), ADMIN_TOKEN.into()));
+        }
         Server::spawn(temp.path().join("data"), config_path, env, temp)
     }
 
@@ -209,6 +213,14 @@ pub fn read_ndjson(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The admin token every test server takes (see `Server::start_with`).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// `GET` an admin endpoint with the admin token: status and JSON body.
+pub fn admin_get(server: &Server, path: &str) -> (u16, Value) {
+    status_and_json(client().get(server.url(path)).bearer_auth(ADMIN_TOKEN).send().unwrap())
+}
+
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -329,4 +341,14 @@ pub fn quick_clickhouse_policy(dir: &Path, timeout_ms: &str, open_ms: &str) -> P
             ("clickhouse.circuit_breaker", "open_ms", open_ms),
         ],
     )
+}
+
+/// Random hex that LZ4 finds nothing to shrink in (spool records are compressed),
+/// so that these bytes fill the spool in full.
+pub fn incompressible(len: usize) -> String {
+    let mut text: String = (0..len.div_ceil(32))
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    text.truncate(len);
+    text
 }

@@ -30,6 +30,9 @@ pub(super) async fn serve_connection(
     guard: ConnectionGuard,
 ) {
     let settings = app.websocket.clone();
+    let hello_deadline = source
+        .is_none()
+        .then(|| tokio::time::Instant::now() + Duration::from_millis(settings.hello_timeout_ms));
     let (outgoing, incoming) = socket.split();
     // Answers go through one writer task; a client that stops reading them fills
     // this channel, which holds up frame tasks, which holds up reading.
@@ -52,6 +55,7 @@ pub(super) async fn serve_connection(
         answers,
         stalled,
         ping,
+        hello_deadline,
         source,
     };
     let ending = connection.run().await;
@@ -84,6 +88,9 @@ struct Connection {
     last_frame: Instant,
     /// The authenticated source: from the upgrade, or from the `hello` frame.
     source: Option<Arc<str>>,
+    /// Until a `hello` arrives (none when authenticated at the upgrade): when the
+    /// connection is closed for want of one.
+    hello_deadline: Option<tokio::time::Instant>,
 }
 
 /// What the reader does after one wait.
@@ -130,8 +137,15 @@ impl Connection {
                 Err(_) => return Next::End(Ending::ShuttingDown),
             }
         } else {
+            let no_hello = async {
+                match self.hello_deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 frame = self.incoming.next() => frame,
+                () = no_hello => return Next::End(Ending::NoHello),
                 _ = self.ping.tick() => return self.ping_or_idle(),
                 _ = self.shutdown.changed() => return Next::Continue,
                 () = self.stalled.notified() => return Next::End(Ending::WriteStalled),
@@ -182,6 +196,7 @@ impl Connection {
             .send(json_message(&json!({ "type": "ready", "source": &*found })))
             .await;
         self.source = Some(found);
+        self.hello_deadline = None;
         Ok(())
     }
 

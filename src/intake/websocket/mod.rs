@@ -26,6 +26,7 @@ mod connection;
 use super::error::IntakeError;
 use super::ingest::ingest_json;
 use super::{auth, IntakeState, RouteKind};
+use crate::pipeline::budget::HELD_PER_BODY_BYTE;
 use crate::telemetry::metric;
 use connection::serve_connection;
 
@@ -189,6 +190,8 @@ pub(super) enum Ending {
     TooBig,
     Binary,
     Unauthorized,
+    /// No `hello` within `hello_timeout_ms` of the upgrade.
+    NoHello,
     WriteStalled,
 }
 
@@ -202,6 +205,7 @@ impl Ending {
             Ending::TooBig => "frame_too_large",
             Ending::Binary => "binary_frame",
             Ending::Unauthorized => "unauthorized",
+            Ending::NoHello => "hello_timeout",
             Ending::WriteStalled => "write_stalled",
         }
     }
@@ -215,6 +219,7 @@ impl Ending {
             Ending::TooBig => (close_code::TOO_BIG, "frame too large"),
             Ending::Binary => (close_code::UNSUPPORTED_DATA, "text frames only"),
             Ending::Unauthorized => (close_code::POLICY_VIOLATION, "missing or invalid write key"),
+            Ending::NoHello => (close_code::POLICY_VIOLATION, "no hello with a write key in time"),
         };
         Some(CloseFrame {
             code,
@@ -260,7 +265,14 @@ pub fn frame_head(text: &str) -> (Value, RouteKind) {
 /// Ingests one frame and builds its answer: `ack` once durable, else `nack`.
 pub(super) async fn answer_frame(app: &IntakeState, text: &str, source: Arc<str>) -> Message {
     let (id, kind) = frame_head(text);
-    let answer = match ingest_json(app, kind, text.as_bytes(), Some(source), TRANSPORT).await {
+    let ingested = match app.budget.try_hold(text.len() as u64 * HELD_PER_BODY_BYTE) {
+        Some(held) => ingest_json(app, kind, text.as_bytes(), Some(source), TRANSPORT, held).await,
+        None => {
+            metrics::counter!(metric::REQUESTS_REFUSED, "reason" => IntakeError::MemoryBudget.code()).increment(1);
+            Err(IntakeError::MemoryBudget)
+        }
+    };
+    let answer = match ingested {
         Ok(ingested) => {
             metrics::counter!(metric::WS_FRAMES, "outcome" => "ack").increment(1);
             json!({
