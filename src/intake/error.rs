@@ -65,6 +65,8 @@ pub enum IntakeError {
     Overloaded,
     #[error("the server's memory budget for requests in progress is used up; retry later")]
     MemoryBudget,
+    #[error("a sink rejected events for good and the dead-letter store that keeps them is full; retry later")]
+    DeadLettersFull,
     #[error(
         "too many requests with the write key in the body are being read at once; send the key in a header \
          (Authorization: Basic, or X-Write-Key), or retry later"
@@ -109,8 +111,10 @@ impl IntakeError {
             UnsupportedMediaType(_) | UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             MissingWriteKey | InvalidWriteKey => StatusCode::UNAUTHORIZED,
-            Overloaded | BodyKeyOverloaded | MemoryBudget | SinkUnavailable | SpoolFull | SpoolUnavailable
-            | InFlightElsewhere | TooManyConnections | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded | BodyKeyOverloaded | MemoryBudget | DeadLettersFull | SinkUnavailable | SpoolFull
+            | SpoolUnavailable | InFlightElsewhere | TooManyConnections | ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -139,6 +143,7 @@ impl IntakeError {
             Overloaded => "overloaded",
             BodyKeyOverloaded => "overloaded_body_key",
             MemoryBudget => "memory_budget",
+            DeadLettersFull => "dead_letters_full",
             RateLimited { .. } => "rate_limited",
             SinkUnavailable => "sink_unavailable",
             InFlightElsewhere => "in_flight_elsewhere",
@@ -158,6 +163,7 @@ impl IntakeError {
             IntakeError::Overloaded
                 | IntakeError::BodyKeyOverloaded
                 | IntakeError::MemoryBudget
+                | IntakeError::DeadLettersFull
                 | IntakeError::RateLimited { .. }
                 | IntakeError::SinkUnavailable
                 | IntakeError::InFlightElsewhere

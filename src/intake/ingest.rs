@@ -15,6 +15,7 @@ use super::{IntakeState, RouteKind};
 use crate::event::{format_timestamp, NormalizedEvent};
 use crate::pipeline::budget::BudgetHold;
 use crate::pipeline::PipelineError;
+use crate::spool::SpoolError;
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
@@ -170,6 +171,13 @@ fn refusal_for(error: PipelineError) -> IntakeError {
                 tracing::warn!(%full, suppressed_since_last = suppressed, "spool full: refusing requests");
             }
             IntakeError::SpoolFull
+        }
+        PipelineError::Spool(full @ SpoolError::DeadLettersFull { .. }) => {
+            static FULL: Throttle = Throttle::new(WARN_EVERY);
+            if let Some(suppressed) = FULL.allow() {
+                tracing::error!(%full, suppressed_since_last = suppressed, "dead-letter store full: refusing requests a sink rejects");
+            }
+            IntakeError::DeadLettersFull
         }
         PipelineError::Spool(error) => {
             static UNWRITABLE: Throttle = Throttle::new(WARN_EVERY);

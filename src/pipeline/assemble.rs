@@ -88,6 +88,7 @@ pub fn build_delivery(
         .map(|handle| (handle.kind, policy.sink(handle.kind).spool.max_bytes))
         .collect();
     let spool = Arc::new(Spool::open(&data_dir.join("spool"), &queue_sizes)?);
+    spool.set_dead_letter_max_bytes(policy.dead_letters.max_bytes);
     let mut delivery = Delivery {
         routes: Vec::new(),
         spool,
@@ -320,6 +321,7 @@ pub struct PolicyApplier {
     pub config: Config,
     pub policy: watch::Receiver<Arc<LoadedPolicy>>,
     pub routes: Vec<SinkRoute>,
+    pub spool: Arc<Spool>,
     pub redis: Option<Arc<RedisDedup>>,
     pub batch_limits: Vec<(SinkKind, watch::Sender<BatchLimits>)>,
 }
@@ -353,6 +355,7 @@ impl PolicyApplier {
             }
             route.queue.set_max_bytes(policy.sink(route.kind).spool.max_bytes);
         }
+        self.spool.set_dead_letter_max_bytes(policy.dead_letters.max_bytes);
         for (kind, sender) in &self.batch_limits {
             sender.send_replace(batch_limits_of(&policy.sink(*kind).batch));
         }

@@ -27,6 +27,26 @@ pub struct Policy {
     pub clickhouse: SinkPolicy,
     pub kafka: SinkPolicy,
     pub file: SinkPolicy,
+    #[serde(default)]
+    pub dead_letters: DeadLetterPolicy,
+}
+
+/// The dead-letter store (batches a sink rejected for good, kept for an operator).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterPolicy {
+    /// Disk the dead letters may use. Full: the requests whose events would go there
+    /// get `503 dead_letters_full` (nothing is dropped; the oldest letters are kept)
+    /// until an operator requeues or purges some.
+    pub max_bytes: u64,
+}
+
+impl Default for DeadLetterPolicy {
+    fn default() -> Self {
+        DeadLetterPolicy {
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
 }
 
 /// How calls to one dependency are made.
@@ -298,6 +318,12 @@ fn validate(policy: &Policy) -> Result<(), (String, String)> {
         if sink.spool.replay_batch_events == 0 {
             return fail("spool.replay_batch_events", "must be greater than 0");
         }
+    }
+    if policy.dead_letters.max_bytes < 1024 * 1024 {
+        return Err((
+            "dead_letters.max_bytes".into(),
+            "must be at least 1 MiB (1048576)".into(),
+        ));
     }
     Ok(())
 }

@@ -131,6 +131,7 @@ impl Server {
             config: config.clone(),
             policy: policy.clone(),
             routes: routes.clone(),
+            spool: spool.clone(),
             redis: shared_dedup.clone(),
             batch_limits,
         };

@@ -16,11 +16,23 @@ const DEAD_LETTER: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_lett
 
 impl Spool {
     /// Keeps a batch a sink rejected for good, with the sink's error (blocking).
+    /// Past the policy's `dead_letters.max_bytes` it is refused (`DeadLettersFull`):
+    /// the request fails rather than an acknowledged event being dropped.
     pub fn add_dead_letter(&self, sink: SinkKind, error: &str, batch: &SinkBatch) -> Result<(), SpoolError> {
         let mut value = Vec::new();
         put_str(&mut value, sink.name());
         put_str(&mut value, error);
         value.extend_from_slice(&encode(batch, now_ms()));
+        let stored = self.dead_letter_bytes.load(Ordering::SeqCst);
+        let max_bytes = self.dead_letter_max_bytes.load(Ordering::SeqCst);
+        if stored + value.len() as u64 > max_bytes {
+            metrics::counter!(metric::DEAD_LETTER_REFUSED_EVENTS, "sink" => sink.name())
+                .increment(batch.events.len() as u64);
+            return Err(SpoolError::DeadLettersFull {
+                bytes: stored,
+                max_bytes,
+            });
+        }
         self.file.run(|db| {
             let txn = db.begin_write()?;
             {
@@ -30,7 +42,35 @@ impl Spool {
             }
             Ok(txn.commit()?)
         })?;
+        self.dead_letter_bytes.fetch_add(value.len() as u64, Ordering::SeqCst);
         metrics::counter!(metric::DEAD_LETTER_EVENTS, "sink" => sink.name()).increment(batch.events.len() as u64);
+        metrics::gauge!(metric::DEAD_LETTER_BYTES).set(self.dead_letter_bytes.load(Ordering::SeqCst) as f64);
+        Ok(())
+    }
+
+    /// The policy's cap on the dead letters' bytes.
+    pub fn set_dead_letter_max_bytes(&self, max_bytes: u64) {
+        self.dead_letter_max_bytes.store(max_bytes, Ordering::SeqCst);
+    }
+
+    /// Counts the dead letters' bytes from the table (at open, and after a requeue or
+    /// purge; blocking).
+    pub(super) fn recount_dead_letters(&self) -> Result<(), SpoolError> {
+        let bytes = self.file.run(|db| {
+            let txn = db.begin_read()?;
+            let table = match txn.open_table(DEAD_LETTER) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+                Err(error) => return Err(error.into()),
+            };
+            let mut bytes = 0u64;
+            for entry in table.iter()? {
+                bytes += entry?.1.value().len() as u64;
+            }
+            Ok(bytes)
+        })?;
+        self.dead_letter_bytes.store(bytes, Ordering::SeqCst);
+        metrics::gauge!(metric::DEAD_LETTER_BYTES).set(bytes as f64);
         Ok(())
     }
 
@@ -133,13 +173,14 @@ impl Spool {
         for (queue, bytes, events) in &moved {
             queue.account_added(*bytes, *events);
         }
+        self.recount_dead_letters()?;
         Ok(moved.iter().map(|(_, _, events)| events).sum())
     }
 
     /// Deletes dead letters (all, or those in `keys`); returns how many records went.
     pub fn purge_dead_letters(&self, keys: Option<&[u64]>) -> Result<u64, SpoolError> {
         let letters = self.dead_letters()?;
-        self.file.run(|db| {
+        let removed = self.file.run(|db| {
             let txn = db.begin_write()?;
             let mut removed = 0;
             {
@@ -151,7 +192,9 @@ impl Spool {
             }
             txn.commit()?;
             Ok(removed)
-        })
+        })?;
+        self.recount_dead_letters()?;
+        Ok(removed)
     }
 }
 

@@ -17,6 +17,7 @@ mod queue;
 pub mod record;
 
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub enum SpoolError {
     Full { sink: SinkKind, bytes: u64, max_bytes: u64 },
     #[error("spool storage error: {0}")]
     Storage(String),
+    #[error("the dead-letter store is full ({bytes} of {max_bytes} bytes): requeue or purge some (breakwater dlq …)")]
+    DeadLettersFull { bytes: u64, max_bytes: u64 },
 }
 
 impl From<BatcherStopped> for SpoolError {
@@ -52,6 +55,9 @@ fn storage(error: impl std::fmt::Display) -> SpoolError {
 pub struct Spool {
     file: Arc<SpoolFile>,
     queues: Vec<Arc<SinkQueue>>,
+    /// Bytes of the dead letters stored, and the most they may take (policy).
+    dead_letter_bytes: AtomicU64,
+    dead_letter_max_bytes: AtomicU64,
 }
 
 impl Spool {
@@ -64,7 +70,14 @@ impl Spool {
         for &(sink, max_bytes) in sinks {
             queues.push(Arc::new(SinkQueue::open(file.clone(), sink, max_bytes)?));
         }
-        Ok(Spool { file, queues })
+        let spool = Spool {
+            file,
+            queues,
+            dead_letter_bytes: AtomicU64::new(0),
+            dead_letter_max_bytes: AtomicU64::new(u64::MAX),
+        };
+        spool.recount_dead_letters()?;
+        Ok(spool)
     }
 
     pub fn path(&self) -> &Path {

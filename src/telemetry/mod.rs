@@ -121,6 +121,10 @@ pub mod metric {
     pub const SPOOL_REOPENED: &str = "breakwater_spool_reopened_total";
     /// Events in the dead-letter store, by `sink` (counter of additions).
     pub const DEAD_LETTER_EVENTS: &str = "breakwater_dead_letter_events_total";
+    /// Events refused by a full dead-letter store, by `sink` (counter).
+    pub const DEAD_LETTER_REFUSED_EVENTS: &str = "breakwater_dead_letter_refused_events_total";
+    /// Bytes of the dead letters stored (gauge).
+    pub const DEAD_LETTER_BYTES: &str = "breakwater_dead_letter_bytes";
     /// Open WebSocket connections (gauge).
     pub const WS_CONNECTIONS: &str = "breakwater_websocket_connections";
     /// WebSocket upgrades refused, by `reason` (counter).
@@ -328,6 +332,15 @@ fn describe_spool() {
         "Times the spool file was opened again after an I/O error."
     );
     describe_counter!(DEAD_LETTER_EVENTS, "Events added to the dead-letter store per sink.");
+    describe_counter!(
+        DEAD_LETTER_REFUSED_EVENTS,
+        "Events a full dead-letter store refused (their requests got 503 dead_letters_full)."
+    );
+    describe_gauge!(
+        DEAD_LETTER_BYTES,
+        Unit::Bytes,
+        "Bytes of the dead letters stored (cap: dead_letters.max_bytes)."
+    );
 }
 
 /// Dedup, Redis, policies, resilience stacks and the build.
