@@ -16,6 +16,17 @@ use support::*;
 const DATABASE: &str = "in_doubt";
 const EVENTS: usize = 20;
 
+/// Rows (no FINAL) whose messageId starts with `prefix`.
+fn raw_rows(clickhouse: &ClickHouse, database: &str, prefix: &str) -> u64 {
+    clickhouse
+        .query(&format!(
+            "SELECT count() FROM {database}.events WHERE startsWith(message_id, '{prefix}')"
+        ))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn an_insert_clickhouse_finished_after_it_timed_out_is_not_replayed() {
     let clickhouse = ClickHouse::start();
@@ -46,13 +57,7 @@ fn an_insert_clickhouse_finished_after_it_timed_out_is_not_replayed() {
         assert!(Instant::now() < deadline, "the spool did not drain\n{}", server.log());
         std::thread::sleep(Duration::from_millis(250));
     }
-    let raw: u64 = clickhouse
-        .query(&format!(
-            "SELECT count() FROM {DATABASE}.events WHERE startsWith(message_id, 'doubt-')"
-        ))
-        .trim()
-        .parse()
-        .unwrap();
+    let raw = raw_rows(&clickhouse, DATABASE, "doubt-");
     assert_eq!(
         raw,
         EVENTS as u64,
@@ -89,13 +94,7 @@ fn an_insert_in_flight_at_a_kill_9_is_not_written_again_by_the_resend() {
     let server = server.restart();
     let (status, answer) = post_json(&server, "/v1/batch", &body);
     assert_eq!(status, 200, "the resend: {answer}\n{}", server.log());
-    let raw: u64 = clickhouse
-        .query(&format!(
-            "SELECT count() FROM {DATABASE}_crash.events WHERE startsWith(message_id, 'crash-')"
-        ))
-        .trim()
-        .parse()
-        .unwrap();
+    let raw = raw_rows(&clickhouse, &format!("{DATABASE}_crash"), "crash-");
     assert_eq!(
         raw,
         EVENTS as u64,

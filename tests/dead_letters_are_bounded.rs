@@ -28,13 +28,7 @@ fn a_full_dead_letter_store_refuses_instead_of_dropping() {
     let server = Server::start_with(&config, &[]);
     // ~200 KB of incompressible events per request: the 1 MiB cap holds five.
     let request = |n: usize| {
-        let batch: Vec<_> = (0..20)
-            .map(|i| {
-                let mut event = track(&format!("r{n}-{i}"));
-                event["properties"]["padding"] = json!(incompressible(10_000));
-                event
-            })
-            .collect();
+        let batch: Vec<_> = (0..20).map(|i| padded_track(&format!("r{n}-{i}"), 10_000)).collect();
         json!({ "batch": batch })
     };
     let mut accepted = 0;

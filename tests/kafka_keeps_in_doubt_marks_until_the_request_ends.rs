@@ -9,7 +9,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -25,24 +24,8 @@ fn request(round: &str, events: usize) -> (Vec<String>, Value) {
     (ids, body)
 }
 
-/// Every id in `expected` once in the topic, none twice.
 fn assert_each_once_in_kafka(kafka: &Kafka, expected: &[String], server: &Server) {
-    // One more than expected: a second copy is read, not cut off.
-    let records = kafka.read_all(TOPIC, PARTITIONS, expected.len() + 1);
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for record in &records {
-        *counts.entry(record.headers["messageId"].as_str()).or_default() += 1;
-    }
-    let missing: Vec<_> = expected.iter().filter(|id| !counts.contains_key(id.as_str())).collect();
-    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(missing.is_empty(), "missing from Kafka: {missing:?}");
-    assert!(
-        twice.is_empty(),
-        "written to Kafka {} times over: {twice:?} (read back: {})\n{}",
-        twice.len(),
-        server.metric("breakwater_kafka_read_back_found_events_total"),
-        server.log()
-    );
+    support::assert_each_once_in_kafka(kafka, TOPIC, PARTITIONS, expected, server);
 }
 
 #[test]

@@ -42,11 +42,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 fn big_batch(prefix: &str, events: usize) -> Value {
     let batch: Vec<Value> = (0..events)
-        .map(|i| {
-            let mut event = track(&format!("{prefix}-{i}"));
-            event["properties"]["padding"] = json!(incompressible(400));
-            event
-        })
+        .map(|i| padded_track(&format!("{prefix}-{i}"), 400))
         .collect();
     json!({ "batch": batch })
 }

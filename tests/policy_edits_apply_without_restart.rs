@@ -44,11 +44,7 @@ fn a_smaller_spool_in_the_policy_takes_effect_live_and_a_bad_edit_is_refused() {
     // About 1.5 MB into the spool, with the default 1 GiB limit: all accepted.
     for request in 0..60 {
         let batch: Vec<_> = (0..25)
-            .map(|i| {
-                let mut event = track(&format!("p{request}-{i}"));
-                event["properties"]["padding"] = json!(incompressible(1000));
-                event
-            })
+            .map(|i| padded_track(&format!("p{request}-{i}"), 1000))
             .collect();
         let (status, body) = post_json(&server, "/v1/batch", &json!({ "batch": batch }));
         assert_eq!(status, 200, "{body}");

@@ -352,3 +352,37 @@ pub fn incompressible(len: usize) -> String {
     text.truncate(len);
     text
 }
+
+/// Every id in `expected` once in `topic` (read by its `messageId` header), none
+/// twice; the failure names the duplicates, the read-back count and the server log.
+pub fn assert_each_once_in_kafka(
+    kafka: &backends::Kafka,
+    topic: &str,
+    partitions: i32,
+    expected: &[String],
+    server: &Server,
+) {
+    // One more than expected: a second copy is read, not cut off.
+    let records = kafka.read_all(topic, partitions, expected.len() + 1);
+    let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for record in &records {
+        *counts.entry(record.headers["messageId"].as_str()).or_default() += 1;
+    }
+    let missing: Vec<_> = expected.iter().filter(|id| !counts.contains_key(id.as_str())).collect();
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(missing.is_empty(), "missing from Kafka: {missing:?}\n{}", server.log());
+    assert!(
+        twice.is_empty(),
+        "written to Kafka {} times over: {twice:?} (read back: {})\n{}",
+        twice.len(),
+        server.metric("breakwater_kafka_read_back_found_events_total"),
+        server.log()
+    );
+}
+
+/// A track event padded with `bytes` of incompressible properties.
+pub fn padded_track(message_id: &str, bytes: usize) -> Value {
+    let mut event = track(message_id);
+    event["properties"]["padding"] = serde_json::json!(incompressible(bytes));
+    event
+}
