@@ -29,6 +29,29 @@ pub struct BatchLimits {
     pub linger: Duration,
 }
 
+/// What a flush made of its group: one result for every batch, or one per batch in
+/// the group's order (a sink that found which of them the backend refused).
+pub enum GroupOutcome<E> {
+    Same(Result<(), E>),
+    PerBatch(Vec<Result<(), E>>),
+}
+
+impl<E> From<Result<(), E>> for GroupOutcome<E> {
+    fn from(result: Result<(), E>) -> Self {
+        GroupOutcome::Same(result)
+    }
+}
+
+impl<E: Clone> GroupOutcome<E> {
+    /// The result for the group's `index`th batch.
+    fn for_batch(&self, index: usize) -> Result<(), E> {
+        match self {
+            GroupOutcome::Same(result) => result.clone(),
+            GroupOutcome::PerBatch(results) => results.get(index).cloned().unwrap_or(Ok(())),
+        }
+    }
+}
+
 /// The batcher's task has ended, so a batch could not be queued or answered. Each
 /// user's error type says what that means for it (`From<BatcherStopped>`).
 #[derive(Debug, Clone, Copy)]
@@ -69,14 +92,15 @@ where
 {
     /// Starts the batching task. `flush` receives each group in arrival order.
     /// `limits` may change while running (policy reload); each group reads them anew.
-    pub fn start<F, Fut>(
+    pub fn start<F, Fut, O>(
         name: &'static str,
         limits: watch::Receiver<BatchLimits>,
         mut flush: F,
     ) -> (Batcher<E>, tokio::task::JoinHandle<()>)
     where
         F: FnMut(Vec<Arc<SinkBatch>>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(), E>> + Send,
+        Fut: Future<Output = O> + Send,
+        O: Into<GroupOutcome<E>>,
     {
         let (queue, mut receiver) = mpsc::channel::<Queued<E>>(QUEUE_BATCHES);
         let task = tokio::spawn(async move {
@@ -93,16 +117,25 @@ where
                     .map(|queued| (written_late.left_out_of(&queued.batch), queued.done))
                     .unzip();
                 let batches: Vec<Arc<SinkBatch>> = to_write.iter().flatten().cloned().collect();
-                let result = if batches.is_empty() {
-                    Ok(())
+                let outcome = if batches.is_empty() {
+                    GroupOutcome::Same(Ok(()))
                 } else {
-                    flush(batches).await
+                    flush(batches).await.into()
                 };
+                let mut flushed = 0;
                 for (written, answer) in to_write.into_iter().zip(answers) {
+                    let result = match &written {
+                        Some(_) => {
+                            flushed += 1;
+                            outcome.for_batch(flushed - 1)
+                        }
+                        None => Ok(()),
+                    };
                     // The requester may have gone (its attempt timed out while this
                     // flush ran): the outcome stands all the same, and what was
                     // written is remembered for its retry or its spooled copy.
-                    if answer.send(result.clone()).is_err() && result.is_ok() {
+                    let written_ok = result.is_ok();
+                    if answer.send(result).is_err() && written_ok {
                         if let Some(written) = written {
                             written_late.remember(name, &written);
                         }

@@ -45,6 +45,19 @@ pub async fn dead_letter(
             "sink rejected the batch: dead-lettering"
         );
     }
+    // Only the events the sink refused, when it took the others.
+    let batch = match error {
+        SinkError::Rejected { only: Some(ids), .. } => {
+            let refused: Vec<_> = batch
+                .events
+                .iter()
+                .filter(|event| ids.contains(&event.message_id))
+                .cloned()
+                .collect();
+            Arc::new(SinkBatch::new(batch.source.clone(), refused))
+        }
+        _ => batch,
+    };
     let spool = spool.clone();
     let message = error.to_string();
     tokio::task::spawn_blocking(move || spool.add_dead_letter(sink, &message, &batch))

@@ -41,9 +41,14 @@ pub enum SinkError {
     #[error("{sink} circuit breaker is open")]
     CircuitOpen { sink: &'static str },
     /// The backend refused the data itself (schema, type, syntax); retrying the same
-    /// batch cannot succeed.
+    /// batch cannot succeed. `only`: the messageIds of the batch's events it refused,
+    /// when it took the others (they are delivered); `None`: all of them.
     #[error("{sink} rejected the batch: {message}")]
-    Rejected { sink: &'static str, message: String },
+    Rejected {
+        sink: &'static str,
+        message: String,
+        only: Option<Arc<Vec<String>>>,
+    },
 }
 
 impl SinkError {
@@ -74,7 +79,11 @@ impl SinkError {
             ErrorClass::Io => SinkError::Io { sink, message },
             ErrorClass::Stopped => SinkError::Stopped { sink },
             ErrorClass::Unavailable => SinkError::Unavailable { sink, message },
-            ErrorClass::Rejected => SinkError::Rejected { sink, message },
+            ErrorClass::Rejected => SinkError::Rejected {
+                sink,
+                message,
+                only: None,
+            },
         }
     }
 }
@@ -258,6 +267,7 @@ mod tests {
         let rejected = SinkError::Rejected {
             sink: "test",
             message: "type mismatch".into(),
+            only: None,
         };
         let (inner, calls) = flaky(100, rejected);
         let sink = ResilientSink::new("t2", inner, &policy()).unwrap();

@@ -38,6 +38,8 @@ pub mod metric {
     /// Events left out of a sink's write because the sink wrote them for an earlier
     /// request that then failed (its resend), by `sink` (counter; `sinks/unsettled.rs`).
     pub const SINK_UNSETTLED_LEFT_OUT_EVENTS: &str = "breakwater_sink_unsettled_left_out_events_total";
+    /// INSERTs made to find the events of a refused group (counter; `clickhouse/inserter.rs`).
+    pub const CLICKHOUSE_BISECTED_INSERTS: &str = "breakwater_clickhouse_bisected_inserts_total";
     /// The memory budget (gauge, bytes; `pipeline/budget.rs`).
     pub const MEMORY_BUDGET_BYTES: &str = "breakwater_memory_budget_bytes";
     /// Bytes held in it by requests, frames and replay rounds (gauge).
@@ -332,6 +334,10 @@ fn describe_spool() {
         "Times the spool file was opened again after an I/O error."
     );
     describe_counter!(DEAD_LETTER_EVENTS, "Events added to the dead-letter store per sink.");
+    describe_counter!(
+        CLICKHOUSE_BISECTED_INSERTS,
+        "INSERTs made to find the events of a group ClickHouse refused (halving it)."
+    );
     describe_counter!(
         DEAD_LETTER_REFUSED_EVENTS,
         "Events a full dead-letter store refused (their requests got 503 dead_letters_full)."

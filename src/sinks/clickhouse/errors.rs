@@ -2,6 +2,8 @@
 //! the server unreachable, busy or misconfigured (the same batch can succeed later)?
 //! Unknown codes count as retryable: good data is never given up on a guess.
 
+use std::sync::Arc;
+
 use crate::batcher::BatcherStopped;
 use crate::event::SinkKind;
 use crate::sinks::{ClassifyError, ErrorClass, SinkError};
@@ -12,6 +14,10 @@ pub enum ClickHouseError {
     /// The server refused the data itself (a data exception code): never retried.
     #[error("{0}")]
     Rejected(String),
+    /// The server refused these events of the batch (their messageIds) and took the
+    /// others (found by bisecting a refused group).
+    #[error("{0}")]
+    PartlyRejected(String, Arc<Vec<String>>),
     /// Unreachable, busy, misconfigured or an unknown code: retried later.
     #[error("{0}")]
     Unavailable(String),
@@ -32,7 +38,7 @@ pub enum ClickHouseError {
 impl ClassifyError for ClickHouseError {
     fn classify(&self) -> ErrorClass {
         match self {
-            ClickHouseError::Rejected(_) => ErrorClass::Rejected,
+            ClickHouseError::Rejected(_) | ClickHouseError::PartlyRejected(..) => ErrorClass::Rejected,
             ClickHouseError::Unavailable(_)
             | ClickHouseError::TimedOut(_)
             | ClickHouseError::Interrupted(_)
@@ -51,7 +57,14 @@ impl ClickHouseError {
 
 impl From<ClickHouseError> for SinkError {
     fn from(error: ClickHouseError) -> Self {
-        SinkError::classified(SinkKind::ClickHouse, &error)
+        match error {
+            ClickHouseError::PartlyRejected(message, ids) => SinkError::Rejected {
+                sink: SinkKind::ClickHouse.name(),
+                message,
+                only: Some(ids),
+            },
+            error => SinkError::classified(SinkKind::ClickHouse, &error),
+        }
     }
 }
 
@@ -61,9 +74,17 @@ impl From<BatcherStopped> for ClickHouseError {
     }
 }
 
+/// Refusals of single rows by a rule of the table (a `throwIf` column, a CHECK
+/// constraint): the other rows of the INSERT are fine, so a refused group is worth
+/// halving to find the refused rows. Other refusals concern the body as a whole (a
+/// schema that does not match): halving would read parts of it as rows of garbage.
+pub const ROW_RULE_CODES: &[u32] = &[395, 469];
+
 /// Server exception codes that mean "this data can never be inserted as it is".
 const DATA_REJECTED_CODES: &[u32] = &[
     6,   // CANNOT_PARSE_TEXT
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO (a table's own data rule: throwIf)
+    469, // VIOLATED_CONSTRAINT (a table's CHECK constraint)
     16,  // NO_SUCH_COLUMN_IN_TABLE
     26,  // CANNOT_PARSE_QUOTED_STRING
     27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED

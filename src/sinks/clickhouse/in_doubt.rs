@@ -51,6 +51,13 @@ impl Default for InDoubt {
 /// A group's entries in the journal (one per batch, in the group's order).
 pub struct Entries(Vec<Option<u64>>);
 
+impl Entries {
+    /// No entries (a group remembered as in doubt without its own journal lines).
+    pub fn none() -> Entries {
+        Entries(Vec::new())
+    }
+}
+
 impl InDoubt {
     /// With a journal, and what an earlier process left open in it remembered as
     /// of unknown outcome.

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::errors::{classify, ClickHouseError};
-use super::in_doubt::InDoubt;
+use super::errors::{classify, exception_code, ClickHouseError, ROW_RULE_CODES};
+use super::in_doubt::{self, InDoubt};
 use super::row_binary;
 use super::schema::{self, Layout};
+use crate::batcher::GroupOutcome;
 use crate::config::{ClickHouseCompression, ClickHouseConfig, ClickHouseSchema};
 use crate::event::{EventKey, SinkBatch, SinkKind};
 use crate::sinks::journal::Journal;
@@ -167,6 +168,75 @@ impl Inserter {
         result
     }
 
+    /// One INSERT of the group; if a rule of the table refuses rows of it
+    /// (`ROW_RULE_CODES`) and the group holds more than one event, the refused events
+    /// are found by inserting halves (`bisect`), so one bad event does not send every
+    /// request of its group to the dead-letter store.
+    pub async fn insert_group(&self, group: &[Arc<SinkBatch>]) -> GroupOutcome<ClickHouseError> {
+        match self.insert(group).await {
+            Err(ClickHouseError::Rejected(message))
+                if group.iter().map(|b| b.events.len()).sum::<usize>() > 1
+                    && exception_code(&message).is_some_and(|code| ROW_RULE_CODES.contains(&code)) =>
+            {
+                self.bisect(group, message).await
+            }
+            result => GroupOutcome::Same(result),
+        }
+    }
+
+    /// Inserts every event of a refused group but those the server refuses on their
+    /// own: halves are inserted, a refused half halved again, down to single events.
+    /// Each batch is answered `Ok`, `PartlyRejected` (its refused ids; the others
+    /// are in the table) or `Rejected` (all of it refused). Any other failure stops
+    /// the search: what it had inserted is remembered as in doubt (looked up before
+    /// the batches are inserted again), and the failure answers the batches.
+    async fn bisect(&self, group: &[Arc<SinkBatch>], message: String) -> GroupOutcome<ClickHouseError> {
+        let all: Vec<(usize, usize)> = group
+            .iter()
+            .enumerate()
+            .flat_map(|(b, batch)| (0..batch.events.len()).map(move |e| (b, e)))
+            .collect();
+        let mut refused: Vec<Vec<String>> = vec![Vec::new(); group.len()];
+        let mut pending = halves(all);
+        let mut inserts = 0;
+        while let Some(part) = pending.pop() {
+            let sub = parts_of(group, &part);
+            inserts += 1;
+            match self.insert(&sub).await {
+                Ok(()) => {}
+                Err(ClickHouseError::Rejected(_)) if part.len() > 1 => pending.extend(halves(part)),
+                Err(ClickHouseError::Rejected(_)) => {
+                    let (b, e) = part[0];
+                    refused[b].push(group[b].events[e].message_id.clone());
+                }
+                Err(other) => {
+                    self.in_doubt.unknown(group, in_doubt::Entries::none());
+                    return GroupOutcome::Same(Err(other));
+                }
+            }
+        }
+        let refused_events: usize = refused.iter().map(Vec::len).sum();
+        metrics::counter!(metric::CLICKHOUSE_BISECTED_INSERTS).increment(inserts);
+        tracing::warn!(
+            refused = refused_events,
+            of = group.iter().map(|b| b.events.len()).sum::<usize>(),
+            inserts,
+            %message,
+            "clickhouse refused a group: found the refused events by halving; the others are inserted"
+        );
+        GroupOutcome::PerBatch(
+            group
+                .iter()
+                .zip(refused)
+                .map(|(batch, ids)| match ids.len() {
+                    0 => Ok(()),
+                    n if n == batch.events.len() => Err(ClickHouseError::Rejected(message.clone())),
+                    _ => Err(ClickHouseError::PartlyRejected(message.clone(), Arc::new(ids))),
+                })
+                .collect(),
+        )
+    }
+
     /// The group's events of unknown outcome that the table already has (none
     /// asked for when none is in doubt). They are no longer in doubt.
     async fn already_written(&self, group: &[Arc<SinkBatch>]) -> Result<HashSet<EventKey>, ClickHouseError> {
@@ -298,6 +368,34 @@ pub fn durability_warnings(settings: &HashMap<String, String>) -> Vec<String> {
         );
     }
     warnings
+}
+
+/// A list of (batch, event) positions in two halves (the first pushed last, so it is
+/// tried first).
+fn halves(mut part: Vec<(usize, usize)>) -> Vec<Vec<(usize, usize)>> {
+    let second = part.split_off(part.len() / 2);
+    vec![second, part]
+}
+
+/// The events at `part` as batches of their own, one per batch they come from; each
+/// ends when its batch ends (the in-doubt journal settles on that).
+fn parts_of(group: &[Arc<SinkBatch>], part: &[(usize, usize)]) -> Vec<Arc<SinkBatch>> {
+    let mut by_batch: Vec<(usize, Vec<crate::event::NormalizedEvent>)> = Vec::new();
+    for &(b, e) in part {
+        match by_batch.last_mut() {
+            Some((last, events)) if *last == b => events.push(group[b].events[e].clone()),
+            _ => by_batch.push((b, vec![group[b].events[e].clone()])),
+        }
+    }
+    by_batch
+        .into_iter()
+        .map(|(b, events)| {
+            let sub = Arc::new(SinkBatch::new(group[b].source.clone(), events));
+            let ends_with_it = sub.clone();
+            group[b].when_ended(Box::new(move |end, _| ends_with_it.end(end)));
+            sub
+        })
+        .collect()
 }
 
 /// The same events in the same order give the same token, so the server drops a

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::batcher::Batcher;
+use crate::batcher::{Batcher, GroupOutcome};
 use crate::config::ClickHouseConfig;
 use crate::event::{SinkBatch, SinkKind};
 use crate::policy::BatchPolicy;
@@ -43,7 +43,15 @@ pub fn start(settings: ClickHouseSinkSettings<'_>, batch: &BatchPolicy) -> Resul
     let (batcher, task) = Batcher::start(SinkKind::ClickHouse.name(), limits, move |group| {
         let inserter = inserter.clone();
         let health = flush_health.clone();
-        async move { recorded(SinkKind::ClickHouse, &health, inserter.insert(&group).await) }
+        async move {
+            let outcome = inserter.insert_group(&group).await;
+            if let GroupOutcome::Same(result) = outcome {
+                return GroupOutcome::Same(recorded(SinkKind::ClickHouse, &health, result));
+            }
+            // The server answered (it refused some events): it is up.
+            health.record_success(SinkKind::ClickHouse.name());
+            outcome
+        }
     });
     Ok(
         SinkHandle::new(SinkKind::ClickHouse, ClickHouseSink { batcher }, health)
