@@ -105,13 +105,12 @@ where
         let (queue, mut receiver) = mpsc::channel::<Queued<E>>(QUEUE_BATCHES);
         let task = tokio::spawn(async move {
             let mut carried: Option<Queued<E>> = None;
-            let mut written_late = WrittenLate::default();
+            let written_late = WrittenLate::default();
             loop {
                 let current = *limits.borrow();
                 let Some(group) = next_group(&mut receiver, &mut carried, current).await else {
                     break;
                 };
-                written_late.expire();
                 let (to_write, answers): (Vec<_>, Vec<_>) = group
                     .into_iter()
                     .map(|queued| (written_late.left_out_of(&queued.batch), queued.done))
@@ -162,12 +161,10 @@ where
 
 /// Events a flush wrote after their requester had gone (its attempt timed out while
 /// the flush ran): the next copy of them, the retry or the replay of what the
-/// requester spooled instead, is not written again. Bounded, and forgotten once
-/// nothing was added for `WRITTEN_LATE_KEPT`, far beyond any retry or replay of a
-/// running server.
+/// requester spooled instead, is not written again. Bounded, and forgotten an hour
+/// after the last was added, far beyond any retry or replay of a running server.
 struct WrittenLate {
     events: EventKeySet,
-    last_added: Option<Instant>,
 }
 
 const MAX_WRITTEN_LATE: usize = 100_000;
@@ -176,19 +173,12 @@ const WRITTEN_LATE_KEPT: Duration = Duration::from_secs(3600);
 impl Default for WrittenLate {
     fn default() -> Self {
         WrittenLate {
-            events: EventKeySet::bounded(MAX_WRITTEN_LATE),
-            last_added: None,
+            events: EventKeySet::bounded(MAX_WRITTEN_LATE).forgotten_after(WRITTEN_LATE_KEPT),
         }
     }
 }
 
 impl WrittenLate {
-    fn expire(&mut self) {
-        if self.last_added.is_some_and(|at| at.elapsed() > WRITTEN_LATE_KEPT) {
-            *self = WrittenLate::default();
-        }
-    }
-
     /// The batch without the events written late (`None`: nothing left to write).
     fn left_out_of(&self, batch: &Arc<SinkBatch>) -> Option<Arc<SinkBatch>> {
         let (rest, left_out) = self.events.leave_out(batch);
@@ -201,9 +191,8 @@ impl WrittenLate {
         rest
     }
 
-    fn remember(&mut self, name: &'static str, batch: &SinkBatch) {
+    fn remember(&self, name: &'static str, batch: &SinkBatch) {
         let (_, dropped) = self.events.insert_batch(batch);
-        self.last_added = Some(Instant::now());
         tracing::warn!(
             batcher = name,
             events = batch.events.len(),

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
@@ -135,6 +136,15 @@ impl SinkBatch {
         }
     }
 
+    /// A new batch of some of this one's events (same source) that ends when this
+    /// one ends: a sink given the part may wait for the request's end.
+    pub fn part(self: &Arc<Self>, events: Vec<NormalizedEvent>) -> Arc<SinkBatch> {
+        let part = Arc::new(SinkBatch::new(self.source.clone(), events));
+        let ends_with_it = part.clone();
+        self.when_ended(Box::new(move |end, _| ends_with_it.end(end)));
+        part
+    }
+
     /// Leaves `hook` to run when the request behind the batch ends.
     pub fn when_ended(&self, hook: EndHook) {
         self.end_hooks.lock().unwrap_or_else(|p| p.into_inner()).push(hook);
@@ -183,23 +193,41 @@ pub type EventKey = (Arc<str>, String);
 
 /// A bounded set of events by [`EventKey`], whose emptiness is read without its
 /// lock: the memories of events in doubt (a route's copies for failed requests,
-/// ClickHouse's INSERTs of unknown outcome) are consulted on every request but hold
-/// something only after a failure.
+/// ClickHouse's INSERTs of unknown outcome, flushes that outlived their caller) are
+/// consulted on every request but hold something only after a failure. A set made
+/// with `forgotten_after` forgets everything once nothing was added for that long,
+/// so a memory nobody asks for again stops costing every request a lookup.
 pub struct EventKeySet {
-    /// source → messageIds: looked up with borrowed strings, no key built per event.
-    keys: Mutex<HashMap<Arc<str>, HashSet<String>>>,
+    keys: Mutex<Keys>,
     len: AtomicUsize,
     max: usize,
+    forget_after: Option<Duration>,
+}
+
+struct Keys {
+    /// source → messageIds: looked up with borrowed strings, no key built per event.
+    by_source: HashMap<Arc<str>, HashSet<String>>,
+    last_added: Instant,
 }
 
 impl EventKeySet {
     /// A set that holds at most `max` events.
     pub fn bounded(max: usize) -> EventKeySet {
         EventKeySet {
-            keys: Mutex::new(HashMap::new()),
+            keys: Mutex::new(Keys {
+                by_source: HashMap::new(),
+                last_added: Instant::now(),
+            }),
             len: AtomicUsize::new(0),
             max,
+            forget_after: None,
         }
+    }
+
+    /// The set forgets every event once nothing was added for `idle`.
+    pub fn forgotten_after(mut self, idle: Duration) -> EventKeySet {
+        self.forget_after = Some(idle);
+        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -212,7 +240,7 @@ impl EventKeySet {
             return vec![false; batch.events.len()];
         }
         let keys = self.lock();
-        let Some(ids) = keys.get(&*batch.source) else {
+        let Some(ids) = keys.by_source.get(&*batch.source) else {
             return vec![false; batch.events.len()];
         };
         batch
@@ -223,8 +251,8 @@ impl EventKeySet {
     }
 
     /// The batch without the events in the set: the batch itself when none is,
-    /// `None` when all are, else a new batch that ends when `batch` ends (a sink may
-    /// wait for that); and how many were left out.
+    /// `None` when all are, else a part of it (`SinkBatch::part`); and how many were
+    /// left out.
     pub fn leave_out(&self, batch: &Arc<SinkBatch>) -> (Option<Arc<SinkBatch>>, usize) {
         if self.is_empty() {
             return (Some(batch.clone()), 0);
@@ -238,27 +266,23 @@ impl EventKeySet {
             .map(|(event, _)| event.clone())
             .collect();
         let left_out = batch.events.len() - rest.len();
-        if left_out == 0 {
-            return (Some(batch.clone()), 0);
+        match (left_out, rest.is_empty()) {
+            (0, _) => (Some(batch.clone()), 0),
+            (_, true) => (None, left_out),
+            (_, false) => (Some(batch.part(rest)), left_out),
         }
-        if rest.is_empty() {
-            return (None, left_out);
-        }
-        let copy = Arc::new(SinkBatch::new(batch.source.clone(), rest));
-        let ends_with_it = copy.clone();
-        batch.when_ended(Box::new(move |end, _| ends_with_it.end(end)));
-        (Some(copy), left_out)
     }
 
     /// Adds events; returns (how many were new, how many the bound left out).
     pub fn insert<'a>(&self, events: impl Iterator<Item = (&'a Arc<str>, &'a str)>) -> (usize, usize) {
         let mut keys = self.lock();
+        keys.last_added = Instant::now();
         let (mut added, mut dropped) = (0, 0);
         let mut len = self.len.load(Ordering::Relaxed);
         for (source, id) in events {
             if len >= self.max {
                 dropped += 1;
-            } else if keys.entry(source.clone()).or_default().insert(id.to_string()) {
+            } else if keys.by_source.entry(source.clone()).or_default().insert(id.to_string()) {
                 added += 1;
                 len += 1;
             }
@@ -285,27 +309,26 @@ impl EventKeySet {
         let mut keys = self.lock();
         let mut len = self.len.load(Ordering::Relaxed);
         for (source, id) in known {
-            if let Some(ids) = keys.get_mut(source) {
+            if let Some(ids) = keys.by_source.get_mut(source) {
                 if ids.remove(id) {
                     len -= 1;
                 }
                 if ids.is_empty() {
-                    keys.remove(source);
+                    keys.by_source.remove(source);
                 }
             }
         }
         self.len.store(len, Ordering::Relaxed);
     }
 
-    /// Forgets every event.
-    pub fn clear(&self) {
-        let mut keys = self.lock();
-        keys.clear();
-        self.len.store(0, Ordering::Relaxed);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, HashSet<String>>> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    /// The keys, forgotten first if the set has been idle past `forget_after`.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if self.forget_after.is_some_and(|idle| keys.last_added.elapsed() > idle) && !keys.by_source.is_empty() {
+            keys.by_source.clear();
+            self.len.store(0, Ordering::Relaxed);
+        }
+        keys
     }
 }
 

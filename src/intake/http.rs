@@ -71,19 +71,23 @@ async fn accept(app: &IntakeState, kind: RouteKind, headers: &HeaderMap, body: B
         .budget
         .try_hold(decode::budget_for_body(headers, encoding, limits.max_request_bytes))
         .ok_or(IntakeError::MemoryBudget)?;
-    let (_in_flight, json) = if early_source.is_some() {
-        let in_flight = app.in_flight.enter()?;
-        let raw = decode::read_body(body, limits.max_request_bytes, app.body_read_timeout).await?;
-        (in_flight, decode::decompress(raw, encoding, limits.max_request_bytes)?)
-    } else {
-        // The key is in the body (browser SDKs): its reading holds a slot of the
-        // small body-key budget, and the request takes a main slot only once read.
-        let reading = app.body_key_in_flight.enter_or(IntakeError::BodyKeyOverloaded)?;
-        let raw = decode::read_body(body, limits.max_request_bytes, app.body_read_timeout).await?;
-        let in_flight = app.in_flight.enter()?;
-        drop(reading);
-        (in_flight, decode::decompress(raw, encoding, limits.max_request_bytes)?)
+    // An authenticated request takes its slot before its body is read; one whose key
+    // is in the body (browser SDKs) reads it on a slot of the small body-key budget
+    // and takes a main slot only once read.
+    let (early_slot, reading) = match early_source {
+        Some(_) => (Some(app.in_flight.enter()?), None),
+        None => (
+            None,
+            Some(app.body_key_in_flight.enter_or(IntakeError::BodyKeyOverloaded)?),
+        ),
     };
+    let raw = decode::read_body(body, limits.max_request_bytes, app.body_read_timeout).await?;
+    let _in_flight = match early_slot {
+        Some(slot) => slot,
+        None => app.in_flight.enter()?,
+    };
+    drop(reading);
+    let json = decode::decompress(raw, encoding, limits.max_request_bytes)?;
     let ingested = ingest_json(app, kind, &json, early_source, TRANSPORT, held).await?;
     Ok(ingested.accepted)
 }

@@ -393,6 +393,7 @@ impl PolicyApplier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{ClickHouseConfig, KafkaConfig, RedisConfig};
 
     #[test]
     fn the_file_sinks_lines_seed_the_memory_newest_first() {
@@ -406,7 +407,6 @@ mod tests {
         let ids: Vec<&str> = newest_first(&lines, 50).into_iter().map(|(_, id)| id).collect();
         assert_eq!(ids, ["newest", "newer", "old"]);
     }
-    use crate::config::{ClickHouseConfig, KafkaConfig, RedisConfig};
 
     #[test]
     fn kafka_attempts_outlast_the_message_timeout_librdkafka_really_uses() {

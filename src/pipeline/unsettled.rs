@@ -18,8 +18,8 @@
 //! bound, events are not remembered; logged), and forgotten 10 minutes after the
 //! last event was added.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::event::{EventKeySet, RequestEnd, SinkBatch, SinkKind};
 use crate::telemetry::metric;
@@ -28,8 +28,6 @@ use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 /// Events one route made durable for requests that ended unsettled.
 pub struct UnsettledCopies {
     events: EventKeySet,
-    /// When an event was last remembered; all are forgotten `KEPT` after that.
-    last_added: Mutex<Instant>,
 }
 
 impl UnsettledCopies {
@@ -45,8 +43,7 @@ impl UnsettledCopies {
 impl Default for UnsettledCopies {
     fn default() -> Self {
         UnsettledCopies {
-            events: EventKeySet::bounded(Self::MAX_REMEMBERED),
-            last_added: Mutex::new(Instant::now()),
+            events: EventKeySet::bounded(Self::MAX_REMEMBERED).forgotten_after(Self::KEPT),
         }
     }
 }
@@ -56,9 +53,6 @@ impl UnsettledCopies {
     /// an unsettled request (`None`: all of them). A copy that is a new batch ends
     /// when `batch` ends (its sink may be waiting for that).
     pub fn copy_for(&self, kind: SinkKind, batch: &Arc<SinkBatch>) -> Option<Arc<SinkBatch>> {
-        if !self.events.is_empty() && self.lock_last_added().elapsed() > Self::KEPT {
-            self.events.clear();
-        }
         let (copy, left_out) = self.events.leave_out(batch);
         if left_out > 0 {
             metrics::counter!(metric::SINK_UNSETTLED_LEFT_OUT_EVENTS, "sink" => kind.name()).increment(left_out as u64);
@@ -82,7 +76,6 @@ impl UnsettledCopies {
     /// resend is settled.
     pub fn seed<'a>(&self, kind: SinkKind, events: impl Iterator<Item = (&'a Arc<str>, &'a str)>) {
         let (added, dropped) = self.events.insert(events);
-        *self.lock_last_added() = Instant::now();
         tracing::info!(
             sink = kind.name(),
             events = added,
@@ -91,13 +84,8 @@ impl UnsettledCopies {
         );
     }
 
-    fn lock_last_added(&self) -> std::sync::MutexGuard<'_, Instant> {
-        self.last_added.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn remember(&self, kind: SinkKind, batch: &SinkBatch) {
         let (_, dropped) = self.events.insert_batch(batch);
-        *self.lock_last_added() = Instant::now();
         if dropped > 0 {
             static FULL: Throttle = Throttle::new(WARN_EVERY);
             if let Some(suppressed) = FULL.allow() {

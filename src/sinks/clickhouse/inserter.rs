@@ -377,8 +377,9 @@ fn halves(mut part: Vec<(usize, usize)>) -> Vec<Vec<(usize, usize)>> {
     vec![second, part]
 }
 
-/// The events at `part` as batches of their own, one per batch they come from; each
-/// ends when its batch ends (the in-doubt journal settles on that).
+/// The events at `part` as parts of their batches (`SinkBatch::part`: each ends when
+/// its batch ends, which the in-doubt journal settles on), one per batch they come
+/// from.
 fn parts_of(group: &[Arc<SinkBatch>], part: &[(usize, usize)]) -> Vec<Arc<SinkBatch>> {
     let mut by_batch: Vec<(usize, Vec<crate::event::NormalizedEvent>)> = Vec::new();
     for &(b, e) in part {
@@ -387,15 +388,7 @@ fn parts_of(group: &[Arc<SinkBatch>], part: &[(usize, usize)]) -> Vec<Arc<SinkBa
             _ => by_batch.push((b, vec![group[b].events[e].clone()])),
         }
     }
-    by_batch
-        .into_iter()
-        .map(|(b, events)| {
-            let sub = Arc::new(SinkBatch::new(group[b].source.clone(), events));
-            let ends_with_it = sub.clone();
-            group[b].when_ended(Box::new(move |end, _| ends_with_it.end(end)));
-            sub
-        })
-        .collect()
+    by_batch.into_iter().map(|(b, events)| group[b].part(events)).collect()
 }
 
 /// The same events in the same order give the same token, so the server drops a
