@@ -32,6 +32,8 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the WebSocket brow
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus) # dashboards, metrics lint, alert rules
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)     # the TLS listener test's certificate
 command -v curl >/dev/null 2>&1 || missing+=(curl)           # the TLS listener test's client
+command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)    # the stalled-disk test (a loop-mounted ext4)
+command -v fsfreeze >/dev/null 2>&1 || missing+=(util-linux)  # ... frozen with fsfreeze
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing with apt: ${missing[*]}"
   apt-get update

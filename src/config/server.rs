@@ -34,6 +34,11 @@ pub struct ServerConfig {
     /// keep-alive connection waiting for its next request is closed after it:
     /// slow-header (slowloris) and idle connections give their slot back.
     pub header_read_timeout_ms: u64,
+    /// How long a request waits for a spool append or a dead-letter write (normally
+    /// one fsync shared with other requests). Past it, `503 spool_slow`: the write
+    /// goes on, and until its outcome is known a resend of those events gets
+    /// `503 in_flight_elsewhere`; the request's memory budget is held until then.
+    pub spool_write_timeout_ms: u64,
     /// After SIGINT/SIGTERM, how long in-flight requests may take before exit.
     pub shutdown_timeout_ms: u64,
     /// Resilience policy file (reloaded on change); none: the embedded default
@@ -62,6 +67,7 @@ impl Default for ServerConfig {
             body_read_timeout_ms: 10_000,
             max_connections: 10_000,
             header_read_timeout_ms: 10_000,
+            spool_write_timeout_ms: 10_000,
             shutdown_timeout_ms: 30_000,
             policy_file: None,
             tls: None,
@@ -225,6 +231,7 @@ impl ServerConfig {
             ("server.header_read_timeout_ms", self.header_read_timeout_ms),
             ("server.max_in_flight_requests", self.max_in_flight_requests as u64),
             ("server.max_body_key_requests", self.max_body_key_requests as u64),
+            ("server.spool_write_timeout_ms", self.spool_write_timeout_ms),
         ])
     }
 }

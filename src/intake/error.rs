@@ -88,6 +88,8 @@ pub enum IntakeError {
     SpoolFull,
     #[error("the spool cannot write (a full disk or an I/O error); retry later")]
     SpoolUnavailable,
+    #[error("the spool did not finish writing in time (a slow or stalled disk); retry later")]
+    SpoolSlow,
     #[error("too many open connections; retry later")]
     TooManyConnections,
     #[error("server is shutting down; retry later")]
@@ -112,7 +114,7 @@ impl IntakeError {
             BodyReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             MissingWriteKey | InvalidWriteKey => StatusCode::UNAUTHORIZED,
             Overloaded | BodyKeyOverloaded | MemoryBudget | DeadLettersFull | SinkUnavailable | SpoolFull
-            | SpoolUnavailable | InFlightElsewhere | TooManyConnections | ShuttingDown => {
+            | SpoolUnavailable | SpoolSlow | InFlightElsewhere | TooManyConnections | ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -149,6 +151,7 @@ impl IntakeError {
             InFlightElsewhere => "in_flight_elsewhere",
             SpoolFull => "spool_full",
             SpoolUnavailable => "spool_unavailable",
+            SpoolSlow => "spool_slow",
             TooManyConnections => "too_many_connections",
             ShuttingDown => "shutting_down",
             NotFound => "not_found",
@@ -169,6 +172,7 @@ impl IntakeError {
                 | IntakeError::InFlightElsewhere
                 | IntakeError::SpoolFull
                 | IntakeError::SpoolUnavailable
+                | IntakeError::SpoolSlow
                 | IntakeError::TooManyConnections
                 | IntakeError::ShuttingDown
                 | IntakeError::BodyReadTimeout(_)

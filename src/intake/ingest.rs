@@ -164,7 +164,21 @@ fn normalize_all(
 /// (each cause logged at most once per interval).
 fn refusal_for(error: PipelineError) -> IntakeError {
     match error {
-        PipelineError::InFlightElsewhere(_) | PipelineError::InFlightHere(_) => IntakeError::InFlightElsewhere,
+        PipelineError::InFlightElsewhere(_) | PipelineError::InFlightHere(_) | PipelineError::Undecided(_) => {
+            IntakeError::InFlightElsewhere
+        }
+        PipelineError::SpoolSlow { sink, waited } => {
+            static SLOW: Throttle = Throttle::new(WARN_EVERY);
+            if let Some(suppressed) = SLOW.allow() {
+                tracing::warn!(
+                    sink = sink.name(),
+                    ?waited,
+                    suppressed_since_last = suppressed,
+                    "spool write past its deadline (slow disk?): refusing the request; the write goes on"
+                );
+            }
+            IntakeError::SpoolSlow
+        }
         PipelineError::SpoolFull(full) => {
             static FULL: Throttle = Throttle::new(WARN_EVERY);
             if let Some(suppressed) = FULL.allow() {

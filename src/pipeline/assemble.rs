@@ -107,6 +107,7 @@ pub fn build_delivery(
             queue,
             health: handle.health,
             unsettled: Arc::default(),
+            local_write_deadline: Duration::from_millis(config.server.spool_write_timeout_ms),
         });
         delivery.background.extend(handle.tasks);
         if let Some(sender) = handle.batch_limits {
@@ -272,9 +273,10 @@ fn check_insert_fits_an_attempt(config: &Config, policy: &Policy) -> Result<(), 
 }
 
 /// Redis: a request's claims must outlive the longest the request can take (every
-/// called sink at once, each with every attempt, backoff and wait of its stack, then
-/// the Redis commit). A claim that expires first lets a client's retry, or another
-/// instance, claim the same ids and deliver them a second time.
+/// called sink at once, each with every attempt, backoff and wait of its stack,
+/// then its spool write up to `server.spool_write_timeout_ms`, then the Redis
+/// commit). A claim that expires first lets a client's retry, or another instance,
+/// claim the same ids and deliver them a second time.
 fn check_claims_outlive_requests(config: &Config, policy: &Policy) -> Result<(), ConfigError> {
     let Some(redis) = &config.redis else {
         return Ok(());
@@ -293,8 +295,9 @@ fn check_claims_outlive_requests(config: &Config, policy: &Policy) -> Result<(),
     let Some((kind, sink_ms)) = slowest else {
         return Ok(());
     };
+    let spool_ms = Duration::from_millis(config.server.spool_write_timeout_ms);
     let commit_ms = resilience::longest_call(&policy.redis);
-    let longest = sink_ms + commit_ms;
+    let longest = sink_ms + spool_ms + commit_ms;
     if redis.pending_ttl_ms > longest.as_millis() as u64 {
         return Ok(());
     }
@@ -302,12 +305,14 @@ fn check_claims_outlive_requests(config: &Config, policy: &Policy) -> Result<(),
         "redis.pending_ttl_ms",
         format!(
             "is {} ms, but a request can take {} ms with this policy: {kind} up to {} ms \
-             (every attempt, backoff and wait of its stack), then the Redis commit up to {} ms. \
-             A claim that expires first lets a retry deliver the same events again: raise it \
-             above {} ms, or shorten the policy's {kind}.timeout_ms or {kind}.retry.max_attempts",
+             (every attempt, backoff and wait of its stack), its spool write up to {} ms \
+             (server.spool_write_timeout_ms), then the Redis commit up to {} ms. A claim that \
+             expires first lets a retry deliver the same events again: raise it above {} ms, \
+             or shorten the policy's {kind}.timeout_ms or {kind}.retry.max_attempts, or server.spool_write_timeout_ms",
             redis.pending_ttl_ms,
             longest.as_millis(),
             sink_ms.as_millis(),
+            spool_ms.as_millis(),
             commit_ms.as_millis(),
             longest.as_millis()
         ),
@@ -480,7 +485,7 @@ mod tests {
         // never waits for Kafka, so only the file sink and the Redis commit count.
         let mut config = Config {
             redis: Some(RedisConfig {
-                pending_ttl_ms: 30_000,
+                pending_ttl_ms: 40_000,
                 ..RedisConfig::default()
             }),
             kafka: Some(KafkaConfig::default()),
@@ -494,6 +499,7 @@ mod tests {
             "{error}"
         );
         config.kafka.as_mut().unwrap().acknowledge = Acknowledge::OnSpool;
-        assert!(check_timings(&config, &policy).is_ok());
+        let result = check_timings(&config, &policy);
+        assert!(result.is_ok(), "{result:?}");
     }
 }

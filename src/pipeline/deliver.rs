@@ -1,17 +1,21 @@
 //! One request's batch to every sink at once: room held in every spool first, then
 //! each sink's copy delivered through its stack, or else spooled (retryable
-//! failure, open breaker, timeout), or dead-lettered (rejected for good).
+//! failure, open breaker, timeout), or dead-lettered (rejected for good). A local
+//! write (spool or dead letters) that outlives the route's deadline fails the
+//! request and goes on by itself, its outcome decided later (`unsettled.rs`).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::future::join_all;
 
+use super::budget::BudgetHold;
 use super::route::{dead_letter, SinkRoute};
 use super::PipelineError;
 use crate::config::Acknowledge;
 use crate::event::SinkBatch;
-use crate::spool::{Spool, SpoolRoom};
+use crate::spool::{Spool, SpoolError, SpoolRoom};
 use crate::telemetry::metric;
 
 /// Where one sink's copy of a request ended up.
@@ -27,13 +31,19 @@ enum Outcome {
 /// Makes the batch durable for every sink at once: spooled for a sink acknowledged
 /// on spool; otherwise delivered through the sink's stack, or else in that sink's
 /// spool, or in the dead-letter table. A full spool is found before any sink is
-/// called (room is held in every spool up front); after that, it fails only if a
-/// spool write itself fails.
+/// called (room is held in every spool up front), and so is an earlier copy of
+/// these events still being written; after that, it fails only if a spool write
+/// itself fails or outlives its deadline. `held` is the request's room in the
+/// memory budget.
 pub(super) async fn deliver_everywhere(
     routes: &[SinkRoute],
     spool: &Arc<Spool>,
     batch: Arc<SinkBatch>,
+    held: &Arc<BudgetHold>,
 ) -> Result<(), PipelineError> {
+    if let Some(route) = routes.iter().find(|route| route.unsettled.undecided_in(&batch)) {
+        return Err(PipelineError::Undecided(route.kind));
+    }
     // Room in every spool first: if one is full, no sink sees the batch, so the
     // client's retry cannot make a second copy where the first one landed.
     let mut rooms = Vec::with_capacity(routes.len());
@@ -43,7 +53,7 @@ pub(super) async fn deliver_everywhere(
     let deliveries = routes
         .iter()
         .zip(rooms)
-        .map(|(route, room)| deliver_one(route, spool, room, batch.clone()));
+        .map(|(route, room)| deliver_one(route, spool, room, batch.clone(), held));
     let events = batch.events.len() as u64;
     let mut first_error = None;
     for (route, outcome) in routes.iter().zip(join_all(deliveries).await) {
@@ -69,12 +79,13 @@ async fn deliver_one(
     spool: &Arc<Spool>,
     room: SpoolRoom<'_>,
     batch: Arc<SinkBatch>,
+    held: &Arc<BudgetHold>,
 ) -> Result<Outcome, PipelineError> {
     // The resend of a failed request: what this route made durable then is left out.
     let Some(copy) = route.unsettled.copy_for(route.kind, &batch) else {
         return Ok(Outcome::AlreadyDurable);
     };
-    let outcome = deliver_copy(route, spool, room, copy).await?;
+    let outcome = deliver_copy(route, spool, room, copy, held).await?;
     route.unsettled.watch(route.kind, &batch);
     Ok(outcome)
 }
@@ -85,9 +96,11 @@ async fn deliver_copy(
     spool: &Arc<Spool>,
     room: SpoolRoom<'_>,
     batch: Arc<SinkBatch>,
+    held: &Arc<BudgetHold>,
 ) -> Result<Outcome, PipelineError> {
     if route.acknowledge == Acknowledge::OnSpool {
-        return spool_into(route, room, batch).await;
+        let append = route.queue.append_into(room, batch.clone());
+        return write_locally(route, batch, append, held, Outcome::Spooled).await;
     }
     let started = Instant::now();
     let result = route.sink.call(batch.clone()).await;
@@ -97,21 +110,40 @@ async fn deliver_copy(
         Ok(()) => Ok(Outcome::Delivered),
         Err(error) if error.is_retryable() => {
             tracing::debug!(sink = route.kind.name(), %error, events = batch.events.len(), "sink unavailable: spooling");
-            spool_into(route, room, batch).await
+            let append = route.queue.append_into(room, batch.clone());
+            write_locally(route, batch, append, held, Outcome::Spooled).await
         }
-        Err(error) => dead_letter(spool, route.kind, &error, batch)
-            .await
-            .map(|()| Outcome::DeadLettered)
-            .map_err(PipelineError::Spool),
+        Err(error) => {
+            let letter = dead_letter(spool, route.kind, &error, batch.clone());
+            write_locally(route, batch, letter, held, Outcome::DeadLettered).await
+        }
     }
 }
 
-/// The sink's copy into its spool, in the room held for it.
-async fn spool_into(route: &SinkRoute, room: SpoolRoom<'_>, batch: Arc<SinkBatch>) -> Result<Outcome, PipelineError> {
-    route
-        .queue
-        .append_into(room, batch)
-        .await
-        .map(|()| Outcome::Spooled)
-        .map_err(PipelineError::Spool)
+/// Waits for the copy's local write (spool append or dead letter) up to the route's
+/// deadline. Past it the request fails (503), and the write, which cannot be called
+/// back once queued, goes on: the route decides its outcome later, keeping the
+/// request's budget until then (`UnsettledCopies::decide_later`).
+async fn write_locally<W>(
+    route: &SinkRoute,
+    copy: Arc<SinkBatch>,
+    write: W,
+    held: &Arc<BudgetHold>,
+    written: Outcome,
+) -> Result<Outcome, PipelineError>
+where
+    W: Future<Output = Result<(), SpoolError>> + Send + 'static,
+{
+    let mut write = Box::pin(write);
+    match tokio::time::timeout(route.local_write_deadline, &mut write).await {
+        Ok(result) => result.map(|()| written).map_err(PipelineError::Spool),
+        Err(_) => {
+            metrics::counter!(metric::SPOOL_WRITES_PAST_DEADLINE, "sink" => route.kind.name()).increment(1);
+            route.unsettled.decide_later(route.kind, copy, write, held.clone());
+            Err(PipelineError::SpoolSlow {
+                sink: route.kind,
+                waited: route.local_write_deadline,
+            })
+        }
+    }
 }

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::dedup::redis::{Claim, ClaimOutcome, RedisDedup, RedisDedupError};
 use crate::dedup::{DedupKey, LocalDedup, Verdict};
-use crate::event::{NormalizedEvent, RequestEnd, SinkBatch};
+use crate::event::{NormalizedEvent, RequestEnd, SinkBatch, SinkKind};
 use crate::sinks::SinkError;
 use crate::spool::{Spool, SpoolError};
 use crate::telemetry::metric;
@@ -57,6 +57,10 @@ pub enum PipelineError {
     InFlightElsewhere(RedisDedupError),
     #[error("another request with the same ids is still being delivered here (waited {0:?})")]
     InFlightHere(Duration),
+    #[error("an earlier copy of some of these events is still being written to the {0} spool")]
+    Undecided(SinkKind),
+    #[error("the {sink} spool did not finish writing within {waited:?} (a slow or stalled disk); the write goes on")]
+    SpoolSlow { sink: SinkKind, waited: Duration },
     #[error(transparent)]
     SpoolFull(SpoolError),
     #[error(transparent)]
@@ -114,9 +118,9 @@ impl Pipeline {
         let routes = self.routes.clone();
         let spool = self.spool.clone();
         let task = self.tasks.spawn(async move {
-            let ingested = ingest_to_completion(&dedup, &routes, &spool, source, events).await;
-            drop(held);
-            ingested
+            // Shared with a local write that outlives the request (`deliver.rs`).
+            let held = Arc::new(held);
+            ingest_to_completion(&dedup, &routes, &spool, source, events, &held).await
         });
         task.await.map_err(|e| PipelineError::TaskFailed(e.to_string()))?
     }
@@ -134,6 +138,7 @@ async fn ingest_to_completion(
     spool: &Arc<Spool>,
     source: Arc<str>,
     events: Vec<NormalizedEvent>,
+    held: &Arc<BudgetHold>,
 ) -> Result<Ingested, PipelineError> {
     let total = events.len();
     let keys: Vec<DedupKey> = events
@@ -156,7 +161,7 @@ async fn ingest_to_completion(
     let accepted = new_events.len();
     let batch = Arc::new(SinkBatch::new(source.clone(), new_events));
     if accepted > 0 {
-        if let Err(error) = deliver_everywhere(routes, spool, batch.clone()).await {
+        if let Err(error) = deliver_everywhere(routes, spool, batch.clone(), held).await {
             // Nothing is committed: the reservation drops, the claims are released,
             // and the client's retry is free to succeed. The batch ends unsettled
             // first, so a sink that has it already knows before the retry comes.

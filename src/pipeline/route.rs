@@ -2,7 +2,9 @@
 //! the one path by which a batch a sink rejected for good reaches the dead-letter
 //! table: live delivery, the replayer and `breakwater spool replay` all use it.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::unsettled::UnsettledCopies;
 use crate::config::Acknowledge;
@@ -25,16 +27,20 @@ pub struct SinkRoute {
     /// What this route made durable for requests that then failed, left out of
     /// their resends (`unsettled.rs`).
     pub unsettled: Arc<UnsettledCopies>,
+    /// How long a request waits for its copy's spool append or dead letter
+    /// (`server.spool_write_timeout_ms`); past it, 503 (`deliver.rs`).
+    pub local_write_deadline: Duration,
 }
 
 /// Keeps a batch its sink rejected for good in the dead-letter table, with the
-/// sink's error (on the blocking pool; the spool commits before it returns).
-pub async fn dead_letter(
+/// sink's error (on the blocking pool; the spool commits before it answers). The
+/// future owns what it needs, so a caller may stop waiting and leave it running.
+pub fn dead_letter(
     spool: &Arc<Spool>,
     sink: SinkKind,
     error: &SinkError,
     batch: Arc<SinkBatch>,
-) -> Result<(), SpoolError> {
+) -> impl Future<Output = Result<(), SpoolError>> + Send + 'static {
     static REJECTED: Throttle = Throttle::new(WARN_EVERY);
     if let Some(suppressed) = REJECTED.allow() {
         tracing::warn!(
@@ -60,7 +66,10 @@ pub async fn dead_letter(
     };
     let spool = spool.clone();
     let message = error.to_string();
-    tokio::task::spawn_blocking(move || spool.add_dead_letter(sink, &message, &batch))
-        .await
-        .unwrap_or_else(|e| Err(SpoolError::Storage(format!("dead-letter task failed: {e}"))))
+    let write = tokio::task::spawn_blocking(move || spool.add_dead_letter(sink, &message, &batch));
+    async move {
+        write
+            .await
+            .unwrap_or_else(|e| Err(SpoolError::Storage(format!("dead-letter task failed: {e}"))))
+    }
 }

@@ -17,17 +17,31 @@
 //! ClickHouse took directly is in their in-doubt journals. It is bounded (past the
 //! bound, events are not remembered; logged), and forgotten 10 minutes after the
 //! last event was added.
+//!
+//! A copy whose local write (its spool append, or its dead letter) outlived the
+//! request's deadline is undecided: the request was answered 503, the write goes
+//! on, and until it is decided a resend of any of its events is refused
+//! (`in_flight_elsewhere`, retried); then its events are remembered (written) or
+//! forgotten (not written), so the resend is neither written twice nor lost.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::budget::BudgetHold;
 use crate::event::{EventKeySet, RequestEnd, SinkBatch, SinkKind};
+use crate::spool::SpoolError;
 use crate::telemetry::metric;
 use crate::telemetry::throttle::{Throttle, WARN_EVERY};
 
 /// Events one route made durable for requests that ended unsettled.
 pub struct UnsettledCopies {
     events: EventKeySet,
+    /// Events of copies whose local write outlived their request, until it is
+    /// decided (`decide_later`). Not bounded by a count: each such copy keeps its
+    /// request's room in the memory budget until then, and a key costs less than
+    /// the event it stands for.
+    undecided: EventKeySet,
 }
 
 impl UnsettledCopies {
@@ -44,6 +58,7 @@ impl Default for UnsettledCopies {
     fn default() -> Self {
         UnsettledCopies {
             events: EventKeySet::bounded(Self::MAX_REMEMBERED).forgotten_after(Self::KEPT),
+            undecided: EventKeySet::bounded(usize::MAX),
         }
     }
 }
@@ -82,6 +97,47 @@ impl UnsettledCopies {
             left_out_by_the_bound = dropped,
             "remembering the events the sink holds from before the restart, for resends"
         );
+    }
+
+    /// Whether an earlier copy of any of the batch's events is still being written
+    /// (`decide_later`): the request must be refused, to be retried.
+    pub fn undecided_in(&self, batch: &SinkBatch) -> bool {
+        !self.undecided.is_empty() && self.undecided.known_in(batch).contains(&true)
+    }
+
+    /// `copy`'s local write outlived its request, which is answered 503: `write`
+    /// goes on by itself. Until it is decided, resends of its events are refused
+    /// (`undecided_in`); then they are remembered if it was written (the request
+    /// ended unsettled), forgotten if not. `held`, the request's room in the memory
+    /// budget, is kept until then: the copy is still in memory.
+    pub fn decide_later<W>(self: &Arc<Self>, kind: SinkKind, copy: Arc<SinkBatch>, write: W, held: Arc<BudgetHold>)
+    where
+        W: Future<Output = Result<(), SpoolError>> + Send + 'static,
+    {
+        self.undecided.insert_batch(&copy);
+        let copies = self.clone();
+        tokio::spawn(async move {
+            let result = write.await;
+            let outcome = match &result {
+                Ok(()) => {
+                    // Remembered before it stops being undecided: a resend sees one or the other.
+                    copies.remember(kind, &copy);
+                    "written"
+                }
+                Err(_) => "not_written",
+            };
+            copies.undecided.remove_batch(&copy);
+            metrics::counter!(metric::SPOOL_WRITES_DECIDED_LATE, "sink" => kind.name(), "outcome" => outcome)
+                .increment(1);
+            tracing::warn!(
+                sink = kind.name(),
+                events = copy.events.len(),
+                outcome,
+                error = result.err().map(|e| e.to_string()),
+                "a local write that outlived its request has ended"
+            );
+            drop(held);
+        });
     }
 
     fn remember(&self, kind: SinkKind, batch: &SinkBatch) {
@@ -159,5 +215,50 @@ mod tests {
             Some(RequestEnd::Settled),
             "the sink's hook on the copy ran with the request's end"
         );
+    }
+
+    /// A write decided later: while undecided the resend is refused, and the
+    /// request's budget is held; then its events are left out if it was written,
+    /// and delivered if it was not.
+    #[tokio::test]
+    async fn an_undecided_write_refuses_resends_until_its_outcome_is_known() {
+        use crate::pipeline::budget::MemoryBudget;
+        let kind = SinkKind::Kafka;
+        let budget = MemoryBudget::new(1 << 20);
+        for written in [true, false] {
+            let copies = Arc::new(UnsettledCopies::default());
+            let copy = batch("web", &["a", "b"]);
+            let (decide, outcome) = tokio::sync::oneshot::channel::<Result<(), SpoolError>>();
+            let held = Arc::new(budget.try_hold(600 << 10).unwrap());
+            copies.decide_later(kind, copy.clone(), async move { outcome.await.unwrap() }, held);
+            drop(copy);
+
+            let resend = batch("web", &["b", "c"]);
+            assert!(copies.undecided_in(&resend));
+            assert!(!copies.undecided_in(&batch("web", &["c"])));
+            assert!(!copies.undecided_in(&batch("ios", &["a"])), "another source's a");
+            assert!(
+                budget.try_hold(600 << 10).is_none(),
+                "the undecided copy keeps its budget"
+            );
+
+            let result = if written {
+                Ok(())
+            } else {
+                Err(SpoolError::Storage("fsync failed".into()))
+            };
+            decide.send(result).unwrap();
+            for _ in 0..100 {
+                if !copies.undecided_in(&resend) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(!copies.undecided_in(&resend), "decided");
+            assert!(budget.try_hold(600 << 10).is_some(), "the budget is given back");
+            let sent = copies.copy_for(kind, &resend).unwrap();
+            let expected: &[&str] = if written { &["c"] } else { &["b", "c"] };
+            assert_eq!(ids(&sent), expected, "written: {written}");
+        }
     }
 }

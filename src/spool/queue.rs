@@ -3,6 +3,7 @@
 //! sink acknowledged, and the counters behind the spool's metrics.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -193,42 +194,55 @@ impl SinkQueue {
 
     /// Durably appends the batch (answered after the commit's fsync), for replay at
     /// once: a batch no request waits on (tools, tests).
-    pub async fn append(&self, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
+    pub async fn append(self: &Arc<Self>, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
         let room = self.reserve(&batch)?;
         self.store(room, batch).await
     }
 
-    /// Durably appends a request's batch into room held for it (answered after the
-    /// fsync).
+    /// Durably appends a request's batch into room held for it: the future answers
+    /// after the fsync. It owns what it needs (`'static`), so a caller that stops
+    /// waiting for it (a deadline) can hand it to a task that learns its outcome:
+    /// once queued, an append cannot be called back.
     ///
     /// The record is not replayed until the request behind the batch has ended
     /// (`SinkBatch::when_ended`): delivered by the replayer while its request waits
     /// for another sink, then a crash before the answer, and nothing would tell the
     /// client's resend that this sink has it. (Once ended, the route's memory and,
     /// after a crash, the spool's recent records tell it; see `recent_events`.)
-    pub async fn append_into(&self, room: SpoolRoom<'_>, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
+    pub fn append_into(
+        self: &Arc<Self>,
+        room: SpoolRoom<'_>,
+        batch: Arc<SinkBatch>,
+    ) -> impl Future<Output = Result<(), SpoolError>> + Send + 'static {
         self.hold_replay_until_answered(&batch);
-        self.store(room, batch).await
+        self.store(room, batch)
     }
 
-    async fn store(&self, room: SpoolRoom<'_>, batch: Arc<SinkBatch>) -> Result<(), SpoolError> {
+    fn store(
+        self: &Arc<Self>,
+        room: SpoolRoom<'_>,
+        batch: Arc<SinkBatch>,
+    ) -> impl Future<Output = Result<(), SpoolError>> + Send + 'static {
         // Stored before the room is given back, so the bytes are never uncounted.
         let size = room.bytes;
         self.bytes.fetch_add(size, Ordering::SeqCst);
         drop(room);
-        let events = batch.events.len() as u64;
-        match self.writer.submit(batch).await {
-            Ok(()) => {
-                self.events.fetch_add(events, Ordering::SeqCst);
-                self.records.fetch_add(1, Ordering::SeqCst);
-                metrics::counter!(metric::SPOOL_APPENDED_EVENTS, "sink" => self.sink.name()).increment(events);
-                self.publish();
-                self.appended.notify_one();
-                Ok(())
-            }
-            Err(error) => {
-                count_off(&self.bytes, size);
-                Err(error)
+        let queue = self.clone();
+        async move {
+            let events = batch.events.len() as u64;
+            match queue.writer.submit(batch).await {
+                Ok(()) => {
+                    queue.events.fetch_add(events, Ordering::SeqCst);
+                    queue.records.fetch_add(1, Ordering::SeqCst);
+                    metrics::counter!(metric::SPOOL_APPENDED_EVENTS, "sink" => queue.sink.name()).increment(events);
+                    queue.publish();
+                    queue.appended.notify_one();
+                    Ok(())
+                }
+                Err(error) => {
+                    count_off(&queue.bytes, size);
+                    Err(error)
+                }
             }
         }
     }

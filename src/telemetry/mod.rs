@@ -38,6 +38,8 @@ pub mod metric {
     /// Events left out of a sink's write because the sink wrote them for an earlier
     /// request that then failed (its resend), by `sink` (counter; `sinks/unsettled.rs`).
     pub const SINK_UNSETTLED_LEFT_OUT_EVENTS: &str = "breakwater_sink_unsettled_left_out_events_total";
+    pub const SPOOL_WRITES_PAST_DEADLINE: &str = "breakwater_spool_writes_past_deadline_total";
+    pub const SPOOL_WRITES_DECIDED_LATE: &str = "breakwater_spool_writes_decided_late_total";
     /// INSERTs made to find the events of a refused group (counter; `clickhouse/inserter.rs`).
     pub const CLICKHOUSE_BISECTED_INSERTS: &str = "breakwater_clickhouse_bisected_inserts_total";
     /// The memory budget (gauge, bytes; `pipeline/budget.rs`).
@@ -321,6 +323,14 @@ fn describe_spool() {
         "Age of the oldest record in a sink's spool."
     );
     describe_counter!(SPOOL_FULL, "Requests refused because a sink's spool was full.");
+    describe_counter!(
+        SPOOL_WRITES_PAST_DEADLINE,
+        "Spool appends and dead-letter writes that outlived server.spool_write_timeout_ms: the request got 503 and the write went on (a slow or stalled disk)."
+    );
+    describe_counter!(
+        SPOOL_WRITES_DECIDED_LATE,
+        "Writes that outlived their request, by how they ended (written: the resend leaves those events out; not_written: it writes them)."
+    );
     describe_counter!(
         SPOOL_QUARANTINED,
         "Spool records that failed their checksum and were quarantined."

@@ -43,6 +43,18 @@ impl Server {
         Server::spawn(temp.path().join("data"), config_path, env, temp)
     }
 
+    /// `start_with`, with the data directory at `data_dir` (e.g. on a `FreezableDisk`).
+    pub fn start_in(data_dir: &Path, config: &str, env: &[(&str, &str)]) -> Server {
+        let temp = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let config_path = temp.path().join("breakwater.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if !config.contains("[admin]") {
+            env.push(("BREAKWATER_ADMIN__TOKEN".into(), ADMIN_TOKEN.into()));
+        }
+        Server::spawn(data_dir.to_path_buf(), config_path, env, temp)
+    }
+
     fn spawn(
         data_dir: PathBuf,
         config_path: PathBuf,
@@ -178,6 +190,88 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A small ext4 file system on a loop device that a test can freeze (`fsfreeze`):
+/// every write and fsync to it then blocks, as on a stalled disk, until thawed.
+/// Needs root and a free loop device; fails loudly without them.
+pub struct FreezableDisk {
+    mount: PathBuf,
+    _temp: tempfile::TempDir,
+}
+
+/// The disk frozen until this is dropped (or `thaw`). Declare it after the
+/// `Server` that writes there: a process with a write stuck on a frozen disk cannot
+/// be killed, so a failing test must thaw before it drops the server.
+pub struct Frozen<'a> {
+    disk: &'a FreezableDisk,
+    thawed: bool,
+}
+
+impl FreezableDisk {
+    pub fn new(megabytes: u64) -> FreezableDisk {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let image = temp.path().join("disk.img");
+        let mount = temp.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        std::fs::File::create(&image).unwrap().set_len(megabytes << 20).unwrap();
+        run_or_panic(Command::new("mkfs.ext4").arg("-q").arg(&image));
+        run_or_panic(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount));
+        FreezableDisk { mount, _temp: temp }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.mount
+    }
+
+    pub fn freeze(&self) -> Frozen<'_> {
+        run_or_panic(Command::new("fsfreeze").arg("-f").arg(&self.mount));
+        Frozen {
+            disk: self,
+            thawed: false,
+        }
+    }
+}
+
+impl Frozen<'_> {
+    pub fn thaw(mut self) {
+        self.thaw_now();
+    }
+
+    fn thaw_now(&mut self) {
+        if !self.thawed {
+            self.thawed = true;
+            run_or_panic(Command::new("fsfreeze").arg("-u").arg(&self.disk.mount));
+        }
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if !self.thawed {
+            self.thawed = true;
+            let _ = Command::new("fsfreeze").arg("-u").arg(&self.disk.mount).status();
+        }
+    }
+}
+
+impl Drop for FreezableDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.mount).status();
+        // Lazy: a process still holding a file there lets go when it exits.
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+fn run_or_panic(command: &mut Command) {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?} could not run ({e}): this test needs util-linux, e2fsprogs and root"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed (this test needs root and a loop device): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 pub fn breakwater_command() -> Command {
