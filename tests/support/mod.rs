@@ -33,18 +33,15 @@ impl Server {
     /// With `config` as the TOML config file and extra environment variables. The
     /// admin endpoints take `ADMIN_TOKEN` unless `config` has an `[admin]` section.
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Server {
-        let temp = Arc::new(tempfile::tempdir().expect("temp dir"));
-        let config_path = temp.path().join("breakwater.toml");
-        std::fs::write(&config_path, config).expect("write config");
-        let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        if !config.contains("[admin]") {
-            env.push(("BREAKWATER_ADMIN__TOKEN".into(), ADMIN_TOKEN.into()));
-        }
-        Server::spawn(temp.path().join("data"), config_path, env, temp)
+        Server::start_at(None, config, env)
     }
 
     /// `start_with`, with the data directory at `data_dir` (e.g. on a `FreezableDisk`).
     pub fn start_in(data_dir: &Path, config: &str, env: &[(&str, &str)]) -> Server {
+        Server::start_at(Some(data_dir), config, env)
+    }
+
+    fn start_at(data_dir: Option<&Path>, config: &str, env: &[(&str, &str)]) -> Server {
         let temp = Arc::new(tempfile::tempdir().expect("temp dir"));
         let config_path = temp.path().join("breakwater.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -52,7 +49,8 @@ impl Server {
         if !config.contains("[admin]") {
             env.push(("BREAKWATER_ADMIN__TOKEN".into(), ADMIN_TOKEN.into()));
         }
-        Server::spawn(data_dir.to_path_buf(), config_path, env, temp)
+        let data_dir = data_dir.map_or_else(|| temp.path().join("data"), Path::to_path_buf);
+        Server::spawn(data_dir, config_path, env, temp)
     }
 
     fn spawn(
