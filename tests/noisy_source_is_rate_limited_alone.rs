@@ -56,6 +56,9 @@ write_key = "quiet-key"
                         429 => {
                             let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
                             assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+                            // Segment's browser SDK reads only this one (seconds to wait).
+                            let reset: u64 = response.headers()["x-ratelimit-reset"].to_str().unwrap().parse().unwrap();
+                            assert_eq!(reset, retry_after);
                             let body: serde_json::Value = response.json().unwrap();
                             assert_eq!(body["error"]["code"], "rate_limited", "{body}");
                             assert_eq!(body["error"]["retryable"], true, "{body}");

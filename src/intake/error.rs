@@ -43,12 +43,12 @@ pub enum IntakeError {
     TooManyEvents { count: usize, limit: usize },
     #[error("batch has no events")]
     EmptyBatch,
-    #[error("unsupported content type `{0}`: send application/json or text/plain")]
+    #[error("unsupported content type `{0}`: send JSON labelled application/json, text/plain or application/x-www-form-urlencoded (or no content type)")]
     UnsupportedMediaType(String),
-    #[error("unsupported content encoding `{0}`: send gzip or identity")]
+    #[error("unsupported content encoding `{0}`: send gzip, deflate, br or identity")]
     UnsupportedEncoding(String),
-    #[error("gzip body could not be decompressed: {0}")]
-    InvalidGzip(String),
+    #[error("{0} body could not be decompressed: {1}")]
+    InvalidCompression(&'static str, String),
     #[error("request body was not received within {0} ms")]
     BodyReadTimeout(u64),
     #[error("request body could not be read: {0}")]
@@ -107,7 +107,12 @@ impl IntakeError {
     pub fn status(&self) -> StatusCode {
         use IntakeError::*;
         match self {
-            InvalidJson(_) | InvalidBody(_) | EmptyBatch | InvalidGzip(_) | BodyRead(_) | InvalidEvent(_)
+            InvalidJson(_)
+            | InvalidBody(_)
+            | EmptyBatch
+            | InvalidCompression(..)
+            | BodyRead(_)
+            | InvalidEvent(_)
             | InvalidBatch(_) => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } | EventTooLarge { .. } | TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType(_) | UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -135,7 +140,9 @@ impl IntakeError {
             EmptyBatch => "empty_batch",
             UnsupportedMediaType(_) => "unsupported_media_type",
             UnsupportedEncoding(_) => "unsupported_encoding",
-            InvalidGzip(_) => "invalid_gzip",
+            // `invalid_gzip` kept for gzip, as before deflate and br were read.
+            InvalidCompression("gzip", _) => "invalid_gzip",
+            InvalidCompression(..) => "invalid_compression",
             BodyReadTimeout(_) => "body_read_timeout",
             BodyRead(_) => "body_read_failed",
             MissingWriteKey => "missing_write_key",
@@ -229,6 +236,7 @@ impl IntakeError {
 
 impl IntoResponse for IntakeError {
     fn into_response(self) -> Response {
+        const X_RATELIMIT_RESET: header::HeaderName = header::HeaderName::from_static("x-ratelimit-reset");
         let json = [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))];
         let mut response = (self.status(), json, self.json_body()).into_response();
         let headers = response.headers_mut();
@@ -237,6 +245,8 @@ impl IntoResponse for IntakeError {
         } = &self
         {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
+            // Segment's browser SDK reads only this one, as seconds to wait.
+            headers.insert(X_RATELIMIT_RESET, HeaderValue::from(*retry_after_seconds));
         } else if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
         }
