@@ -7,6 +7,7 @@
 //! Invariant: imports only `event` from the crate.
 
 mod backends;
+mod browser;
 mod server;
 mod sources;
 
@@ -19,6 +20,7 @@ pub use backends::{
     redact_url, Acknowledge, ClickHouseCompression, ClickHouseConfig, ClickHouseSchema, FileSinkConfig, KafkaConfig,
     KafkaKey, RedisConfig, Secret, INSERT_MARGIN_MS,
 };
+pub use browser::{BrowserConfig, IpRange};
 pub use server::{
     AdminConfig, DedupConfig, LimitsConfig, LogConfig, LogFormat, RejectedStoreConfig, ServerConfig, TlsConfig,
     WebSocketConfig, HELD_PER_BODY_BYTE,
@@ -43,6 +45,8 @@ pub struct Config {
     pub rejected_store: RejectedStoreConfig,
     pub log: LogConfig,
     pub websocket: WebSocketConfig,
+    /// CORS, client IP and User-Agent recording, trusted proxies.
+    pub browser: BrowserConfig,
     /// The `/admin/` endpoints' token.
     pub admin: AdminConfig,
     /// Shared dedup in Redis; absent: dedup stays in-process.
@@ -132,6 +136,7 @@ impl Config {
         }
         self.validate_backends()?;
         self.websocket.validate()?;
+        self.browser.validate()?;
         if !self.file_sink_enabled() && self.clickhouse.is_none() && self.kafka.is_none() {
             return Err(invalid(
                 "file_sink.enabled",

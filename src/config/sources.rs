@@ -23,6 +23,13 @@ pub struct SourceConfig {
     pub events_per_second: Option<u64>,
     /// This source's burst, instead of `limits.source_burst_events`.
     pub burst_events: Option<u64>,
+    /// Web origins allowed to send for this source, instead of
+    /// `browser.allowed_origins`.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Instead of `browser.record_client_ip`.
+    pub record_client_ip: Option<bool>,
+    /// Instead of `browser.record_user_agent`.
+    pub record_user_agent: Option<bool>,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -64,6 +71,9 @@ pub(super) fn validate(sources: &[SourceConfig]) -> Result<(), ConfigError> {
             source.write_key_env.is_some(),
             source.write_key_file.is_some(),
         ];
+        if let Some(origins) = &source.allowed_origins {
+            super::browser::validate_origins(&format!("sources[{index}].allowed_origins"), origins)?;
+        }
         if given.iter().filter(|g| **g).count() != 1 {
             return Err(invalid(
                 format!("sources[{index}]"),

@@ -61,6 +61,8 @@ pub enum IntakeError {
     InvalidEvent(EventRejection),
     #[error("every event of the batch is invalid")]
     InvalidBatch(Vec<RejectedEvent>),
+    #[error("requests from web pages at origin `{0}` are not allowed for this source: add the origin to the source's allowed_origins (or [browser] allowed_origins)")]
+    OriginNotAllowed(String),
     #[error("too many requests in flight; retry later")]
     Overloaded,
     #[error("the server's memory budget for requests in progress is used up; retry later")]
@@ -118,6 +120,7 @@ impl IntakeError {
             UnsupportedMediaType(_) | UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             MissingWriteKey | InvalidWriteKey => StatusCode::UNAUTHORIZED,
+            OriginNotAllowed(_) => StatusCode::FORBIDDEN,
             Overloaded | BodyKeyOverloaded | MemoryBudget | DeadLettersFull | SinkUnavailable | SpoolFull
             | SpoolUnavailable | SpoolSlow | InFlightElsewhere | TooManyConnections | ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -159,6 +162,7 @@ impl IntakeError {
             SpoolFull => "spool_full",
             SpoolUnavailable => "spool_unavailable",
             SpoolSlow => "spool_slow",
+            OriginNotAllowed(_) => "origin_not_allowed",
             TooManyConnections => "too_many_connections",
             ShuttingDown => "shutting_down",
             NotFound => "not_found",

@@ -3,6 +3,7 @@
 //! budget's while a body carrying the key is read), reads and decompresses the
 //! body, and answers with what `ingest_json` made of it.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::error::IntakeError;
@@ -23,10 +24,11 @@ pub(super) async fn handle(
     route: &'static str,
     kind: RouteKind,
     headers: &HeaderMap,
+    peer: Option<SocketAddr>,
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let response = match accept(app, kind, headers, body).await {
+    let response = match accept(app, kind, headers, peer, body).await {
         Ok(accepted) => (StatusCode::OK, Json(accepted)).into_response(),
         Err(error) => {
             metrics::counter!(metric::REQUESTS_REFUSED, "reason" => error.code()).increment(1);
@@ -52,7 +54,13 @@ pub(super) async fn handle(
     response
 }
 
-async fn accept(app: &IntakeState, kind: RouteKind, headers: &HeaderMap, body: Body) -> Result<Accepted, IntakeError> {
+async fn accept(
+    app: &IntakeState,
+    kind: RouteKind,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+    body: Body,
+) -> Result<Accepted, IntakeError> {
     decode::check_content_type(headers)?;
     let encoding = decode::content_encoding(headers)?;
     let limits = &app.limits;
@@ -88,6 +96,7 @@ async fn accept(app: &IntakeState, kind: RouteKind, headers: &HeaderMap, body: B
     };
     drop(reading);
     let json = decode::decompress(raw, encoding, limits.max_request_bytes)?;
-    let ingested = ingest_json(app, kind, &json, early_source, TRANSPORT, held).await?;
+    let client = app.browser.client(headers, peer);
+    let ingested = ingest_json(app, kind, &json, early_source, &client, TRANSPORT, held).await?;
     Ok(ingested.accepted)
 }

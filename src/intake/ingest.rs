@@ -8,6 +8,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::browser::Client;
 use super::error::{IntakeError, RejectedEvent};
 use super::rejected_store::RejectedRecord;
 use super::segment::{self, ParsedRequest, ReceivedEvent, Refused, RequestContext};
@@ -53,6 +54,7 @@ pub(crate) async fn ingest_json(
     kind: RouteKind,
     json: &[u8],
     authenticated: Option<Arc<str>>,
+    client: &Client,
     transport: &'static str,
     held: BudgetHold,
 ) -> Result<IngestedRequest, IntakeError> {
@@ -66,6 +68,7 @@ pub(crate) async fn ingest_json(
         Some(source) => source,
         None => app.write_keys.authenticate(parsed.write_key.as_deref())?,
     };
+    app.browser.check_origin(&source, client)?;
     admit(app, &source, parsed.events.len())?;
     let ParsedRequest {
         events: items,
@@ -73,6 +76,7 @@ pub(crate) async fn ingest_json(
         context,
         ..
     } = parsed;
+    let context = app.browser.client_context(&source, client, context);
     let request = RequestContext {
         route_type,
         sent_at,

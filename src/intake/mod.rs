@@ -8,6 +8,7 @@
 //! Invariant: imports the pipeline and what lies below it, never `server` or `cli`.
 
 pub mod auth;
+pub mod browser;
 pub mod compact_json;
 pub mod decode;
 pub mod error;
@@ -24,10 +25,12 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
 
 use crate::event::EventType;
+use browser::Peer;
 pub use state::{InFlightGuard, InFlightLimit, IntakeState};
 
 /// What a route (or a WebSocket frame) carries.
@@ -60,8 +63,8 @@ const ROUTES: &[(&str, RouteKind)] = &[
     ("/v1/b", RouteKind::Batch),
 ];
 
-/// Every intake route, with the intake state still to be given (`with_state`).
-pub fn routes() -> Router<Arc<IntakeState>> {
+/// Every intake route, behind the CORS layer (`browser.rs`).
+pub fn routes(state: Arc<IntakeState>) -> Router {
     let mut router = Router::new()
         .route("/v1/ws", get(websocket::upgrade))
         .route("/examples/websocket", get(websocket::example_page));
@@ -69,11 +72,15 @@ pub fn routes() -> Router<Arc<IntakeState>> {
         router = router.route(
             path,
             post(
-                move |State(app): State<Arc<IntakeState>>, headers: HeaderMap, body: Body| async move {
-                    http::handle(&app, path, kind, &headers, body).await
+                move |State(app): State<Arc<IntakeState>>, Peer(peer): Peer, headers: HeaderMap, body: Body| async move {
+                    http::handle(&app, path, kind, &headers, peer, body).await
                 },
-            ),
+            )
+            // Preflights: answered by the CORS layer when they carry an Origin.
+            .options(|| async { axum::http::StatusCode::NO_CONTENT }),
         );
     }
     router
+        .layer(middleware::from_fn_with_state(state.clone(), browser::cors))
+        .with_state(state)
 }

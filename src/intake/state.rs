@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::auth::WriteKeys;
+use super::browser::BrowserPolicy;
 use super::error::IntakeError;
 use super::rate_limit::SourceRateLimits;
 use super::rejected_store::RejectedStore;
@@ -34,6 +35,8 @@ pub struct IntakeState {
     /// key cannot take the main one's slots.
     pub body_key_in_flight: InFlightLimit,
     pub websocket: WebSocketConfig,
+    /// CORS, client IP and User-Agent recording (`browser.rs`).
+    pub browser: BrowserPolicy,
     /// Live WebSocket connections.
     pub websockets: Arc<ConnectionRegistry>,
     /// Set once a stop signal arrived: new WebSocket upgrades are refused and

@@ -11,11 +11,13 @@
 //!   is serving (hyper's graceful shutdown) before returning;
 //! - TLS when configured: the handshake must finish within the header timeout too.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -91,7 +93,7 @@ pub async fn serve(listener: TcpListener, router: Router, settings: ListenerSett
     let (closing, close) = watch::channel(false);
     metrics::gauge!(metric::HTTP_CONNECTIONS).set(0.0);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -129,10 +131,10 @@ pub async fn serve(listener: TcpListener, router: Router, settings: ListenerSett
         connections.spawn(async move {
             metrics::gauge!(metric::HTTP_CONNECTIONS).increment(1.0);
             match &settings.tls {
-                None => serve_http(stream, service, settings.header_read_timeout, close).await,
+                None => serve_http(stream, peer, service, settings.header_read_timeout, close).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_http(tls, service, settings.header_read_timeout, close).await,
+                        Ok(Ok(tls)) => serve_http(tls, peer, service, settings.header_read_timeout, close).await,
                         Ok(Err(_)) | Err(_) => {
                             metrics::counter!(metric::TLS_HANDSHAKE_FAILURES).increment(1);
                         }
@@ -151,12 +153,21 @@ pub async fn serve(listener: TcpListener, router: Router, settings: ListenerSett
 
 /// Serves HTTP/1.1 (with upgrades, for WebSocket) on one connection until it
 /// ends, or until `close` turns true and its current request is done.
-async fn serve_http<IO>(io: IO, router: Router, header_read_timeout: Duration, close: watch::Receiver<bool>)
-where
+async fn serve_http<IO>(
+    io: IO,
+    peer: SocketAddr,
+    router: Router,
+    header_read_timeout: Duration,
+    close: watch::Receiver<bool>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service =
-        TowerToHyperService::new(router.map_request(|request: axum::http::Request<Incoming>| request.map(Body::new)));
+    // The peer's address goes with each request (client IP, trusted proxies).
+    let service = TowerToHyperService::new(router.map_request(move |request: axum::http::Request<Incoming>| {
+        let mut request = request.map(Body::new);
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request
+    }));
     // HTTP/1.1 only (as axum is built here). hyper-util's auto builder would first
     // sniff for HTTP/2 with no timeout, so a connection that never sends a byte
     // would hold its slot forever; this one's header timer starts at once.

@@ -30,6 +30,7 @@ use crate::config::{redact_url, Config, ConfigError, Source, WRITE_KEYS_ENV};
 use crate::dedup::redis::RedisDedup;
 use crate::dedup::{DedupKey, LocalDedup};
 use crate::intake::auth::WriteKeys;
+use crate::intake::browser::BrowserPolicy;
 use crate::intake::rate_limit::SourceRateLimits;
 use crate::intake::rejected_store::RejectedStore;
 use crate::intake::websocket::ConnectionRegistry;
@@ -346,6 +347,7 @@ fn build_intake(
         in_flight: InFlightLimit::new(config.server.max_in_flight_requests),
         body_key_in_flight: InFlightLimit::unmetered(config.server.max_body_key_requests),
         websocket: config.websocket.clone(),
+        browser: BrowserPolicy::new(config),
         websockets: ConnectionRegistry::new(config.websocket.max_connections),
         shutting_down: AtomicBool::new(false),
     }))

@@ -33,8 +33,7 @@ pub struct AppState {
 
 /// The whole HTTP surface: intake routes, ops endpoints, JSON 404/405.
 pub fn router(state: Arc<AppState>) -> Router {
-    crate::intake::routes()
-        .with_state(state.intake.clone())
+    crate::intake::routes(state.intake.clone())
         .merge(ops::routes().with_state(state.clone()))
         .merge(admin::routes(state.clone()).with_state(state))
         .fallback(|uri: Uri| async move {

@@ -14,6 +14,7 @@ use tokio::time::Interval;
 
 use super::{answer_frame, hello, json_message, ConnectionGuard, Ending};
 use crate::config::WebSocketConfig;
+use crate::intake::browser::Client;
 use crate::intake::IntakeState;
 use crate::telemetry::metric;
 
@@ -27,6 +28,7 @@ pub(super) async fn serve_connection(
     app: Arc<IntakeState>,
     socket: WebSocket,
     source: Option<Arc<str>>,
+    client: Arc<Client>,
     guard: ConnectionGuard,
 ) {
     let settings = app.websocket.clone();
@@ -57,6 +59,7 @@ pub(super) async fn serve_connection(
         ping,
         hello_deadline,
         source,
+        client,
     };
     let ending = connection.run().await;
     connection.close(ending, writer).await;
@@ -88,6 +91,8 @@ struct Connection {
     last_frame: Instant,
     /// The authenticated source: from the upgrade, or from the `hello` frame.
     source: Option<Arc<str>>,
+    /// The client as the upgrade showed it (its IP and User-Agent for `context`).
+    client: Arc<Client>,
     /// Until a `hello` arrives (none when authenticated at the upgrade): when the
     /// connection is closed for want of one.
     hello_deadline: Option<tokio::time::Instant>,
@@ -205,9 +210,10 @@ impl Connection {
     fn answer_in_background(&self, text: Utf8Bytes, source: Arc<str>, permit: OwnedSemaphorePermit) {
         let app = self.app.clone();
         let answers = self.answers.clone();
+        let client = self.client.clone();
         tokio::spawn(async move {
             let read_at = Instant::now();
-            let answer = answer_frame(&app, text.as_str(), source).await;
+            let answer = answer_frame(&app, text.as_str(), source, &client).await;
             let _ = answers.send(answer).await;
             metrics::histogram!(metric::WS_ACK_DURATION).record(read_at.elapsed().as_secs_f64());
             drop(permit);

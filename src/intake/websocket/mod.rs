@@ -23,6 +23,7 @@ use tokio::sync::{watch, Notify};
 
 mod connection;
 
+use super::browser::{Client, Peer};
 use super::error::IntakeError;
 use super::ingest::ingest_json;
 use super::{auth, IntakeState, RouteKind};
@@ -132,6 +133,7 @@ pub struct UpgradeQuery {
 /// `?writeKey=`), refuses past the connection limit, then hands the socket over.
 pub async fn upgrade(
     State(app): State<Arc<IntakeState>>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     Query(query): Query<UpgradeQuery>,
     upgrade: WebSocketUpgrade,
@@ -158,6 +160,12 @@ pub async fn upgrade(
         return IntakeError::TooManyConnections.into_response();
     };
     let settings = app.websocket.clone();
+    // The IP and User-Agent go into `context` as on HTTP; the upgrade's `Origin` is
+    // not checked against the source here (docs/websocket.md).
+    let client = Arc::new(Client {
+        origin: None,
+        ..app.browser.client(&headers, peer)
+    });
     upgrade
         .max_message_size(settings.max_frame_bytes)
         .max_frame_size(settings.max_frame_bytes)
@@ -166,7 +174,7 @@ pub async fn upgrade(
         // are still read whole; the buffers only set the read and flush steps.
         .read_buffer_size(CONNECTION_BUFFER_BYTES)
         .write_buffer_size(CONNECTION_BUFFER_BYTES)
-        .on_upgrade(move |socket| serve_connection(app, socket, source, guard))
+        .on_upgrade(move |socket| serve_connection(app, socket, source, client, guard))
 }
 
 /// Read buffer and write-flush threshold of each WebSocket connection.
@@ -263,10 +271,10 @@ pub fn frame_head(text: &str) -> (Value, RouteKind) {
 }
 
 /// Ingests one frame and builds its answer: `ack` once durable, else `nack`.
-pub(super) async fn answer_frame(app: &IntakeState, text: &str, source: Arc<str>) -> Message {
+pub(super) async fn answer_frame(app: &IntakeState, text: &str, source: Arc<str>, client: &Client) -> Message {
     let (id, kind) = frame_head(text);
     let ingested = match app.budget.try_hold(text.len() as u64 * HELD_PER_BODY_BYTE) {
-        Some(held) => ingest_json(app, kind, text.as_bytes(), Some(source), TRANSPORT, held).await,
+        Some(held) => ingest_json(app, kind, text.as_bytes(), Some(source), client, TRANSPORT, held).await,
         None => {
             metrics::counter!(metric::REQUESTS_REFUSED, "reason" => IntakeError::MemoryBudget.code()).increment(1);
             Err(IntakeError::MemoryBudget)
