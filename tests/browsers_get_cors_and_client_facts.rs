@@ -190,3 +190,46 @@ fn a_trusted_proxy_names_the_client() {
         "the last address the trusted proxies did not add"
     );
 }
+
+#[test]
+fn the_sdks_settings_come_from_the_source_config() {
+    let server = Server::start_with(CONFIG, &[]);
+    let get = |path: &str| client().get(server.url(path)).header("origin", PAGE).send().unwrap();
+    let response = get("/v1/projects/key-web/settings");
+    assert!(response.headers().contains_key("access-control-allow-origin"));
+    let (status, settings) = status_and_json(response);
+    assert_eq!(status, 200, "{settings}");
+    let segment = &settings["integrations"]["Segment.io"];
+    assert_eq!(segment["apiHost"], format!("{}/v1", server.addr));
+    assert_eq!(segment["protocol"], "http");
+    assert_eq!(segment["apiKey"], "key-web");
+    assert_eq!(
+        settings["integrations"].as_object().unwrap().len(),
+        1,
+        "only what breakwater delivers to"
+    );
+
+    let (status, config) = status_and_json(get(
+        "/sourceConfig/?p=npm&v=3&writeKey=key-web&lockIntegrationsVersion=false",
+    ));
+    assert_eq!(status, 200, "{config}");
+    assert_eq!(config["source"]["id"], "web");
+    assert_eq!(config["source"]["destinations"], json!([]));
+    assert!(config["source"]["config"].is_object());
+    let by_header = client()
+        .get(server.url("/sourceConfig"))
+        .basic_auth("key-backend", Some(""))
+        .send()
+        .unwrap();
+    assert_eq!(status_and_json(by_header).1["source"]["id"], "backend");
+
+    // An unknown key: the same 401 as on intake.
+    for path in ["/v1/projects/nope/settings", "/sourceConfig/?writeKey=nope"] {
+        let (status, body) = status_and_json(get(path));
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (401, Some("invalid_write_key")),
+            "{path}"
+        );
+    }
+}

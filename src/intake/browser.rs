@@ -75,6 +75,8 @@ pub struct BrowserPolicy {
     any_source: Origins,
     max_age: HeaderValue,
     trusted_proxies: Vec<IpRange>,
+    /// `https` when the listener has TLS.
+    scheme: &'static str,
 }
 
 /// Headers a page may send: the write key (Basic or `X-Write-Key`), a JSON or
@@ -126,6 +128,7 @@ impl BrowserPolicy {
             any_source,
             max_age: HeaderValue::from(browser.cors_max_age_seconds),
             trusted_proxies: browser.trusted_proxy_ranges(),
+            scheme: if config.server.tls.is_some() { "https" } else { "http" },
         }
     }
 
@@ -199,6 +202,26 @@ impl BrowserPolicy {
             ip,
             user_agent: text(header::USER_AGENT).map(|ua| ua.chars().take(512).collect()),
         }
+    }
+
+    /// The scheme and host clients reach breakwater at, for the settings documents:
+    /// the request's `Host`, and `https` when the listener has TLS; behind a trusted
+    /// proxy, its `X-Forwarded-Proto` and `X-Forwarded-Host`.
+    pub fn public_address(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> (String, String) {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(|value| value.split(',').next().unwrap_or("").trim().to_string())
+                .filter(|value| !value.is_empty())
+        };
+        let proxied = peer.is_some_and(|peer| self.is_trusted(peer.ip()));
+        let forwarded = |name| if proxied { text(name) } else { None };
+        let scheme = forwarded("x-forwarded-proto").unwrap_or_else(|| self.scheme.to_string());
+        let host = forwarded("x-forwarded-host")
+            .or_else(|| text("host"))
+            .unwrap_or_else(|| "localhost".into());
+        (scheme, host)
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {

@@ -17,6 +17,7 @@ mod ingest;
 pub mod rate_limit;
 pub mod rejected_store;
 pub mod segment;
+mod settings;
 mod state;
 pub mod websocket;
 
@@ -67,7 +68,10 @@ const ROUTES: &[(&str, RouteKind)] = &[
 pub fn routes(state: Arc<IntakeState>) -> Router {
     let mut router = Router::new()
         .route("/v1/ws", get(websocket::upgrade))
-        .route("/examples/websocket", get(websocket::example_page));
+        .route("/examples/websocket", get(websocket::example_page))
+        .route("/v1/projects/{write_key}/settings", get(settings::segment))
+        .route("/sourceConfig", get(settings::rudderstack))
+        .route("/sourceConfig/", get(settings::rudderstack));
     for &(path, kind) in ROUTES {
         router = router.route(
             path,
