@@ -24,12 +24,21 @@ pub(super) async fn handle(
     route: &'static str,
     kind: RouteKind,
     headers: &HeaderMap,
+    query_key: Option<String>,
     peer: Option<SocketAddr>,
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let response = match accept(app, kind, headers, peer, body).await {
-        Ok(accepted) => (StatusCode::OK, Json(accepted)).into_response(),
+    let result = accept(app, kind, headers, query_key, peer, body)
+        .await
+        .map(|accepted| (StatusCode::OK, Json(accepted)).into_response());
+    answered(route, started, result)
+}
+
+/// The answer to an intake request, counted and (refusals) logged.
+pub(super) fn answered(route: &'static str, started: Instant, result: Result<Response, IntakeError>) -> Response {
+    let response = match result {
+        Ok(response) => response,
         Err(error) => {
             metrics::counter!(metric::REQUESTS_REFUSED, "reason" => error.code()).increment(1);
             if error.status().is_server_error() {
@@ -58,6 +67,7 @@ async fn accept(
     app: &IntakeState,
     kind: RouteKind,
     headers: &HeaderMap,
+    query_key: Option<String>,
     peer: Option<SocketAddr>,
     body: Body,
 ) -> Result<Accepted, IntakeError> {
@@ -67,7 +77,8 @@ async fn accept(
 
     // A key in the headers is checked before anything else: a wrong one takes no
     // slot and no body byte is read.
-    let header_key = auth::write_key_from_headers(headers);
+    // A key in the query (`?writeKey=`, beacons) counts as one in the headers.
+    let header_key = auth::write_key_from_headers(headers).or(query_key);
     let early_source = if app.write_keys.is_open() || header_key.is_some() {
         Some(app.write_keys.authenticate(header_key.as_deref())?)
     } else {

@@ -13,6 +13,7 @@ pub mod compact_json;
 pub mod decode;
 pub mod error;
 mod http;
+mod pixel;
 mod ingest;
 pub mod rate_limit;
 pub mod rejected_store;
@@ -24,7 +25,7 @@ pub mod websocket;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::middleware;
 use axum::routing::{get, post};
@@ -64,6 +65,13 @@ const ROUTES: &[(&str, RouteKind)] = &[
     ("/v1/b", RouteKind::Batch),
 ];
 
+/// `?writeKey=` on routes that take the key in the query.
+#[derive(Debug, serde::Deserialize)]
+struct KeyQuery {
+    #[serde(rename = "writeKey")]
+    write_key: Option<String>,
+}
+
 /// Every intake route, behind the CORS layer (`browser.rs`).
 pub fn routes(state: Arc<IntakeState>) -> Router {
     let mut router = Router::new()
@@ -77,13 +85,39 @@ pub fn routes(state: Arc<IntakeState>) -> Router {
             path,
             post(
                 move |State(app): State<Arc<IntakeState>>, Peer(peer): Peer, headers: HeaderMap, body: Body| async move {
-                    http::handle(&app, path, kind, &headers, peer, body).await
+                    http::handle(&app, path, kind, &headers, None, peer, body).await
                 },
             )
             // Preflights: answered by the CORS layer when they carry an Origin.
             .options(|| async { axum::http::StatusCode::NO_CONTENT }),
         );
     }
+    // RudderStack's browser endpoints: beacons (`navigator.sendBeacon` cannot set
+    // headers, so the key is in the query) and pixels (a GET whose query is the event).
+    router = router
+        .route(
+            "/beacon/v1/batch",
+            post(
+                |State(app): State<Arc<IntakeState>>,
+                 Peer(peer): Peer,
+                 Query(query): Query<KeyQuery>,
+                 headers: HeaderMap,
+                 body: Body| async move {
+                    http::handle(
+                        &app,
+                        "/beacon/v1/batch",
+                        RouteKind::Batch,
+                        &headers,
+                        query.write_key,
+                        peer,
+                        body,
+                    )
+                    .await
+                },
+            ),
+        )
+        .route("/pixel/v1/track", get(pixel::track))
+        .route("/pixel/v1/page", get(pixel::page));
     router
         .layer(middleware::from_fn_with_state(state.clone(), browser::cors))
         .with_state(state)
