@@ -58,6 +58,12 @@ for sdk in segment-analytics-python==2.2.3 segment-analytics-python==2.3.6 \
     touch "$dir/.installed"
   fi
 done
+# The browser SDKs from npm, bundled for tests/browser_sdks_send_from_another_origin.rs.
+command -v npm >/dev/null 2>&1 || missing_npm=1
+if [ -n "${missing_npm:-}" ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends npm
+fi
+bash scripts/browser-sdks.sh
 redis-server --version
 clickhouse-server --version 2>/dev/null | head -n 1 || true
 tansu --version 2>/dev/null || true

@@ -79,8 +79,10 @@ pub struct BrowserPolicy {
     scheme: &'static str,
 }
 
-/// Headers a page may send: the write key (Basic or `X-Write-Key`), a JSON or
-/// compressed body.
+/// Headers a page may send when its preflight names none: the write key (Basic or
+/// `X-Write-Key`), a JSON or compressed body. A preflight that names headers gets
+/// them allowed (SDKs add their own, such as analytics-next's `X-Retry-Count`;
+/// none of them is trusted for anything but the key).
 const ALLOWED_HEADERS: &str = "Authorization, Content-Type, Content-Encoding, X-Write-Key";
 /// Headers a page may read on the answer: when to retry.
 const EXPOSED_HEADERS: &str = "Retry-After, X-RateLimit-Reset";
@@ -315,6 +317,18 @@ pub async fn cors(State(app): State<Arc<IntakeState>>, request: Request, next: N
     };
     let policy = &app.browser;
     if request.method() == Method::OPTIONS {
+        // Header names only (tokens and commas): echoed as allowed.
+        let requested_headers = request
+            .headers()
+            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+            .filter(|value| {
+                value
+                    .as_bytes()
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b',' | b' '))
+            })
+            .filter(|value| value.len() <= 1024)
+            .cloned();
         if !policy.any_source.allows(&origin) {
             let mut response = IntakeError::OriginNotAllowed(origin.chars().take(128).collect()).into_response();
             response
@@ -329,10 +343,8 @@ pub async fn cors(State(app): State<Arc<IntakeState>>, request: Request, next: N
             header::ACCESS_CONTROL_ALLOW_METHODS,
             HeaderValue::from_static("GET, POST, OPTIONS"),
         );
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static(ALLOWED_HEADERS),
-        );
+        let allowed = requested_headers.unwrap_or(HeaderValue::from_static(ALLOWED_HEADERS));
+        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allowed);
         headers.insert(header::ACCESS_CONTROL_MAX_AGE, policy.max_age.clone());
         return response;
     }

@@ -65,6 +65,12 @@ const ROUTES: &[(&str, RouteKind)] = &[
     ("/v1/b", RouteKind::Batch),
 ];
 
+/// A preflight is answered by the CORS layer when it carries an `Origin`; one
+/// without (not from a browser) gets this empty answer.
+async fn preflight() -> axum::http::StatusCode {
+    axum::http::StatusCode::NO_CONTENT
+}
+
 /// `?writeKey=` on routes that take the key in the query.
 #[derive(Debug, serde::Deserialize)]
 struct KeyQuery {
@@ -77,9 +83,12 @@ pub fn routes(state: Arc<IntakeState>) -> Router {
     let mut router = Router::new()
         .route("/v1/ws", get(websocket::upgrade))
         .route("/examples/websocket", get(websocket::example_page))
-        .route("/v1/projects/{write_key}/settings", get(settings::segment))
-        .route("/sourceConfig", get(settings::rudderstack))
-        .route("/sourceConfig/", get(settings::rudderstack));
+        .route(
+            "/v1/projects/{write_key}/settings",
+            get(settings::segment).options(preflight),
+        )
+        .route("/sourceConfig", get(settings::rudderstack).options(preflight))
+        .route("/sourceConfig/", get(settings::rudderstack).options(preflight));
     for &(path, kind) in ROUTES {
         router = router.route(
             path,
@@ -88,8 +97,7 @@ pub fn routes(state: Arc<IntakeState>) -> Router {
                     http::handle(&app, path, kind, &headers, None, peer, body).await
                 },
             )
-            // Preflights: answered by the CORS layer when they carry an Origin.
-            .options(|| async { axum::http::StatusCode::NO_CONTENT }),
+            .options(preflight),
         );
     }
     // RudderStack's browser endpoints: beacons (`navigator.sendBeacon` cannot set
@@ -114,10 +122,11 @@ pub fn routes(state: Arc<IntakeState>) -> Router {
                     )
                     .await
                 },
-            ),
+            )
+            .options(preflight),
         )
-        .route("/pixel/v1/track", get(pixel::track))
-        .route("/pixel/v1/page", get(pixel::page));
+        .route("/pixel/v1/track", get(pixel::track).options(preflight))
+        .route("/pixel/v1/page", get(pixel::page).options(preflight));
     router
         .layer(middleware::from_fn_with_state(state.clone(), browser::cors))
         .with_state(state)
