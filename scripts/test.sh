@@ -47,6 +47,9 @@ if ! "$venv/bin/python" -c 'import chdb' >/dev/null 2>&1; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet "chdb-core==26.9.0"
 fi
+# Validates openapi.json (tests/openapi_document_matches_the_router.rs).
+"$venv/bin/python" -c 'import openapi_spec_validator' >/dev/null 2>&1 \
+  || "$venv/bin/pip" install --quiet "openapi-spec-validator==0.7.2"
 # Real analytics SDKs from PyPI, one folder each (two releases of one SDK cannot
 # share an environment); tests/real_sdks_send_unmodified.rs runs them with python3.
 for sdk in segment-analytics-python==2.2.3 segment-analytics-python==2.3.6 \

@@ -19,6 +19,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
 }
 
 /// The process is up and answering; no dependency is consulted.
@@ -87,4 +88,13 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         app.metrics.render(),
     )
         .into_response()
+}
+
+/// The OpenAPI 3.1 document of every route (`openapi.json`, checked against the
+/// router by `tests/openapi_document_matches_the_router.rs`).
+async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        include_str!("../../openapi.json"),
+    )
 }
