@@ -19,6 +19,7 @@ cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 command -v cargo-nextest >/dev/null 2>&1 || cargo install cargo-nextest --locked
 command -v cargo-deny >/dev/null 2>&1 || cargo install cargo-deny --version 0.20.2 --locked
+command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --version 3.6.0 --locked
 cargo --version
 cargo nextest --version | head -n 1
 
@@ -34,6 +35,8 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)     # the TLS listener 
 command -v curl >/dev/null 2>&1 || missing+=(curl)           # the TLS listener test's client
 command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)    # the stalled-disk test (a loop-mounted ext4)
 command -v fsfreeze >/dev/null 2>&1 || missing+=(util-linux)  # ... frozen with fsfreeze
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd) # verifies the packaged unit
+command -v npm >/dev/null 2>&1 || missing+=(npm)              # the browser SDKs, from npm
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing with apt: ${missing[*]}"
   apt-get update
@@ -62,10 +65,6 @@ for sdk in segment-analytics-python==2.2.3 segment-analytics-python==2.3.6 \
   fi
 done
 # The browser SDKs from npm, bundled for tests/browser_sdks_send_from_another_origin.rs.
-command -v npm >/dev/null 2>&1 || missing_npm=1
-if [ -n "${missing_npm:-}" ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends npm
-fi
 bash scripts/browser-sdks.sh
 redis-server --version
 clickhouse-server --version 2>/dev/null | head -n 1 || true
@@ -87,6 +86,9 @@ bash scripts/advisories.sh
 
 log "build"
 cargo build --workspace --all-targets --all-features --locked
+
+log "Debian package (tests/debian_package_installs_and_runs.rs)"
+bash scripts/package.sh
 
 log "tests"
 cargo nextest run --workspace --all-features --locked --no-fail-fast --failure-output final
