@@ -22,7 +22,7 @@ fn document() -> Value {
 }
 
 /// Every path the router serves, read from the source: each `.route("…"` and each
-/// entry of the Segment route table (`("/v1/…", RouteKind::…)`).
+/// entry of a route table (`("/v1/…", RouteKind::…)`, `("/pixel/…", EventType::…)`).
 fn router_paths() -> BTreeSet<String> {
     let mut paths = BTreeSet::new();
     let mut files = vec![root().join("src")];
@@ -36,11 +36,14 @@ fn router_paths() -> BTreeSet<String> {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         paths.extend(literal_after(&text, ".route("));
-        for line in text.lines() {
-            if let Some(rest) = line.trim().strip_prefix("(\"/") {
-                if rest.contains("RouteKind::") {
-                    paths.insert(format!("/{}", rest.split('"').next().unwrap()));
-                }
+        // Route tables: `("/path", Kind::Variant)` entries.
+        for (at, _) in text.match_indices("(\"/") {
+            let rest = &text[at + 2..];
+            let Some(end) = rest.find('"') else { continue };
+            let after = rest[end + 1..].trim_start_matches([',', ' ']);
+            let kind: String = after.chars().take_while(|c| c.is_alphanumeric()).collect();
+            if kind.starts_with(char::is_uppercase) && after[kind.len()..].starts_with("::") {
+                paths.insert(rest[..end].to_string());
             }
         }
     }

@@ -102,31 +102,31 @@ pub fn routes(state: Arc<IntakeState>) -> Router {
     }
     // RudderStack's browser endpoints: beacons (`navigator.sendBeacon` cannot set
     // headers, so the key is in the query) and pixels (a GET whose query is the event).
-    router = router
-        .route(
-            "/beacon/v1/batch",
-            post(
-                |State(app): State<Arc<IntakeState>>,
-                 Peer(peer): Peer,
-                 Query(query): Query<KeyQuery>,
-                 headers: HeaderMap,
-                 body: Body| async move {
-                    http::handle(
-                        &app,
-                        "/beacon/v1/batch",
-                        RouteKind::Batch,
-                        &headers,
-                        query.write_key,
-                        peer,
-                        body,
-                    )
-                    .await
-                },
-            )
-            .options(preflight),
+    router = router.route(
+        "/beacon/v1/batch",
+        post(
+            |State(app): State<Arc<IntakeState>>,
+             Peer(peer): Peer,
+             Query(query): Query<KeyQuery>,
+             headers: HeaderMap,
+             body: Body| async move {
+                http::handle(
+                    &app,
+                    "/beacon/v1/batch",
+                    RouteKind::Batch,
+                    &headers,
+                    query.write_key,
+                    peer,
+                    body,
+                )
+                .await
+            },
         )
-        .route("/pixel/v1/track", get(pixel::track).options(preflight))
-        .route("/pixel/v1/page", get(pixel::page).options(preflight));
+        .options(preflight),
+    );
+    for (path, _) in pixel::ROUTES {
+        router = router.route(path, get(pixel::event).options(preflight));
+    }
     router
         .layer(middleware::from_fn_with_state(state.clone(), browser::cors))
         .with_state(state)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
@@ -31,26 +31,26 @@ const PIXEL: &[u8] = &[
 
 type Pairs = Query<Vec<(String, String)>>;
 
-pub async fn track(
-    State(app): State<Arc<IntakeState>>,
-    Peer(peer): Peer,
-    Query(pairs): Pairs,
-    headers: HeaderMap,
-) -> Response {
-    let started = Instant::now();
-    let result = accept(&app, EventType::Track, pairs, &headers, peer).await;
-    answered("/pixel/v1/track", started, result.map(|()| gif()))
-}
+/// The pixel routes and the event type each takes.
+pub const ROUTES: [(&str, EventType); 2] = [
+    ("/pixel/v1/track", EventType::Track),
+    ("/pixel/v1/page", EventType::Page),
+];
 
-pub async fn page(
+/// `GET` on either pixel route; the route says the event's type.
+pub async fn event(
     State(app): State<Arc<IntakeState>>,
     Peer(peer): Peer,
+    uri: Uri,
     Query(pairs): Pairs,
     headers: HeaderMap,
 ) -> Response {
     let started = Instant::now();
-    let result = accept(&app, EventType::Page, pairs, &headers, peer).await;
-    answered("/pixel/v1/page", started, result.map(|()| gif()))
+    let Some(&(route, event_type)) = ROUTES.iter().find(|(path, _)| *path == uri.path()) else {
+        return IntakeError::NotFound.into_response();
+    };
+    let result = accept(&app, event_type, pairs, &headers, peer).await;
+    answered(route, started, result.map(|()| gif()))
 }
 
 fn gif() -> Response {
