@@ -23,6 +23,7 @@ fn batch() -> Vec<Arc<SinkBatch>> {
         context: None,
         received_at: chrono::Utc::now(),
         source: "web",
+        client_fields: &[],
     };
     let event = json!({"messageId":"m-1","userId":"u","event":"e"}).to_string();
     vec![Arc::new(SinkBatch::new(

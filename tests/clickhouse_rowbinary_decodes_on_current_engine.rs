@@ -34,6 +34,7 @@ fn events() -> Vec<NormalizedEvent> {
         context: None,
         received_at,
         source: "web",
+        client_fields: &[],
     };
     let long_text = "x".repeat(20_000); // length needs a 3-byte LEB128
     [

@@ -22,6 +22,7 @@ pub fn parse_and_normalize(body: &[u8], kind: RouteKind) {
         context: parsed.context.as_ref(),
         received_at: chrono::Utc::now(),
         source: "fuzz",
+        client_fields: &[],
     };
     for event in parsed.events.into_iter().flatten() {
         if let Ok(normalized) = segment::normalize(event, &request) {

@@ -18,7 +18,6 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value};
 
 use super::error::IntakeError;
 use super::IntakeState;
@@ -149,31 +148,19 @@ impl BrowserPolicy {
         }
     }
 
-    /// The batch-level `context` with the client's IP and User-Agent added where
-    /// the source records them and the batch's context has none; events whose own
-    /// context has them keep theirs (batch context only fills gaps).
-    pub fn client_context(
-        &self,
-        source: &str,
-        client: &Client,
-        context: Option<Map<String, Value>>,
-    ) -> Option<Map<String, Value>> {
+    /// The `context` keys the client gives each event of the request that lacks
+    /// them (and whose batch context lacks them): `ip` and `userAgent`, where the
+    /// source records them, each with its value as JSON text.
+    pub fn client_fields(&self, source: &str, client: &Client) -> Vec<(&'static str, Vec<u8>)> {
         let settings = self.for_source(source);
-        let ip = client.ip.filter(|_| settings.record_client_ip);
-        let user_agent = client.user_agent.as_ref().filter(|_| settings.record_user_agent);
-        if ip.is_none() && user_agent.is_none() {
-            return context;
+        let mut fields = Vec::new();
+        if let Some(ip) = client.ip.filter(|_| settings.record_client_ip) {
+            fields.push(("ip", json_text(&ip.to_string())));
         }
-        let mut context = context.unwrap_or_default();
-        if let Some(ip) = ip {
-            context.entry("ip").or_insert_with(|| Value::String(ip.to_string()));
+        if let Some(user_agent) = client.user_agent.as_ref().filter(|_| settings.record_user_agent) {
+            fields.push(("userAgent", json_text(user_agent)));
         }
-        if let Some(user_agent) = user_agent {
-            context
-                .entry("userAgent")
-                .or_insert_with(|| Value::String(user_agent.clone()));
-        }
-        Some(context)
+        fields
     }
 
     /// The client as the request shows it: its address is the peer's, unless the
@@ -291,6 +278,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
                 .map(|info| info.0),
         ))
     }
+}
+
+fn json_text(text: &str) -> Vec<u8> {
+    serde_json::to_vec(text).expect("a string always serializes")
 }
 
 /// An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `[::1]:80`, `::1`.
@@ -446,7 +437,7 @@ mod tests {
     }
 
     #[test]
-    fn the_client_fills_only_what_the_context_lacks_and_only_where_recorded() {
+    fn the_client_gives_its_fields_only_where_recorded() {
         let quiet = SourceConfig {
             record_client_ip: Some(false),
             record_user_agent: Some(false),
@@ -458,11 +449,14 @@ mod tests {
             ip: Some("203.0.113.9".parse().unwrap()),
             user_agent: Some("Mozilla/5.0".into()),
         };
-        let mut sent = Map::new();
-        sent.insert("ip".into(), Value::String("192.0.2.1".into()));
-        let context = policy.client_context("web", &client, Some(sent)).unwrap();
-        assert_eq!(context["ip"], "192.0.2.1", "the batch's own ip is kept");
-        assert_eq!(context["userAgent"], "Mozilla/5.0");
-        assert!(policy.client_context("quiet", &client, None).is_none());
+        let fields = policy.client_fields("web", &client);
+        assert_eq!(
+            fields,
+            vec![
+                ("ip", b"\"203.0.113.9\"".to_vec()),
+                ("userAgent", b"\"Mozilla/5.0\"".to_vec())
+            ]
+        );
+        assert!(policy.client_fields("quiet", &client).is_empty());
     }
 }

@@ -76,13 +76,14 @@ pub(crate) async fn ingest_json(
         context,
         ..
     } = parsed;
-    let context = app.browser.client_context(&source, client, context);
+    let client_fields = app.browser.client_fields(&source, client);
     let request = RequestContext {
         route_type,
         sent_at,
         context: context.as_ref(),
         received_at,
         source: &source,
+        client_fields: &client_fields,
     };
     let Normalized {
         events,

@@ -47,6 +47,9 @@ pub struct RequestContext<'a> {
     pub context: Option<&'a Map<String, Value>>,
     pub received_at: DateTime<Utc>,
     pub source: &'a str,
+    /// `context` keys the client gives every event that lacks them (its `ip` and
+    /// `userAgent`), each with its value as JSON text; after the batch's context.
+    pub client_fields: &'a [(&'static str, Vec<u8>)],
 }
 
 #[cfg(test)]
@@ -71,6 +74,7 @@ mod tests {
             context: None,
             received_at: received(),
             source: "web",
+            client_fields: &[],
         }
     }
 
@@ -195,6 +199,43 @@ mod tests {
         .unwrap();
         assert_eq!(event["context"]["ip"], "5.6.7.8");
         assert_eq!(event["context"]["library"]["name"], "sdk");
+    }
+
+    /// The client's ip and userAgent go where neither the event nor the batch
+    /// context has them; the event's own context is kept as sent otherwise.
+    #[test]
+    fn client_fields_fill_only_what_the_event_and_batch_lack() {
+        let client: Vec<(&'static str, Vec<u8>)> = vec![
+            ("ip", b"\"203.0.113.9\"".to_vec()),
+            ("userAgent", b"\"UA/1 \\\"x\\\"\"".to_vec()),
+        ];
+        let mut req = request(None);
+        req.client_fields = &client;
+        let cases = [
+            (json!(null), json!({"ip":"203.0.113.9","userAgent":"UA/1 \"x\""})),
+            (json!({}), json!({"ip":"203.0.113.9","userAgent":"UA/1 \"x\""})),
+            (
+                json!({"ip":"5.6.7.8","page":{"ip":"nested"}}),
+                json!({"ip":"5.6.7.8","userAgent":"UA/1 \"x\"","page":{"ip":"nested"}}),
+            ),
+            (
+                json!({"userAgent":"Own","ip":"1.1.1.1"}),
+                json!({"userAgent":"Own","ip":"1.1.1.1"}),
+            ),
+        ];
+        for (context, expected) in cases {
+            let mut event = json!({"type":"track","userId":"u","event":"e"});
+            if !context.is_null() {
+                event["context"] = context.clone();
+            }
+            let stored = normalized(event, &req).unwrap();
+            assert_eq!(stored["context"], expected, "{context}");
+        }
+        // With a batch context: it fills first, the client after.
+        let batch_context = object(json!({"ip":"9.9.9.9"}));
+        req.context = Some(&batch_context);
+        let stored = normalized(json!({"type":"track","userId":"u","event":"e"}), &req).unwrap();
+        assert_eq!(stored["context"], json!({"ip":"9.9.9.9","userAgent":"UA/1 \"x\""}));
     }
 
     #[test]

@@ -54,8 +54,12 @@ fn normalized_fields(event: &ReceivedEvent, request: &RequestContext) -> Result<
     let message_id = message_id_of(&event)?;
     json.push(("messageId", json_string(&message_id)));
     check_objects(&event)?;
-    if let Some(batch_context) = request.context {
-        json.push(("context", merged_context(&event, batch_context)));
+    match request.context {
+        Some(batch_context) => json.push(("context", merged_context(&event, batch_context, request.client_fields))),
+        None if !request.client_fields.is_empty() => {
+            json.push(("context", with_client_fields(&event, request.client_fields)))
+        }
+        None => {}
     }
     let times = event_times(&event, request)?;
     push_times(&mut json, &times);
@@ -245,8 +249,13 @@ fn required_identifier(
     Ok(json_string(&value))
 }
 
-/// Batch-level context fills in keys the event's own context lacks.
-fn merged_context(event: &KnownFields, batch_context: &Map<String, Value>) -> Vec<u8> {
+/// Batch-level context fills in keys the event's own context lacks, then the
+/// client's fields fill in what both lack.
+fn merged_context(
+    event: &KnownFields,
+    batch_context: &Map<String, Value>,
+    client_fields: &[(&'static str, Vec<u8>)],
+) -> Vec<u8> {
     let mut context: Map<String, Value> = match event.kind(Known::Context) {
         FieldKind::Object(json) => serde_json::from_slice(json).expect("compact JSON from a parsed object"),
         _ => Map::new(),
@@ -254,5 +263,42 @@ fn merged_context(event: &KnownFields, batch_context: &Map<String, Value>) -> Ve
     for (key, value) in batch_context {
         context.entry(key.clone()).or_insert_with(|| value.clone());
     }
+    for (key, value) in client_fields {
+        if !context.contains_key(*key) {
+            let value = serde_json::from_slice(value).expect("client fields are JSON");
+            context.insert((*key).to_string(), value);
+        }
+    }
     serde_json::to_vec(&context).expect("a JSON map always serializes")
+}
+
+/// The event's context (as sent, compacted) with the client's fields it lacks put
+/// first: its top-level keys are read without building its values, and its text is
+/// kept. (The common case on every request, so it avoids `merged_context`'s rebuild.)
+fn with_client_fields(event: &KnownFields, client_fields: &[(&'static str, Vec<u8>)]) -> Vec<u8> {
+    let sent: &[u8] = match event.kind(Known::Context) {
+        FieldKind::Object(json) => json,
+        _ => b"{}",
+    };
+    let keys: std::collections::HashMap<Cow<'_, str>, serde::de::IgnoredAny> =
+        serde_json::from_slice(sent).expect("compact JSON from a parsed object");
+    let mut out = Vec::with_capacity(sent.len() + 64);
+    out.push(b'{');
+    for (key, value) in client_fields.iter().filter(|(key, _)| !keys.contains_key(*key)) {
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        out.extend_from_slice(value);
+        out.push(b',');
+    }
+    let inner = &sent[1..sent.len() - 1];
+    if inner.is_empty() {
+        if out.len() > 1 {
+            out.pop();
+        }
+    } else {
+        out.extend_from_slice(inner);
+    }
+    out.push(b'}');
+    out
 }
