@@ -70,6 +70,14 @@ fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
+/// `?writeKey=` on the routes that take the key in the query (beacons, RudderStack's
+/// source config).
+#[derive(Debug, serde::Deserialize)]
+pub struct WriteKeyQuery {
+    #[serde(rename = "writeKey")]
+    pub write_key: Option<String>,
+}
+
 /// The key from the headers: HTTP Basic user name first, then `X-Write-Key`.
 /// A malformed Basic header counts as no key from that header.
 pub fn write_key_from_headers(headers: &HeaderMap) -> Option<String> {

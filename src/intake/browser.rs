@@ -142,7 +142,7 @@ impl BrowserPolicy {
     pub fn check_origin(&self, source: &str, client: &Client) -> Result<(), IntakeError> {
         match &client.origin {
             Some(origin) if !self.for_source(source).origins.allows(origin) => {
-                Err(IntakeError::OriginNotAllowed(origin.chars().take(128).collect()))
+                Err(IntakeError::origin_not_allowed(origin))
             }
             _ => Ok(()),
         }
@@ -167,14 +167,7 @@ impl BrowserPolicy {
     /// peer is a trusted proxy, which names it in `X-Forwarded-For` (the last
     /// address not itself a trusted proxy) or `Forwarded` (`for=`).
     pub fn client(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Client {
-        let text = |name: header::HeaderName| {
-            headers
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-                .map(str::trim)
-                .filter(|value| !value.is_empty())
-                .map(str::to_string)
-        };
+        let text = |name| header_text(headers, name);
         let peer_ip = peer.map(|peer| peer.ip());
         let ip = match peer_ip {
             Some(ip) if self.is_trusted(ip) => self.forwarded_client(headers).or(Some(ip)),
@@ -197,10 +190,9 @@ impl BrowserPolicy {
     /// the request's `Host`, and `https` when the listener has TLS; behind a trusted
     /// proxy, its `X-Forwarded-Proto` and `X-Forwarded-Host`.
     pub fn public_address(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> (String, String) {
-        let text = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|value| value.to_str().ok())
+        // A proxy chain's headers list hops: the first is the client's.
+        let text = |name| {
+            header_text(headers, name)
                 .map(|value| value.split(',').next().unwrap_or("").trim().to_string())
                 .filter(|value| !value.is_empty())
         };
@@ -280,6 +272,16 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
     }
 }
 
+/// A header's value, trimmed; `None` when absent, empty or not text.
+fn header_text(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|value| !value.is_empty())
+        .map(str::to_string)
+}
+
 fn json_text(text: &str) -> Vec<u8> {
     serde_json::to_vec(text).expect("a string always serializes")
 }
@@ -321,7 +323,7 @@ pub async fn cors(State(app): State<Arc<IntakeState>>, request: Request, next: N
             .filter(|value| value.len() <= 1024)
             .cloned();
         if !policy.any_source.allows(&origin) {
-            let mut response = IntakeError::OriginNotAllowed(origin.chars().take(128).collect()).into_response();
+            let mut response = IntakeError::origin_not_allowed(&origin).into_response();
             response
                 .headers_mut()
                 .append(header::VARY, HeaderValue::from_static("Origin"));

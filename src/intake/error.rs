@@ -106,6 +106,11 @@ pub enum IntakeError {
 const RETRY_AFTER_SECONDS: &str = "1";
 
 impl IntakeError {
+    /// `403 origin_not_allowed`, naming the origin (at most 128 characters of it).
+    pub fn origin_not_allowed(origin: &str) -> IntakeError {
+        IntakeError::OriginNotAllowed(origin.chars().take(128).collect())
+    }
+
     pub fn status(&self) -> StatusCode {
         use IntakeError::*;
         match self {

@@ -71,13 +71,6 @@ async fn preflight() -> axum::http::StatusCode {
     axum::http::StatusCode::NO_CONTENT
 }
 
-/// `?writeKey=` on routes that take the key in the query.
-#[derive(Debug, serde::Deserialize)]
-struct KeyQuery {
-    #[serde(rename = "writeKey")]
-    write_key: Option<String>,
-}
-
 /// Every intake route, behind the CORS layer (`browser.rs`).
 pub fn routes(state: Arc<IntakeState>) -> Router {
     let mut router = Router::new()
@@ -107,7 +100,7 @@ pub fn routes(state: Arc<IntakeState>) -> Router {
         post(
             |State(app): State<Arc<IntakeState>>,
              Peer(peer): Peer,
-             Query(query): Query<KeyQuery>,
+             Query(query): Query<auth::WriteKeyQuery>,
              headers: HeaderMap,
              body: Body| async move {
                 http::handle(

@@ -11,7 +11,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth;
@@ -58,17 +57,11 @@ pub async fn segment(
     cached(Json(settings).into_response())
 }
 
-#[derive(Debug, Deserialize)]
-pub struct SourceConfigQuery {
-    #[serde(rename = "writeKey")]
-    write_key: Option<String>,
-}
-
 /// `GET /sourceConfig/?writeKey=…` (RudderStack's analytics-js; the key may also
 /// come as HTTP Basic).
 pub async fn rudderstack(
     State(app): State<Arc<IntakeState>>,
-    Query(query): Query<SourceConfigQuery>,
+    Query(query): Query<auth::WriteKeyQuery>,
     headers: HeaderMap,
 ) -> Response {
     let presented = query.write_key.or_else(|| auth::write_key_from_headers(&headers));
