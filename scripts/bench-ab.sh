@@ -22,6 +22,6 @@ shift 2
 for _ in $(seq 1 "${BENCH_ROUNDS:-3}"); do
   for binary in "$binary_a" "$binary_b"; do
     echo "== $binary"
-    BENCH_SERVER="$binary" ./scripts/bench.sh "$@" 2>&1 >/dev/null | grep -E '^(target|server):? ' || true
+    BENCH_SERVER="$binary" ./scripts/bench.sh "$@" 2>&1 >/dev/null | grep -E '^(target|server|cpu):? ' || true
   done
 done

@@ -13,6 +13,13 @@
 # that spool to drain and reports how long the drain took after the load ended.
 # BENCH_SERVER=path serves with that breakwater binary instead of this build's (to
 # compare two builds); the last line includes the server's CPU time during the load.
+# BENCH_INSTANCES=N (default 1) runs N breakwater instances, each with its own data
+# directory and port, sharing Redis, ClickHouse and Kafka; the load generator spreads
+# its connections over them round robin (--resend-percent then resends through the
+# other instance). The "cpu:" line gives each process's CPU-µs per acked event.
+# After the load, the exactly-once oracle (breakwater-count) compares ClickHouse's
+# raw rows (merges are stopped for the run) and Kafka's records with their distinct
+# events and with the acked events; the "oracle:" line says whether they agree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -34,15 +41,18 @@ trap cleanup EXIT
 redis_port=$(free_port); ch_port=$(free_port); kafka_port=$(free_port); bw_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >/dev/null 2>&1 &
 pids+=($!)
+watched_processes+=("redis=$!")
 mkdir -p "$work"/ch/{data,tmp,uf,fs}
 clickhouse-server --config-file=/etc/clickhouse-server/config.xml -- --path="$work/ch/data/" \
   --tmp_path="$work/ch/tmp/" --user_files_path="$work/ch/uf/" --format_schema_path="$work/ch/fs/" \
   --logger.log="$work/ch/log" --logger.errorlog="$work/ch/err" --http_port="$ch_port" \
   --tcp_port="$(free_port)" --interserver_http_port="$(free_port)" >/dev/null 2>&1 &
 pids+=($!)
+watched_processes+=("clickhouse=$!")
 (cd "$work" && exec tansu broker --listener-url "tcp://127.0.0.1:$kafka_port" \
   --advertised-listener-url "tcp://127.0.0.1:$kafka_port" --storage-engine memory://tansu/ >/dev/null 2>&1) &
 pids+=($!)
+watched_processes+=("tansu=$!")
 wait_for "redis-cli -p $redis_port ping"
 wait_for "curl -sf http://127.0.0.1:$ch_port/?query=SELECT%201"
 wait_for "tansu topic create events --broker tcp://127.0.0.1:$kafka_port --partitions 3"
@@ -66,16 +76,28 @@ acknowledge = "${BENCH_CLICKHOUSE_ACKNOWLEDGE:-on_delivery}"
 brokers = "$kafka_brokers"
 topic = "events"
 TOML
-"${BENCH_SERVER:-./target/release/breakwater}" serve --config "$work/breakwater.toml" --listen "127.0.0.1:$bw_port" \
-  ${BENCH_POLICY:+--policy "$BENCH_POLICY"} --data-dir "$work/data" >"$work/server.log" 2>&1 &
-pids+=($!)
-server_pid=$!
-wait_for "curl -sf http://127.0.0.1:$bw_port$ready"
+targets=()
+for instance in $(seq 1 "${BENCH_INSTANCES:-1}"); do
+  port=$bw_port
+  [ "$instance" = 1 ] || port=$(free_port)
+  "${BENCH_SERVER:-./target/release/breakwater}" serve --config "$work/breakwater.toml" --listen "127.0.0.1:$port" \
+    ${BENCH_POLICY:+--policy "$BENCH_POLICY"} --data-dir "$work/data-$instance" >"$work/server-$instance.log" 2>&1 &
+  pids+=($!)
+  if [ "$instance" = 1 ]; then server_pid=$!; else watched_processes+=("breakwater_$instance=$!"); fi
+  wait_for "curl -sf http://127.0.0.1:$port$ready"
+  targets+=("127.0.0.1:$port")
+done
+# Raw rows for the oracle: a ReplacingMergeTree merge would fold a duplicate away.
+[ -n "${BENCH_DOWN:-}" ] || curl -sf "http://127.0.0.1:$ch_port/" --data-binary "SYSTEM STOP MERGES breakwater.events" >/dev/null
 
-load_with_server_cpu "$server_pid" "127.0.0.1:$bw_port" "$@"
+load_with_server_cpu "$server_pid" "$(IFS=,; echo "${targets[*]}")" "$@" >"$work/load.json"
+cat "$work/load.json"
 if [ "${BENCH_CLICKHOUSE_ACKNOWLEDGE:-}" = on_spool ] && [ -z "${BENCH_DOWN:-}" ]; then
   load_ended=$(date +%s.%N)
-  spool_events() { curl -s "http://127.0.0.1:$bw_port/metrics" | awk '/^breakwater_spool_events\{sink="clickhouse"\}/ {print $2}'; }
+  spool_events() {
+    for target in "${targets[@]}"; do curl -s "http://$target/metrics"; done |
+      awk '/^breakwater_spool_events\{sink="clickhouse"\}/ {n += $2} END {print n + 0}'
+  }
   for _ in $(seq 1 3000); do [ "$(spool_events)" = 0 ] && break; sleep 0.1; done
   awk -v s="$load_ended" -v e="$(date +%s.%N)" -v left="$(spool_events)" \
     'BEGIN { printf "server: clickhouse spool drained %.1f s after the load ended (%s events left)\n", e - s, left }' >&2
@@ -92,4 +114,30 @@ curl -s "http://127.0.0.1:$bw_port/metrics" | awk '
 spooled=$(curl -s "http://127.0.0.1:$bw_port/metrics" | awk '/^breakwater_spool_events\{/ {match($0, /sink="[a-z_]+"/); printf "%s %s; ", substr($0, RSTART+6, RLENGTH-7), $2}')
 echo "server: spooled now: ${spooled:-none}" >&2
 redis-cli -p "$redis_port" info commandstats | grep -E "^cmdstat_(eval|set|evalsha)" | sed 's/^/redis: /' >&2
+if [ -z "${BENCH_DOWN:-}" ]; then
+  ./target/release/breakwater-count --clickhouse "http://127.0.0.1:$ch_port" --kafka "$kafka_brokers" --topic events \
+    >"$work/count.json"
+  python3 - "$work/load.json" "$work/count.json" >&2 <<'PY' || oracle_failed=1
+import json, sys
+load, count = (json.load(open(path)) for path in sys.argv[1:3])
+acked = load["acked_events"]
+unanswered = sum(load["non_200"].values()) * load["batch_size"] + load["connection_errors"] * load["batch_size"]
+verdicts = []
+for sink, raw_key, twice_key in (("clickhouse", "raw_rows", "events_in_more_than_one_row"),
+                                 ("kafka", "records", "events_more_than_once")):
+    c = count[sink]
+    # Every acked event there once; events of refused or unanswered requests may be.
+    ok = c[twice_key] == 0 and c[raw_key] == c["distinct_events"] and acked <= c["distinct_events"] <= acked + unanswered
+    verdicts.append(ok)
+    print(f"oracle: {sink}: {c[raw_key]} raw, {c['distinct_events']} distinct, {c[twice_key]} more than once; "
+          f"acked {acked} (+{unanswered} in refused or unanswered requests) -> {'exactly once' if ok else 'NOT EXACTLY ONCE'}")
+sys.exit(0 if all(verdicts) else 1)
+PY
+fi
+oracle_failed=${oracle_failed:-0}
 echo "server: clickhouse rows $rows in $inserts INSERTs; redis claim round trips $claims; CPU ${cpu_seconds} s during the load; peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$server_pid/status)" >&2
+if [ "$oracle_failed" = 1 ]; then
+  mkdir -p target/bench && cp "$work"/server-*.log target/bench/
+  echo "oracle: an acked event is missing or an event was written twice (above); server logs in target/bench/" >&2
+  exit 1
+fi

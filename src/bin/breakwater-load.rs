@@ -32,9 +32,11 @@ use serde_json::json;
     about = "Load generator for breakwater benchmarks (loopback only)"
 )]
 struct Args {
-    /// Server address; must be a loopback address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    target: SocketAddr,
+    /// Server address; must be a loopback address. Several (comma-separated or the
+    /// flag repeated) spread the connections over them round robin, as a client
+    /// of N instances behind no balancer would: connection i goes to target i mod N.
+    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',', required = true)]
+    target: Vec<SocketAddr>,
     /// Concurrent keep-alive connections, each with one request in flight.
     #[arg(long, default_value_t = 32)]
     connections: usize,
@@ -74,6 +76,30 @@ struct Args {
     /// Hold this many extra WebSocket connections open and silent during the run.
     #[arg(long, default_value_t = 0)]
     idle_websockets: usize,
+    /// `NAME=PID`: also report the CPU time (user + system, from /proc, the process
+    /// and its descendants) this process used during the measured run, in seconds
+    /// and in microseconds per acknowledged event. Repeatable; the generator's own
+    /// CPU is always reported as `load_generator`.
+    #[arg(long = "watch", value_parser = parse_watch)]
+    watch: Vec<(String, u32)>,
+    /// Send this share (percent) of the acknowledged `/v1/batch` bodies a second
+    /// time, unchanged, as an SDK resends a batch whose answer it lost — to another
+    /// target when there are several (a resend through the other instance). The
+    /// resends' events are not counted as acked events again; `requests_resent_ok`
+    /// reports them. HTTP only.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    resend_percent: u8,
+}
+
+fn parse_watch(value: &str) -> Result<(String, u32), String> {
+    let (name, pid) = value
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PID, got '{value}'"))?;
+    let pid = pid.parse().map_err(|_| format!("'{pid}' is not a process id"))?;
+    if name.is_empty() {
+        return Err(format!("expected NAME=PID, got '{value}'"));
+    }
+    Ok((name.to_string(), pid))
 }
 
 /// The base event's size; `--event-bytes` above it adds padding.
@@ -83,6 +109,8 @@ const BASE_EVENT_BYTES: usize = 400;
 struct WorkerResult {
     latencies_micros: Vec<u32>,
     ok_requests: u64,
+    /// Resent bodies (`--resend-percent`) answered 200.
+    resent_ok_requests: u64,
     statuses: std::collections::BTreeMap<u16, u64>,
     errors: u64,
 }
@@ -150,15 +178,33 @@ fn batch_body(run: &Run, index: usize, sequence: &mut u64, frame_id: Option<u64>
 /// One measured run: where to send, until when, how much.
 struct Run {
     args: Arc<Args>,
-    target: SocketAddr,
+    targets: Vec<SocketAddr>,
     run_id: String,
     padding: String,
     deadline: Instant,
     /// Requests left when `--requests` is given.
     budget: Option<AtomicU64>,
+    /// Acknowledged bodies waiting to be sent again (`--resend-percent`), with the
+    /// index of the target that acknowledged them.
+    resends: std::sync::Mutex<std::collections::VecDeque<(usize, Bytes)>>,
 }
 
 impl Run {
+    /// The server connection `index` talks to (round robin over the targets).
+    fn target(&self, index: usize) -> SocketAddr {
+        self.targets[index % self.targets.len()]
+    }
+
+    /// A body to send again through a target other than `target_index` (any target
+    /// when there is only one), if one is waiting.
+    fn take_resend(&self, target_index: usize) -> Option<Bytes> {
+        let mut resends = self.resends.lock().expect("resend queue");
+        let position = resends
+            .iter()
+            .position(|(acked_by, _)| self.targets.len() == 1 || *acked_by != target_index)?;
+        resends.remove(position).map(|(_, body)| body)
+    }
+
     /// Takes one request from the budget; false once the run is over.
     fn next_request(&self) -> bool {
         if Instant::now() >= self.deadline {
@@ -213,7 +259,7 @@ async fn ws_worker(run: Arc<Run>, index: usize) -> WorkerResult {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let mut result = WorkerResult::default();
-    let mut socket = match connect_websocket(&run.args, run.target).await {
+    let mut socket = match connect_websocket(&run.args, run.target(index)).await {
         Ok(socket) => socket,
         Err(error) => {
             eprintln!("connection {index}: {error}");
@@ -277,7 +323,8 @@ async fn worker(run: Arc<Run>, index: usize) -> WorkerResult {
         return ws_worker(run, index).await;
     }
     let mut result = WorkerResult::default();
-    let stream = match tokio::net::TcpStream::connect(run.target).await {
+    let target = run.target(index);
+    let stream = match tokio::net::TcpStream::connect(target).await {
         Ok(stream) => stream,
         Err(error) => {
             eprintln!("connection {index}: {error}");
@@ -302,29 +349,44 @@ async fn worker(run: Arc<Run>, index: usize) -> WorkerResult {
             base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))
         )
     });
-    let host = run.target.to_string();
+    let host = target.to_string();
     let mut pace = Pace::new(&run.args, index);
     let mut sequence = 0u64;
+    let target_index = index % run.targets.len();
+    let mut sent = 0u64;
     loop {
         let started = pace.turn().await;
         if !run.next_request() {
             break;
         }
-        let body = Bytes::from(batch_body(&run, index, &mut sequence, None));
+        let resend = run.take_resend(target_index);
+        let is_resend = resend.is_some();
+        let body = resend.unwrap_or_else(|| Bytes::from(batch_body(&run, index, &mut sequence, None)));
         let mut request = Request::post("/v1/batch")
             .header(HOST, &host)
             .header(CONTENT_TYPE, "application/json");
         if let Some(authorization) = &authorization {
             request = request.header(AUTHORIZATION, authorization);
         }
-        let request = request.body(Full::new(body)).expect("valid request");
+        let request = request.body(Full::new(body.clone())).expect("valid request");
         match sender.send_request(request).await {
             Ok(response) => {
                 let status = response.status().as_u16();
                 let _ = response.into_body().collect().await;
                 result.latencies_micros.push(micros_since(started));
-                if status == 200 {
+                if status == 200 && is_resend {
+                    result.resent_ok_requests += 1;
+                } else if status == 200 {
                     result.ok_requests += 1;
+                    sent += 1;
+                    if sent * u64::from(run.args.resend_percent) / 100
+                        > (sent - 1) * u64::from(run.args.resend_percent) / 100
+                    {
+                        run.resends
+                            .lock()
+                            .expect("resend queue")
+                            .push_back((target_index, body));
+                    }
                 } else {
                     *result.statuses.entry(status).or_default() += 1;
                 }
@@ -359,10 +421,11 @@ impl Measured {
         self.acked_events as f64 / self.elapsed
     }
 
-    fn report(&self, args: &Args, target: SocketAddr) -> serde_json::Value {
+    fn report(&self, args: &Args, targets: &[SocketAddr]) -> serde_json::Value {
         let latencies = &self.total.latencies_micros;
+        let targets: Vec<String> = targets.iter().map(SocketAddr::to_string).collect();
         json!({
-            "target": target.to_string(),
+            "target": targets.join(","),
             "transport": args.transport,
             "connections": args.connections,
             "batch_size": args.batch_size,
@@ -371,6 +434,7 @@ impl Measured {
             "rate_events_per_second": args.rate,
             "duration_seconds": self.elapsed,
             "requests_ok": self.total.ok_requests,
+            "requests_resent_ok": self.total.resent_ok_requests,
             "acked_frames_per_second": self.total.ok_requests as f64 / self.elapsed,
             "acked_events": self.acked_events,
             "acked_events_per_second": self.events_per_second(),
@@ -388,13 +452,14 @@ impl Measured {
     fn summary(&self, args: &Args, label: &str) -> String {
         let latencies = &self.total.latencies_micros;
         format!(
-            "{label} {} {:.0} events/s acked ({} requests x {} events in {:.1} s, {} connections); latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; non-200: {:?}; connection errors: {}",
+            "{label} {} {:.0} events/s acked ({} requests x {} events in {:.1} s, {} connections, {} resent and acked again); latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; non-200: {:?}; connection errors: {}",
             args.transport,
             self.events_per_second(),
             self.total.ok_requests,
             args.batch_size,
             self.elapsed,
             args.connections,
+            self.total.resent_ok_requests,
             percentile(latencies, 0.50),
             percentile(latencies, 0.99),
             percentile(latencies, 0.999),
@@ -404,15 +469,16 @@ impl Measured {
     }
 }
 
-async fn measure(args: Arc<Args>, target: SocketAddr) -> Measured {
+async fn measure(args: Arc<Args>, targets: Vec<SocketAddr>) -> Measured {
     let started = Instant::now();
     let run = Arc::new(Run {
         args: args.clone(),
-        target,
+        targets,
         run_id: uuid::Uuid::new_v4().simple().to_string(),
         padding: padding_for(args.event_bytes),
         deadline: started + Duration::from_secs(args.duration_seconds),
         budget: args.requests.map(AtomicU64::new),
+        resends: Default::default(),
     });
     let workers: Vec<_> = (0..args.connections)
         .map(|i| tokio::spawn(worker(run.clone(), i)))
@@ -425,6 +491,7 @@ async fn measure(args: Arc<Args>, target: SocketAddr) -> Measured {
         };
         total.latencies_micros.extend(result.latencies_micros);
         total.ok_requests += result.ok_requests;
+        total.resent_ok_requests += result.resent_ok_requests;
         total.errors += result.errors;
         for (status, count) in result.statuses {
             *total.statuses.entry(status).or_default() += count;
@@ -445,8 +512,8 @@ async fn measure(args: Arc<Args>, target: SocketAddr) -> Measured {
 async fn hold_idle_websockets(args: &Args, count: usize) -> Vec<WebSocket> {
     let mut sockets = Vec::with_capacity(count);
     let mut failed = 0;
-    for _ in 0..count {
-        match connect_websocket(args, args.target).await {
+    for index in 0..count {
+        match connect_websocket(args, args.target[index % args.target.len()]).await {
             Ok(socket) => sockets.push(socket),
             Err(error) => {
                 failed += 1;
@@ -461,12 +528,16 @@ async fn hold_idle_websockets(args: &Args, count: usize) -> Vec<WebSocket> {
 
 fn main() -> std::process::ExitCode {
     let args = Arc::new(Args::parse());
-    if !args.target.ip().is_loopback() {
+    if !args.target.iter().all(|target| target.ip().is_loopback()) {
         eprintln!("error: breakwater-load only targets loopback addresses (127.0.0.0/8, ::1)");
         return std::process::ExitCode::from(2);
     }
     if args.transport != "http" && args.transport != "ws" {
         eprintln!("error: --transport must be http or ws");
+        return std::process::ExitCode::from(2);
+    }
+    if args.transport == "ws" && args.resend_percent > 0 {
+        eprintln!("error: --resend-percent is for --transport http only");
         return std::process::ExitCode::from(2);
     }
     if args.connections == 0 || args.batch_size == 0 || args.duration_seconds == 0 {
@@ -480,7 +551,7 @@ fn main() -> std::process::ExitCode {
         .expect("runtime");
     let reference = args.reference.then(|| {
         let server = reference::start(&args.transport);
-        let measured = runtime.block_on(measure(args.clone(), server.addr));
+        let measured = runtime.block_on(measure(args.clone(), vec![server.addr]));
         eprintln!("{}", measured.summary(&args, "reference"));
         measured
     });
@@ -492,11 +563,14 @@ fn main() -> std::process::ExitCode {
             args.idle_websockets
         );
     }
-    let measured = runtime.block_on(measure(args.clone(), args.target));
+    let cpu_before = cpu::Snapshot::take(&args.watch);
+    let measured = runtime.block_on(measure(args.clone(), args.target.clone()));
+    let cpu_used = cpu::Snapshot::take(&args.watch).since(&cpu_before);
     drop(idle);
-    let mut report = measured.report(&args, args.target);
+    let mut report = measured.report(&args, &args.target);
+    report["cpu"] = cpu::report(&cpu_used, measured.acked_events);
     if let Some(reference) = &reference {
-        report["reference"] = reference.report(&args, args.target);
+        report["reference"] = reference.report(&args, &args.target);
         report["fraction_of_reference"] = json!(measured.events_per_second() / reference.events_per_second());
     }
     if args.idle_websockets > 0 {
@@ -513,6 +587,7 @@ fn main() -> std::process::ExitCode {
         })
         .unwrap_or_default();
     eprintln!("{}{fraction}", measured.summary(&args, "target"));
+    eprintln!("{}", cpu::summary(&cpu_used, measured.acked_events));
     std::process::ExitCode::SUCCESS
 }
 
@@ -527,6 +602,139 @@ fn raise_open_files_limit() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// CPU time of watched processes over the measured run, from /proc (Linux).
+mod cpu {
+    use serde_json::json;
+
+    /// CPU seconds per watched name, the load generator itself first.
+    pub struct Snapshot(Vec<(String, f64)>);
+
+    impl Snapshot {
+        pub fn take(watched: &[(String, u32)]) -> Snapshot {
+            let mut seconds = vec![("load_generator".to_string(), tree_seconds(std::process::id()))];
+            seconds.extend(watched.iter().map(|(name, pid)| (name.clone(), tree_seconds(*pid))));
+            Snapshot(seconds)
+        }
+
+        /// What each process used between `before` and this snapshot.
+        pub fn since(&self, before: &Snapshot) -> Snapshot {
+            Snapshot(
+                self.0
+                    .iter()
+                    .zip(&before.0)
+                    .map(|((name, now), (_, then))| (name.clone(), (now - then).max(0.0)))
+                    .collect(),
+            )
+        }
+    }
+
+    fn micros_per_event(seconds: f64, events: u64) -> f64 {
+        if events == 0 {
+            0.0
+        } else {
+            seconds * 1e6 / events as f64
+        }
+    }
+
+    pub fn report(used: &Snapshot, acked_events: u64) -> serde_json::Value {
+        used.0
+            .iter()
+            .map(|(name, seconds)| {
+                let value =
+                    json!({"cpu_seconds": seconds, "cpu_us_per_acked_event": micros_per_event(*seconds, acked_events)});
+                (name.clone(), value)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
+    pub fn summary(used: &Snapshot, acked_events: u64) -> String {
+        let total: f64 = used.0.iter().map(|(_, seconds)| seconds).sum();
+        let parts: Vec<String> = used
+            .0
+            .iter()
+            .map(|(name, seconds)| format!("{name} {:.2}", micros_per_event(*seconds, acked_events)))
+            .collect();
+        format!(
+            "cpu: µs per acked event: {}; all of these {:.2} ({total:.2} CPU s)",
+            parts.join(", "),
+            micros_per_event(total, acked_events)
+        )
+    }
+
+    /// User + system CPU seconds of `pid` and every live descendant (a server that
+    /// forks workers, like clickhouse-server's watchdog, counts as a whole), plus
+    /// children they have waited for. 0 when /proc does not have the process.
+    fn tree_seconds(pid: u32) -> f64 {
+        let ticks_per_second = clock_ticks_per_second();
+        let stats: Vec<(u32, u32, u64)> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(|p| {
+                let (parent, ticks) = parse_stat(&std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?)?;
+                Some((p, parent, ticks))
+            })
+            .collect();
+        let mut tree = vec![pid];
+        let mut index = 0;
+        while index < tree.len() {
+            let parent = tree[index];
+            tree.extend(
+                stats
+                    .iter()
+                    .filter(|(_, p, _)| *p == parent)
+                    .map(|(child, _, _)| *child),
+            );
+            index += 1;
+        }
+        let ticks: u64 = stats
+            .iter()
+            .filter(|(p, _, _)| tree.contains(p))
+            .map(|(_, _, ticks)| ticks)
+            .sum();
+        ticks as f64 / ticks_per_second
+    }
+
+    /// (parent pid, utime + stime + cutime + cstime in ticks) from /proc/PID/stat;
+    /// the command name in parentheses may hold spaces, so fields count from its end.
+    fn parse_stat(stat: &str) -> Option<(u32, u64)> {
+        let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+        let parent = fields.get(1)?.parse().ok()?;
+        let ticks = (11..=14)
+            .map(|i| fields.get(i)?.parse::<u64>().ok())
+            .sum::<Option<u64>>()?;
+        Some((parent, ticks))
+    }
+
+    fn clock_ticks_per_second() -> f64 {
+        // SAFETY: sysconf with a valid name has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if ticks > 0 {
+            ticks as f64
+        } else {
+            100.0
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn stat_fields_count_from_the_end_of_the_name() {
+            let stat = "42 (tokio (worker) 1) S 7 42 42 0 -1 4194560 100 0 0 0 250 50 3 2 20 0 4 0 99";
+            assert_eq!(super::parse_stat(stat), Some((7, 305)));
+        }
+
+        #[test]
+        fn this_process_is_its_own_tree() {
+            let spin = std::time::Instant::now();
+            while spin.elapsed() < std::time::Duration::from_millis(50) {}
+            assert!(super::tree_seconds(std::process::id()) > 0.0);
         }
     }
 }
