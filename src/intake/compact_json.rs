@@ -148,6 +148,41 @@ pub fn write_parsed_str(out: &mut Vec<u8>, text: &str, borrowed: bool) {
     }
 }
 
+/// Whether the compact JSON object `object` (as `CompactCopy` writes it) has the
+/// top-level key `key`. A scan, not a parse: in compact text every key whose
+/// unescaped form is `key` is written as `"key"` when `key` needs no escaping (the
+/// copy keeps unescaped text as it was sent and escapes again only what JSON
+/// requires), so comparing bytes is exact for such keys; nested objects and string
+/// values are skipped.
+pub fn has_top_level_key(object: &[u8], key: &str) -> bool {
+    debug_assert!(!key.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20));
+    let (mut depth, mut at_key, mut i) = (0usize, false, 0usize);
+    while i < object.len() {
+        match object[i] {
+            b'{' | b'[' => {
+                depth += 1;
+                at_key = depth == 1 && object[i] == b'{';
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b',' => at_key = depth == 1,
+            b'"' => {
+                let start = i + 1;
+                i = start;
+                while i < object.len() && object[i] != b'"' {
+                    i += if object[i] == b'\\' { 2 } else { 1 };
+                }
+                if at_key && object.get(start..i) == Some(key.as_bytes()) {
+                    return true;
+                }
+                at_key = false;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
 /// The text of a compact JSON string value, unescaped; `None` for any other value.
 pub fn string_value(json: &[u8]) -> Option<Cow<'_, str>> {
     let inner = json.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
@@ -189,6 +224,24 @@ mod tests {
         assert!(compact(&huge).unwrap_err().to_string().contains("number out of range"));
         assert!(compact("[1,]").is_err());
         assert!(compact("[1] x").is_err());
+    }
+
+    #[test]
+    fn top_level_keys_are_found_and_nested_keys_and_values_are_not() {
+        let context = compact(
+            r#"{"library":{"ip":"x","userAgent":[1,"ip"]},"note":"ip","\u0069p":"1","a\"b":{"ip":{}},"z":[{"userAgent":1}]}"#,
+        )
+        .unwrap();
+        assert!(
+            has_top_level_key(context.as_bytes(), "ip"),
+            "escaped key, written plainly: {context}"
+        );
+        assert!(has_top_level_key(context.as_bytes(), "library"));
+        assert!(has_top_level_key(context.as_bytes(), "z"));
+        assert!(!has_top_level_key(context.as_bytes(), "userAgent"), "only nested");
+        assert!(!has_top_level_key(b"{}", "ip"));
+        assert!(!has_top_level_key(br#"{"x":"ip","y":"userAgent"}"#, "userAgent"));
+        assert!(has_top_level_key(br#"{"x":"a\\","userAgent":1}"#, "userAgent"));
     }
 
     #[test]

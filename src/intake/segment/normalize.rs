@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::super::compact_json::write_parsed_str;
+use super::super::compact_json::{self, write_parsed_str};
 use super::super::error::EventRejection;
 use super::received::{FieldKind, Known, KnownFields};
 use super::timestamps::{event_times, push_times};
@@ -280,11 +280,12 @@ fn with_client_fields(event: &KnownFields, client_fields: &[(&'static str, Vec<u
         FieldKind::Object(json) => json,
         _ => b"{}",
     };
-    let keys: std::collections::HashMap<Cow<'_, str>, serde::de::IgnoredAny> =
-        serde_json::from_slice(sent).expect("compact JSON from a parsed object");
     let mut out = Vec::with_capacity(sent.len() + 64);
     out.push(b'{');
-    for (key, value) in client_fields.iter().filter(|(key, _)| !keys.contains_key(*key)) {
+    for (key, value) in client_fields
+        .iter()
+        .filter(|(key, _)| !compact_json::has_top_level_key(sent, key))
+    {
         out.push(b'"');
         out.extend_from_slice(key.as_bytes());
         out.extend_from_slice(b"\":");
