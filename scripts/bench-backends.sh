@@ -117,6 +117,7 @@ redis-cli -p "$redis_port" info commandstats | grep -E "^cmdstat_(eval|set|evals
 if [ -z "${BENCH_DOWN:-}" ]; then
   ./target/release/breakwater-count --clickhouse "http://127.0.0.1:$ch_port" --kafka "$kafka_brokers" --topic events \
     >"$work/count.json"
+  cp "$work/count.json" target/bench/count-last.json 2>/dev/null || true
   python3 - "$work/load.json" "$work/count.json" >&2 <<'PY' || oracle_failed=1
 import json, sys
 load, count = (json.load(open(path)) for path in sys.argv[1:3])

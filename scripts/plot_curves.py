@@ -96,17 +96,20 @@ def table(curve, points):
     rows = [
         f"**{TITLES.get(curve, curve)}**",
         "",
-        "| point | acked events/s | p50 ms | p99 ms | p99.9 ms | reference events/s | share of reference | non-200 |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| point | acked events/s | p50 ms | p99 ms | p99.9 ms | reference events/s | share of reference "
+        "| server CPU-µs per event | non-200 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in points:
         ref = p.get("reference", {}).get("acked_events_per_second")
         share = f"{100 * p['acked_events_per_second'] / ref:.0f} %" if ref else "—"
         ref_text = f"{ref:,.0f}" if ref else "—"
         lat = p["latency_ms"]
+        cpu = p.get("cpu", {}).get("breakwater", {}).get("cpu_us_per_acked_event")
+        cpu_text = f"{cpu:.2f}" if cpu is not None else "—"
         rows.append(
             f"| {p['label']} | {p['acked_events_per_second']:,.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
-            f"{lat['p999']:.2f} | {ref_text} | {share} | {p['non_200'] or '—'} |"
+            f"{lat['p999']:.2f} | {ref_text} | {share} | {cpu_text} | {p['non_200'] or '—'} |"
         )
     return "\n".join(rows)
 

@@ -87,8 +87,7 @@ fn count_clickhouse(url: &str, table: &str) -> Result<serde_json::Value, String>
     Ok(json!({"raw_rows": raw, "distinct_events": distinct, "events_in_more_than_one_row": doubled}))
 }
 
-/// Reads the whole topic (committed records, as a downstream consumer does) up to
-/// the high watermarks taken at the start.
+/// Reads the whole topic (committed records, as a downstream consumer does).
 fn count_kafka(brokers: &str, topic: &str) -> Result<serde_json::Value, String> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -108,10 +107,12 @@ fn count_kafka(brokers: &str, topic: &str) -> Result<serde_json::Value, String> 
         .ok_or("topic not found")?;
     let mut assignment = TopicPartitionList::new();
     let mut left = HashMap::new();
+    let mut watermarks = Vec::new();
     for partition in 0..partitions {
-        let (_, high) = consumer
+        let (low, high) = consumer
             .fetch_watermarks(topic, partition, timeout)
             .map_err(|e| e.to_string())?;
+        watermarks.push((low, high));
         assignment
             .add_partition_offset(topic, partition, Offset::Beginning)
             .map_err(|e| e.to_string())?;
@@ -122,15 +123,25 @@ fn count_kafka(brokers: &str, topic: &str) -> Result<serde_json::Value, String> 
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
     let mut counts: HashMap<Vec<u8>, u32> = HashMap::new();
     let mut records = 0u64;
+    let mut per_partition = vec![(0u64, -1i64); partitions as usize];
     let mut last_progress = Instant::now();
-    // Transaction markers take offsets too, so a partition may end one short of its
-    // watermark: stop once nothing has arrived for a while.
-    while !left.is_empty() && last_progress.elapsed() < Duration::from_secs(15) {
+    // Read past the watermarks taken at the start (a broker may report them late:
+    // tansu's were behind what it served) until nothing more arrives: 2 s of quiet
+    // once every partition reached its watermark, 15 s before.
+    loop {
+        let quiet = if left.is_empty() { 2 } else { 15 };
+        if last_progress.elapsed() >= Duration::from_secs(quiet) {
+            break;
+        }
         let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
         last_progress = Instant::now();
         records += 1;
+        if let Some((count, last)) = per_partition.get_mut(message.partition() as usize) {
+            *count += 1;
+            *last = message.offset();
+        }
         let id = message
             .headers()
             .and_then(|headers| headers.iter().find(|h| h.key == "messageId").and_then(|h| h.value))
@@ -148,5 +159,8 @@ fn count_kafka(brokers: &str, topic: &str) -> Result<serde_json::Value, String> 
         "distinct_events": counts.len(),
         "events_more_than_once": counts.values().filter(|n| **n > 1).count(),
         "partitions_not_read_to_the_end": left.len(),
+        "partitions": watermarks.iter().zip(&per_partition).map(|((low, high), (count, last))| {
+            json!({"low": low, "high": high, "records": count, "last_offset": last})
+        }).collect::<Vec<_>>(),
     }))
 }
