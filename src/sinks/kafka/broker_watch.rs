@@ -9,9 +9,10 @@ use std::time::Duration;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{Producer, PurgeConfig};
+use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, PurgeConfig};
 use tokio::sync::watch;
 
+use super::acks::BatchAcks;
 use super::producer::{KafkaProducer, ProducerSlot};
 use super::readback::UnknownOutcomes;
 use crate::telemetry::health::DependencyHealth;
@@ -80,6 +81,15 @@ impl ClientContext for BrokerWatch {
         } else {
             tracing::debug!(%error, reason, "kafka client error");
         }
+    }
+}
+
+/// Each message's delivery report goes to its batch's acknowledgements.
+impl ProducerContext for BrokerWatch {
+    type DeliveryOpaque = Arc<BatchAcks>;
+
+    fn delivery(&self, report: &DeliveryResult<'_>, batch: Arc<BatchAcks>) {
+        batch.record(report);
     }
 }
 

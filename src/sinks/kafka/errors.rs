@@ -20,9 +20,6 @@ pub enum KafkaSinkError {
     /// Reading the topic back (for events of unknown outcome) failed.
     #[error("{0}")]
     ReadBack(String),
-    /// The producer dropped a delivery without an answer.
-    #[error("the kafka producer has stopped")]
-    Stopped,
     /// The producer could not be created (start-up only).
     #[error("kafka producer: {0}")]
     Producer(String),
@@ -35,7 +32,6 @@ impl ClassifyError for KafkaSinkError {
     fn classify(&self) -> ErrorClass {
         match self {
             KafkaSinkError::Rejected(_) => ErrorClass::Rejected,
-            KafkaSinkError::Stopped => ErrorClass::Stopped,
             KafkaSinkError::Unavailable(_)
             | KafkaSinkError::BrokersDown
             | KafkaSinkError::ReadBack(_)

@@ -1,4 +1,4 @@
-//! The Kafka sink: exactly one idempotent `FutureProducer` (acks=all) for the
+//! The Kafka sink: exactly one idempotent producer (acks=all) for the
 //! process. Each event is one message: key `userId` (else `anonymousId`) so a user's
 //! events keep their order, value the normalized JSON, headers `source`, `type`,
 //! `messageId`. A request is answered only once every message is acknowledged.
@@ -16,9 +16,11 @@
 //! failed and sits in the spool.
 //!
 //! `producer.rs` holds the producer slot and its renewal, `broker_watch.rs` the
-//! broker-loss flag and probe, `produce.rs` one batch's send, `readback.rs` the
+//! broker-loss flag and probe, `produce.rs` one batch's send, `acks.rs` its
+//! delivery reports, `readback.rs` the
 //! read-back of events of unknown outcome, `errors.rs` the retry classification.
 
+mod acks;
 mod broker_watch;
 mod errors;
 mod produce;

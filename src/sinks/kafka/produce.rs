@@ -15,10 +15,10 @@
 
 use std::sync::Arc;
 
-use futures_util::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use rdkafka::producer::BaseRecord;
 
+use super::acks::BatchAcks;
 use super::errors::{classify, refused_by_broker, KafkaSinkError};
 use super::readback::{self, LogEnds, ReadBackError, UnknownOutcomes};
 use super::KafkaSink;
@@ -125,21 +125,21 @@ impl KafkaSink {
             log_ends,
             settled: false,
         };
-        let deliveries = match self.hand_over(&batch, &mut in_doubt) {
-            Ok(deliveries) => deliveries,
-            Err((error, handed_over)) => {
-                // Refused part-way (a full queue): those handed over may still land.
-                self.outcomes
-                    .hold_while_queued(handed_over.len(), join_all(handed_over));
-                return Err(error);
-            }
-        };
-        let messages = deliveries.len();
-        let mut acknowledged = Box::pin(join_all(deliveries));
+        let acks = Arc::new(BatchAcks::new(batch.events.len()));
+        if let Err(error) = self.hand_over(&batch, &acks, &mut in_doubt) {
+            // Refused part-way (a full queue): those handed over may still land.
+            let waiting = acks.clone();
+            self.outcomes
+                .hold_while_queued(in_doubt.handed_over, async move { waiting.all_in().await });
+            return Err(error);
+        }
+        let messages = in_doubt.handed_over;
+        let waiting = acks.clone();
+        let mut acknowledged = Box::pin(async move { waiting.all_in().await });
         let mut down = self.down.clone();
         tokio::select! {
-            results = &mut acknowledged => {
-                self.settle(results)?;
+            () = &mut acknowledged => {
+                self.settle(&acks)?;
                 in_doubt.settled = true;
                 let hook = when_request_ends(self.outcomes.clone(), in_doubt.journal_batch);
                 requested.when_ended(hook);
@@ -154,30 +154,35 @@ impl KafkaSink {
         }
     }
 
-    /// Hands every event to librdkafka; counts each one handed over in `in_doubt`.
-    /// Refused part-way: the error, and the acknowledgements of those handed over.
+    /// Hands every event to librdkafka, each reporting to `acks`; counts each one
+    /// handed over in `in_doubt`. Refused part-way: the error (those handed over
+    /// still report to `acks`).
     fn hand_over(
         &self,
         batch: &SinkBatch,
+        acks: &Arc<BatchAcks>,
         in_doubt: &mut InDoubt<'_>,
-    ) -> Result<Vec<DeliveryFuture>, (KafkaSinkError, Vec<DeliveryFuture>)> {
+    ) -> Result<(), KafkaSinkError> {
         let producer = self.slot.current();
-        let mut deliveries = Vec::with_capacity(batch.events.len());
         for event in &batch.events {
-            match producer.send_result(self.record(&batch.source, event)) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    in_doubt.handed_over += 1;
-                }
-                Err((error, _)) => return Err((classify(error), deliveries)),
+            if let Err((error, _record)) = producer.send(self.record(&batch.source, event, acks.clone())) {
+                acks.handed_over(batch.events.len() - in_doubt.handed_over);
+                return Err(classify(error));
             }
+            in_doubt.handed_over += 1;
         }
-        Ok(deliveries)
+        acks.handed_over(0);
+        Ok(())
     }
 
     /// One event as a message: key `userId` (else `anonymousId`) by default, value
     /// the normalized JSON, headers `source`, `type`, `messageId`.
-    fn record<'a>(&'a self, source: &'a str, event: &'a NormalizedEvent) -> FutureRecord<'a, str, [u8]> {
+    fn record<'a>(
+        &'a self,
+        source: &'a str,
+        event: &'a NormalizedEvent,
+        acks: Arc<BatchAcks>,
+    ) -> BaseRecord<'a, str, [u8], Arc<BatchAcks>> {
         let headers = OwnedHeaders::new_with_capacity(3)
             .insert(Header {
                 key: "source",
@@ -196,8 +201,8 @@ impl KafkaSink {
             KafkaKey::MessageId => Some(event.message_id.as_str()),
             KafkaKey::None => None,
         };
-        let record = FutureRecord::<str, [u8]>::to(&self.topic)
-            .payload(&event.json)
+        let record = BaseRecord::with_opaque_to(&self.topic, acks)
+            .payload(&event.json[..])
             .headers(headers);
         match key {
             Some(key) => record.key(key),
@@ -205,27 +210,17 @@ impl KafkaSink {
         }
     }
 
-    /// Reads every acknowledgement: on success moves the read-back floor past what
-    /// was written; the first failure is returned.
-    fn settle(&self, results: Vec<<DeliveryFuture as std::future::IntoFuture>::Output>) -> Result<(), KafkaSinkError> {
-        // partition → the offset after the last one delivered there.
-        let mut log_ends: Vec<(i32, i64)> = Vec::new();
-        for result in results {
-            match result {
-                Ok(Ok(delivery)) => match log_ends.iter_mut().find(|(p, _)| *p == delivery.partition) {
-                    Some((_, end)) => *end = (*end).max(delivery.offset + 1),
-                    None => log_ends.push((delivery.partition, delivery.offset + 1)),
-                },
-                Ok(Err((error, _message))) => {
-                    if refused_by_broker(&error) {
-                        self.slot.note_refused();
-                    }
-                    return Err(classify(error));
-                }
-                Err(_cancelled) => return Err(KafkaSinkError::Stopped),
+    /// Reads the batch's acknowledgements: on success moves the read-back floor past
+    /// what was written; a refusal is returned.
+    fn settle(&self, acks: &BatchAcks) -> Result<(), KafkaSinkError> {
+        let outcome = acks.outcome();
+        if let Some(error) = outcome.error {
+            if refused_by_broker(&error) {
+                self.slot.note_refused();
             }
+            return Err(classify(error));
         }
-        for (partition, end) in log_ends {
+        for (partition, end) in outcome.log_ends {
             self.outcomes.advance(partition, end);
         }
         self.slot.note_delivered();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, Producer, PurgeConfig};
+use rdkafka::producer::{Producer, PurgeConfig, ThreadedProducer};
 use tokio::sync::watch;
 
 use super::broker_watch::{BrokerState, BrokerWatch};
@@ -20,7 +20,9 @@ const STUCK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// renewed. Long enough that a leader election or a broker restart does not count.
 const RENEW_AFTER_REFUSED_FOR: Duration = Duration::from_secs(10);
 
-pub(super) type KafkaProducer = FutureProducer<BrokerWatch>;
+/// A producer whose delivery reports go to each batch's `BatchAcks` (`acks.rs`),
+/// polled by its own thread.
+pub(super) type KafkaProducer = ThreadedProducer<BrokerWatch>;
 
 /// The producer in use and what is needed to replace it. Each delivery takes the
 /// current one (a read lock per batch, not per event).
