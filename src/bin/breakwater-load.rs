@@ -850,6 +850,47 @@ mod tests {
         }
     }
 
+    fn run_over(targets: usize) -> Run {
+        let args = Args::parse_from(["breakwater-load", "--target", "127.0.0.1:1"]);
+        Run {
+            args: Arc::new(args),
+            targets: (0..targets)
+                .map(|i| SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)))
+                .collect(),
+            run_id: "run".into(),
+            padding: String::new(),
+            deadline: Instant::now(),
+            budget: None,
+            resends: Default::default(),
+        }
+    }
+
+    #[test]
+    fn connections_spread_round_robin_and_resends_go_through_another_target() {
+        let run = run_over(2);
+        assert_eq!(run.target(0), run.targets[0]);
+        assert_eq!(run.target(3), run.targets[1]);
+        run.resends
+            .lock()
+            .unwrap()
+            .push_back((0, Bytes::from_static(b"acked by 0")));
+        assert_eq!(run.take_resend(0), None, "not through the target that acknowledged it");
+        assert_eq!(run.take_resend(1).as_deref(), Some(&b"acked by 0"[..]));
+        assert_eq!(run.take_resend(1), None, "sent once more, not twice");
+        // One target: it is the only way to resend.
+        let single = run_over(1);
+        single.resends.lock().unwrap().push_back((0, Bytes::from_static(b"x")));
+        assert!(single.take_resend(0).is_some());
+    }
+
+    #[test]
+    fn watched_processes_are_name_equals_pid() {
+        assert_eq!(parse_watch("redis=42"), Ok(("redis".to_string(), 42)));
+        assert!(parse_watch("redis").unwrap_err().contains("NAME=PID"));
+        assert!(parse_watch("=42").is_err());
+        assert!(parse_watch("redis=x").unwrap_err().contains("not a process id"));
+    }
+
     #[test]
     fn event_bytes_pads_both_kinds() {
         for (size, event) in events(50, 2000) {
