@@ -36,6 +36,14 @@ body = re.search(r'const CLAIM_SCRIPT: &str = "(.*?)";', source, re.S).group(1)
 print(re.sub(r"\\\n\s*", "", body))
 PY
 )
+# Both candidates: what an id's current holder (`old`) says: 0 claim it (free, ours,
+# or its request died), 1 already delivered, 2 another request is delivering it.
+owner_verdict="local o = 0 \
+  if old and old ~= token then \
+    local state = owners[old] \
+    if state == nil then state = redis.call('GET', prefix .. old) or 'gone'; owners[old] = state end \
+    if state == 'd' then o = 1 elseif state == 'p' then o = 2 end \
+  end"
 bucket_script="local token, ttl = ARGV[1], tonumber(ARGV[3]) \
 local prefix, buckets, legacy = ARGV[4], ARGV[5], ARGV[6] \
 local b = math.floor(tonumber(redis.call('TIME')[1]) / ttl) \
@@ -45,12 +53,7 @@ for i = 7, #ARGV do \
   local id = ARGV[i] \
   local old = redis.call('HGET', cur, id) or redis.call('HGET', prev, id) \
   if not old and legacy ~= '' then old = redis.call('GET', legacy .. id) end \
-  local o = 0 \
-  if old and old ~= token then \
-    local state = owners[old] \
-    if state == nil then state = redis.call('GET', prefix .. old) or 'gone'; owners[old] = state end \
-    if state == 'd' then o = 1 elseif state == 'p' then o = 2 end \
-  end \
+  $owner_verdict \
   if o == 0 then redis.call('HSET', cur, id, token); claimed = true end \
   out[#out + 1] = o \
 end \
@@ -78,12 +81,7 @@ end \
 local out, owners, claim = {}, {}, {} \
 for i = 1, #ids do \
   local old = now[i] or before[i] \
-  local o = 0 \
-  if old and old ~= token then \
-    local state = owners[old] \
-    if state == nil then state = redis.call('GET', prefix .. old) or 'gone'; owners[old] = state end \
-    if state == 'd' then o = 1 elseif state == 'p' then o = 2 end \
-  end \
+  $owner_verdict \
   if o == 0 then claim[#claim + 1] = ids[i]; claim[#claim + 1] = token end \
   out[i] = o \
 end \

@@ -41,24 +41,28 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let counted = [
+        (
+            "clickhouse",
+            args.clickhouse.as_ref().map(|url| count_clickhouse(url, &args.table)),
+        ),
+        (
+            "kafka",
+            args.kafka.as_ref().map(|brokers| count_kafka(brokers, &args.topic)),
+        ),
+    ];
     let mut report = serde_json::Map::new();
-    if let Some(url) = &args.clickhouse {
-        match count_clickhouse(url, &args.table) {
-            Ok(counts) => report.insert("clickhouse".into(), counts),
-            Err(error) => {
-                eprintln!("error: clickhouse: {error}");
+    for (backend, counts) in counted {
+        match counts {
+            None => {}
+            Some(Ok(counts)) => {
+                report.insert(backend.into(), counts);
+            }
+            Some(Err(error)) => {
+                eprintln!("error: {backend}: {error}");
                 return ExitCode::FAILURE;
             }
-        };
-    }
-    if let Some(brokers) = &args.kafka {
-        match count_kafka(brokers, &args.topic) {
-            Ok(counts) => report.insert("kafka".into(), counts),
-            Err(error) => {
-                eprintln!("error: kafka: {error}");
-                return ExitCode::FAILURE;
-            }
-        };
+        }
     }
     println!("{}", serde_json::Value::Object(report));
     ExitCode::SUCCESS
