@@ -1,6 +1,7 @@
 //! Broker loss seen at once: librdkafka's callbacks turn AllBrokersDown into a flag
 //! that sends read (failing fast); while it is up, what is queued is purged and a
-//! metadata probe runs until a broker answers.
+//! metadata probe runs until a broker answers. The same context hands each message's
+//! delivery report to its batch's tally (`acks.rs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
