@@ -189,10 +189,21 @@ struct Run {
     resends: std::sync::Mutex<std::collections::VecDeque<(usize, Bytes)>>,
 }
 
+/// The target connection `index` talks to: round robin over the targets.
+fn round_robin(targets: &[SocketAddr], index: usize) -> SocketAddr {
+    targets[index % targets.len()]
+}
+
+/// Whether the `acked`-th acknowledged body (from 1) is one of the `percent` % to
+/// send again: spread evenly, whenever the running share crosses a whole body.
+fn resend_this_one(acked: u64, percent: u8) -> bool {
+    let percent = u64::from(percent);
+    acked * percent / 100 > (acked - 1) * percent / 100
+}
+
 impl Run {
-    /// The server connection `index` talks to (round robin over the targets).
     fn target(&self, index: usize) -> SocketAddr {
-        self.targets[index % self.targets.len()]
+        round_robin(&self.targets, index)
     }
 
     /// A body to send again through a target other than `target_index` (any target
@@ -379,9 +390,7 @@ async fn worker(run: Arc<Run>, index: usize) -> WorkerResult {
                 } else if status == 200 {
                     result.ok_requests += 1;
                     sent += 1;
-                    if sent * u64::from(run.args.resend_percent) / 100
-                        > (sent - 1) * u64::from(run.args.resend_percent) / 100
-                    {
+                    if resend_this_one(sent, run.args.resend_percent) {
                         run.resends
                             .lock()
                             .expect("resend queue")
@@ -409,8 +418,9 @@ fn percentile(sorted: &[u32], fraction: f64) -> f64 {
     sorted[rank - 1] as f64 / 1000.0
 }
 
-/// What one run measured.
+/// What one run measured, and against which servers.
 struct Measured {
+    targets: Vec<SocketAddr>,
     total: WorkerResult,
     elapsed: f64,
     acked_events: u64,
@@ -421,9 +431,9 @@ impl Measured {
         self.acked_events as f64 / self.elapsed
     }
 
-    fn report(&self, args: &Args, targets: &[SocketAddr]) -> serde_json::Value {
+    fn report(&self, args: &Args) -> serde_json::Value {
         let latencies = &self.total.latencies_micros;
-        let targets: Vec<String> = targets.iter().map(SocketAddr::to_string).collect();
+        let targets: Vec<String> = self.targets.iter().map(SocketAddr::to_string).collect();
         json!({
             "target": targets.join(","),
             "transport": args.transport,
@@ -473,7 +483,7 @@ async fn measure(args: Arc<Args>, targets: Vec<SocketAddr>) -> Measured {
     let started = Instant::now();
     let run = Arc::new(Run {
         args: args.clone(),
-        targets,
+        targets: targets.clone(),
         run_id: uuid::Uuid::new_v4().simple().to_string(),
         padding: padding_for(args.event_bytes),
         deadline: started + Duration::from_secs(args.duration_seconds),
@@ -501,6 +511,7 @@ async fn measure(args: Arc<Args>, targets: Vec<SocketAddr>) -> Measured {
     total.latencies_micros.sort_unstable();
     let acked_events = total.ok_requests * args.batch_size as u64;
     Measured {
+        targets,
         total,
         elapsed,
         acked_events,
@@ -513,7 +524,7 @@ async fn hold_idle_websockets(args: &Args, count: usize) -> Vec<WebSocket> {
     let mut sockets = Vec::with_capacity(count);
     let mut failed = 0;
     for index in 0..count {
-        match connect_websocket(args, args.target[index % args.target.len()]).await {
+        match connect_websocket(args, round_robin(&args.target, index)).await {
             Ok(socket) => sockets.push(socket),
             Err(error) => {
                 failed += 1;
@@ -567,24 +578,21 @@ fn main() -> std::process::ExitCode {
     let measured = runtime.block_on(measure(args.clone(), args.target.clone()));
     let cpu_used = cpu::Snapshot::take(&args.watch).since(&cpu_before);
     drop(idle);
-    let mut report = measured.report(&args, &args.target);
+    let mut report = measured.report(&args);
     report["cpu"] = cpu::report(&cpu_used, measured.acked_events);
-    if let Some(reference) = &reference {
-        report["reference"] = reference.report(&args, &args.target);
-        report["fraction_of_reference"] = json!(measured.events_per_second() / reference.events_per_second());
+    let fraction = reference
+        .as_ref()
+        .map(|reference| measured.events_per_second() / reference.events_per_second());
+    if let (Some(reference), Some(fraction)) = (&reference, fraction) {
+        report["reference"] = reference.report(&args);
+        report["fraction_of_reference"] = json!(fraction);
     }
     if args.idle_websockets > 0 {
         report["idle_websockets_open"] = json!(opened);
     }
     println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
-    let fraction = reference
-        .as_ref()
-        .map(|r| {
-            format!(
-                " = {:.0} % of the reference",
-                100.0 * measured.events_per_second() / r.events_per_second()
-            )
-        })
+    let fraction = fraction
+        .map(|fraction| format!(" = {:.0} % of the reference", 100.0 * fraction))
         .unwrap_or_default();
     eprintln!("{}{fraction}", measured.summary(&args, "target"));
     eprintln!("{}", cpu::summary(&cpu_used, measured.acked_events));
@@ -881,6 +889,12 @@ mod tests {
         let single = run_over(1);
         single.resends.lock().unwrap().push_back((0, Bytes::from_static(b"x")));
         assert!(single.take_resend(0).is_some());
+    }
+
+    #[test]
+    fn resends_are_spread_evenly_over_the_acknowledged_bodies() {
+        let chosen = |percent| (1..=200).filter(|&acked| resend_this_one(acked, percent)).count();
+        assert_eq!((chosen(0), chosen(5), chosen(50), chosen(100)), (0, 10, 100, 200));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! allocation, a wake-up and a poll per message.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -72,8 +72,9 @@ impl BatchAcks {
         }
     }
 
-    /// Resolves once every message handed over has its report.
-    pub(super) async fn all_in(&self) {
+    /// Resolves once every message handed over has its report. Owns its handle, so
+    /// the future can outlive the call that handed the batch over.
+    pub(super) async fn all_in(self: Arc<Self>) {
         loop {
             let notified = self.all_in.notified();
             tokio::pin!(notified);
@@ -95,16 +96,12 @@ impl BatchAcks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::time::Duration;
 
     #[tokio::test]
     async fn the_waiter_wakes_once_the_last_report_is_in_and_not_before() {
         let acks = Arc::new(BatchAcks::new(3));
-        let waiter = tokio::spawn({
-            let acks = acks.clone();
-            async move { acks.all_in().await }
-        });
+        let waiter = tokio::spawn(acks.clone().all_in());
         // A send refused part-way: two handed over, one never was.
         acks.handed_over(1);
         acks.finish(1);
@@ -116,17 +113,17 @@ mod tests {
             .expect("woken by the last report")
             .unwrap();
         // Waiting again after the end returns at once.
-        tokio::time::timeout(Duration::from_millis(100), acks.all_in())
+        tokio::time::timeout(Duration::from_millis(100), acks.clone().all_in())
             .await
             .expect("already complete");
     }
 
     #[tokio::test]
     async fn reports_arriving_during_the_hand_over_do_not_finish_the_batch() {
-        let acks = BatchAcks::new(2);
+        let acks = Arc::new(BatchAcks::new(2));
         acks.finish(2);
         assert!(
-            tokio::time::timeout(Duration::from_millis(20), acks.all_in())
+            tokio::time::timeout(Duration::from_millis(20), acks.clone().all_in())
                 .await
                 .is_err(),
             "still being handed over"

@@ -128,14 +128,11 @@ impl KafkaSink {
         let acks = Arc::new(BatchAcks::new(batch.events.len()));
         if let Err(error) = self.hand_over(&batch, &acks, &mut in_doubt) {
             // Refused part-way (a full queue): those handed over may still land.
-            let waiting = acks.clone();
-            self.outcomes
-                .hold_while_queued(in_doubt.handed_over, async move { waiting.all_in().await });
+            self.outcomes.hold_while_queued(in_doubt.handed_over, acks.all_in());
             return Err(error);
         }
         let messages = in_doubt.handed_over;
-        let waiting = acks.clone();
-        let mut acknowledged = Box::pin(async move { waiting.all_in().await });
+        let mut acknowledged = Box::pin(acks.clone().all_in());
         let mut down = self.down.clone();
         tokio::select! {
             () = &mut acknowledged => {
