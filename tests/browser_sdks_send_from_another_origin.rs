@@ -205,13 +205,6 @@ fn hold_the_budget_until_a_503(server: &Server, key: &str, profile: &std::path::
     drop(holder);
 }
 
-fn millis(timestamp: &Value) -> i64 {
-    let text = timestamp
-        .as_str()
-        .unwrap_or_else(|| panic!("not a timestamp: {timestamp}"));
-    chrono::DateTime::parse_from_rfc3339(text).unwrap().timestamp_millis()
-}
-
 /// What the page logged to its console (for failure messages).
 fn console(profile: &std::path::Path) -> String {
     let log = std::fs::read_to_string(profile.join("console.log")).unwrap_or_default();

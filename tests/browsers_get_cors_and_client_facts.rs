@@ -34,6 +34,17 @@ record_client_ip = false
 record_user_agent = false
 "#;
 
+/// A track event for source `web` with an `X-Forwarded-For` header.
+fn track_forwarded_for(server: &Server, forwarded_for: &str, message_id: &str) -> reqwest::blocking::Response {
+    client()
+        .post(server.url("/v1/track"))
+        .basic_auth("key-web", Some(""))
+        .header("x-forwarded-for", forwarded_for)
+        .json(&track(message_id))
+        .send()
+        .unwrap()
+}
+
 fn post(server: &Server, key: &str, origin: Option<&str>, body: &Value) -> reqwest::blocking::Response {
     let mut request: RequestBuilder = client()
         .post(server.url("/v1/batch"))
@@ -145,14 +156,7 @@ fn the_client_ip_and_user_agent_fill_what_the_event_lacks() {
         200
     );
     // Not a trusted proxy: its X-Forwarded-For is ignored.
-    let forged = client()
-        .post(server.url("/v1/track"))
-        .basic_auth("key-web", Some(""))
-        .header("x-forwarded-for", "203.0.113.9")
-        .json(&track("forged"))
-        .send()
-        .unwrap();
-    assert_eq!(forged.status(), 200);
+    assert_eq!(track_forwarded_for(&server, "203.0.113.9", "forged").status(), 200);
 
     let events = server.sink_events();
     let bare = by_id(&events, "bare");
@@ -175,13 +179,7 @@ fn a_trusted_proxy_names_the_client() {
         "[browser]\ntrusted_proxies = [\"127.0.0.0/8\"]\n\n[[sources]]\nname = \"web\"\nwrite_key = \"key-web\"\n",
         &[],
     );
-    let response = client()
-        .post(server.url("/v1/track"))
-        .basic_auth("key-web", Some(""))
-        .header("x-forwarded-for", "198.51.100.7, 203.0.113.9, 127.0.0.5")
-        .json(&track("proxied"))
-        .send()
-        .unwrap();
+    let response = track_forwarded_for(&server, "198.51.100.7, 203.0.113.9, 127.0.0.5", "proxied");
     assert_eq!(response.status(), 200);
     let events = server.sink_events();
     assert_eq!(

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{json, Value};
-use support::{client, track, Server, ADMIN_TOKEN};
+use support::{client, get_json, track, Server, ADMIN_TOKEN};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -110,12 +110,7 @@ fn every_documented_method_answers_and_others_get_405() {
             .as_u16();
         assert_eq!(status, 405, "{undocumented} {path}: not documented, so not served");
     }
-    let served: Value = client()
-        .get(server.url("/openapi.json"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let served = get_json(&server, "/openapi.json");
     assert_eq!(served, doc, "/openapi.json serves the checked-in document");
 }
 
@@ -190,18 +185,8 @@ fn real_answers_match_the_documented_schemas() {
     );
     check_against("Error", &post(json!({ "batch": [bad] }), "key-web"), dir.path());
     check_against("Error", &post(json!({ "batch": [track("x")] }), "wrong"), dir.path());
-    let settings: Value = client()
-        .get(server.url("/v1/projects/key-web/settings"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let settings = get_json(&server, "/v1/projects/key-web/settings");
     check_against("SegmentSettings", &settings, dir.path());
-    let config: Value = client()
-        .get(server.url("/sourceConfig/?writeKey=key-web"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let config = get_json(&server, "/sourceConfig/?writeKey=key-web");
     check_against("RudderSourceConfig", &config, dir.path());
 }

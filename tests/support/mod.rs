@@ -331,6 +331,17 @@ pub fn post_json(server: &Server, path: &str, body: &Value) -> (u16, Value) {
     status_and_json(response)
 }
 
+/// GETs `path` and returns its JSON body (panics on a transport error or a body
+/// that is not JSON).
+pub fn get_json(server: &Server, path: &str) -> Value {
+    client()
+        .get(server.url(path))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
 pub fn status_and_json(response: reqwest::blocking::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     let text = response.text().expect("body");
@@ -470,6 +481,16 @@ pub fn assert_each_once_in_kafka(
         server.metric("breakwater_kafka_read_back_found_events_total"),
         server.log()
     );
+}
+
+/// An RFC 3339 timestamp field of an event, in Unix milliseconds.
+pub fn millis(timestamp: &Value) -> i64 {
+    let text = timestamp
+        .as_str()
+        .unwrap_or_else(|| panic!("not a timestamp: {timestamp}"));
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
+        .timestamp_millis()
 }
 
 /// A track event padded with `bytes` of incompressible properties.
