@@ -1,0 +1,180 @@
+//! Benchmark (not a test): the CPU one core spends per event on each step of the
+//! intake path, in-process and without the network, beside the floor of reading
+//! the same bytes with serde_json (validate only) and with sonic-rs (SIMD, into its
+//! own tree). It answers "how far can the embedded default go on this machine?":
+//! the sum of the steps is what a server must spend before TCP, HTTP and the disk.
+//!
+//!     cargo bench --bench intake_floor
+//!
+//! The body is the load generator's: 100 track events of ~420 bytes, unique ids.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use breakwater::config::LimitsConfig;
+use breakwater::dedup::{DedupKey, LocalDedup};
+use breakwater::intake::segment::{normalize, parse_batch, RequestContext};
+
+/// The server's allocator, so allocation costs what it costs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const EVENTS_PER_BODY: usize = 100;
+const BODIES: usize = 64;
+
+fn track_event(sequence: usize) -> String {
+    let user = sequence % 1000;
+    serde_json::json!({
+        "type": "track",
+        "messageId": format!("floor-{sequence}"),
+        "userId": format!("user-{user}"),
+        "anonymousId": format!("anon-{user}"),
+        "event": "Product Viewed",
+        "properties": {"product_id": format!("sku-{}", sequence % 97), "category": "outdoor",
+                       "price": 129.99, "currency": "EUR", "position": sequence % 10},
+        "context": {"library": {"name": "analytics-python", "version": "2.3.2"}, "ip": "192.0.2.10",
+                    "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36", "locale": "de-DE"},
+        "timestamp": "2024-05-01T12:00:00.000Z",
+    })
+    .to_string()
+}
+
+fn bodies() -> Vec<Vec<u8>> {
+    (0..BODIES)
+        .map(|body| {
+            let events: Vec<String> = (0..EVENTS_PER_BODY)
+                .map(|i| track_event(body * EVENTS_PER_BODY + i))
+                .collect();
+            format!(r#"{{"batch":[{}]}}"#, events.join(",")).into_bytes()
+        })
+        .collect()
+}
+
+#[derive(serde::Deserialize)]
+struct RawItems<'a> {
+    #[serde(borrow)]
+    batch: Vec<&'a serde_json::value::RawValue>,
+}
+
+/// What a sonic-rs based intake would do at least: its tree of the whole body, then
+/// every item's top-level fields as compact JSON side by side, sorted by key.
+fn sonic_fields_copied(body: &[u8]) -> usize {
+    use sonic_rs::{JsonContainerTrait, JsonValueTrait};
+    let tree: sonic_rs::Value = sonic_rs::from_slice(body).unwrap();
+    let mut copied = 0;
+    for item in tree.get("batch").and_then(|batch| batch.as_array()).unwrap().iter() {
+        let mut values = Vec::with_capacity(512);
+        let mut fields = Vec::with_capacity(16);
+        for (key, value) in item.as_object().unwrap().iter() {
+            let start = values.len();
+            sonic_rs::to_writer(&mut values, value).unwrap();
+            fields.push((key, start..values.len()));
+        }
+        fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        copied += fields.len() + values.len();
+    }
+    copied
+}
+
+/// Runs `step` over the bodies for about a second and prints nanoseconds per event.
+fn measure(name: &str, bodies: &[Vec<u8>], mut step: impl FnMut(&[u8]) -> usize) {
+    let mut check = 0usize;
+    for body in bodies {
+        check = check.wrapping_add(step(body));
+    }
+    let (mut rounds, started) = (0usize, Instant::now());
+    while started.elapsed() < Duration::from_secs(1) {
+        for body in bodies {
+            check = check.wrapping_add(step(body));
+        }
+        rounds += 1;
+    }
+    let per_event = started.elapsed().as_nanos() as f64 / (rounds * bodies.len() * EVENTS_PER_BODY) as f64;
+    println!("{name:<58} {per_event:>7.0} ns/event");
+    black_box(check);
+}
+
+fn main() {
+    let bodies = bodies();
+    let limits = LimitsConfig::default();
+    println!(
+        "{} bodies of {} events, {} bytes per event; one core, one thread",
+        BODIES,
+        EVENTS_PER_BODY,
+        bodies[0].len() / EVENTS_PER_BODY
+    );
+    measure("serde_json: validate only (IgnoredAny)", &bodies, |body| {
+        serde_json::from_slice::<serde::de::IgnoredAny>(body)
+            .map(|_| 1)
+            .unwrap()
+    });
+    measure("sonic-rs: the whole body into its tree", &bodies, |body| {
+        sonic_rs::from_slice::<sonic_rs::Value>(body).map(|_| 1).unwrap()
+    });
+    measure(
+        "sonic-rs: tree + each item's fields copied compact",
+        &bodies,
+        sonic_fields_copied,
+    );
+    measure(
+        "serde_json: split into raw items (parse_batch's 1st pass)",
+        &bodies,
+        |body| serde_json::from_slice::<RawItems>(body).unwrap().batch.len(),
+    );
+    measure(
+        "breakwater: parse_batch (split + each item's fields)",
+        &bodies,
+        |body| parse_batch(body, &limits).unwrap().events.len(),
+    );
+    let received_at = chrono::Utc::now();
+    measure("breakwater: parse_batch + normalize", &bodies, |body| {
+        let parsed = parse_batch(body, &limits).unwrap();
+        let request = RequestContext {
+            route_type: None,
+            sent_at: parsed.sent_at,
+            context: parsed.context.as_ref(),
+            received_at,
+            source: "bench",
+            client_fields: &[],
+        };
+        parsed
+            .events
+            .into_iter()
+            .map(|event| normalize(event.unwrap(), &request).unwrap().json.len())
+            .sum()
+    });
+    let ids: Vec<Vec<String>> = (0..BODIES * 4)
+        .map(|body| (0..EVENTS_PER_BODY).map(|i| format!("floor-{body}-{i}")).collect())
+        .collect();
+    let mut next_ids = 0usize;
+    let per_id_steps: Vec<Vec<u8>> = vec![Vec::new(); BODIES];
+    measure("breakwater: DedupKey::new (SHA-256) per id", &per_id_steps, |_| {
+        next_ids = (next_ids + 1) % ids.len();
+        for id in &ids[next_ids] {
+            black_box(DedupKey::new("bench", id));
+        }
+        ids[next_ids].len()
+    });
+    // The embedded default's seen set holds at most 1,000,000 ids: fill it, then
+    // every commit also evicts the oldest, as under sustained load. Every id is new.
+    let dedup = Arc::new(LocalDedup::new(Duration::from_secs(86_400), 1_000_000));
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let mut keys = (0u64..).map(|sequence| DedupKey::new("bench", &sequence.to_string()));
+    let mut next_request = move || -> Vec<DedupKey> { keys.by_ref().take(EVENTS_PER_BODY).collect() };
+    for _ in 0..1_000_000 / EVENTS_PER_BODY {
+        runtime.block_on(dedup.reserve(&next_request())).commit();
+    }
+    let requests: Vec<Vec<DedupKey>> = (0..80_000).map(|_| next_request()).collect();
+    let mut requests = requests.into_iter();
+    measure(
+        "breakwater: seen set reserve + commit (1,000,000 held)",
+        &per_id_steps,
+        |_| {
+            let reservation = runtime.block_on(dedup.reserve(&requests.next().expect("enough prepared requests")));
+            let new = reservation.verdicts().len();
+            reservation.commit();
+            new
+        },
+    );
+}
