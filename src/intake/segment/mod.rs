@@ -1,10 +1,12 @@
 //! The Segment HTTP Tracking API's event parser: splitting single and batch bodies
-//! into events (`parse.rs`), each read on its own (`received.rs`), validated and
+//! into events (`parse.rs`; the common batch shape in one pass, `one_pass.rs`),
+//! each read on its own (`received.rs`), validated and
 //! normalized (`normalize.rs`: messageId, `timestamps.rs`: times with clock-skew
 //! correction, receivedAt, source). Pure functions: no I/O here. The event model it
 //! produces (`NormalizedEvent`) lives in `crate::event`.
 
 mod normalize;
+mod one_pass;
 mod parse;
 mod received;
 mod timestamps;

@@ -1,9 +1,10 @@
 //! Splitting a request body into events: a single event, or `{"batch": [...]}`
 //! whose items are parsed one by one, so one bad item never sinks the others.
 
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::super::error::{EventRejection, IntakeError};
 use super::received::FieldKind;
@@ -53,16 +54,26 @@ pub fn parse_single<'a>(body: &'a [u8], limits: &LimitsConfig) -> Result<ParsedR
 #[derive(Deserialize)]
 pub(super) struct BatchEnvelope<'a> {
     #[serde(borrow)]
-    batch: Option<Vec<&'a RawValue>>,
+    pub(super) batch: Option<Vec<&'a RawValue>>,
     #[serde(rename = "writeKey")]
-    write_key: Option<Value>,
+    pub(super) write_key: Option<Value>,
     #[serde(rename = "sentAt")]
-    sent_at: Option<Value>,
-    context: Option<Value>,
+    pub(super) sent_at: Option<Value>,
+    pub(super) context: Option<Value>,
 }
 
-/// Parses `{"batch":[…], "sentAt":…, "context":…, "writeKey":…}`.
+/// Parses `{"batch":[…], "sentAt":…, "context":…, "writeKey":…}`. The common shape
+/// is read in one pass (`one_pass.rs`); any other body, or one with anything to
+/// refuse, is split into raw items first and each item parsed on its own.
 pub fn parse_batch<'a>(body: &'a [u8], limits: &LimitsConfig) -> Result<ParsedRequest<'a>, IntakeError> {
+    match super::one_pass::common_batch(body, limits) {
+        Some(parsed) => Ok(parsed),
+        None => split_batch(body, limits),
+    }
+}
+
+/// Any batch body: split into raw items, then each item parsed on its own.
+pub(super) fn split_batch<'a>(body: &'a [u8], limits: &LimitsConfig) -> Result<ParsedRequest<'a>, IntakeError> {
     let envelope: BatchEnvelope = serde_json::from_slice(body).map_err(json_error)?;
     let items = envelope
         .batch
@@ -76,38 +87,64 @@ pub fn parse_batch<'a>(body: &'a [u8], limits: &LimitsConfig) -> Result<ParsedRe
             limit: limits.max_batch_events,
         });
     }
-    let write_key = match envelope.write_key {
-        None | Some(Value::Null) => None,
-        Some(Value::String(key)) => Some(key),
-        Some(_) => return Err(IntakeError::InvalidBody(": `writeKey` must be a string".into())),
-    };
-    let sent_at = match envelope.sent_at {
-        None | Some(Value::Null) => None,
-        Some(Value::String(text)) => Some(
-            parse_timestamp(&text)
-                .ok_or_else(|| IntakeError::InvalidBody(": batch `sentAt` must be an RFC 3339 timestamp".into()))?,
-        ),
-        Some(_) => {
-            return Err(IntakeError::InvalidBody(
-                ": batch `sentAt` must be an RFC 3339 timestamp".into(),
-            ))
-        }
-    };
-    let context = match envelope.context {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(context)) => Some(context),
-        Some(_) => return Err(IntakeError::InvalidBody(": batch `context` must be an object".into())),
-    };
+    let members = EnvelopeMembers::read(envelope.write_key, envelope.sent_at, envelope.context)?;
     let events = items
         .into_iter()
         .map(|raw| parse_batch_item(raw, limits.max_event_bytes))
         .collect();
-    Ok(ParsedRequest {
-        write_key,
-        sent_at,
-        context,
-        events,
-    })
+    Ok(members.with_events(events))
+}
+
+/// A batch body's members besides `batch`, checked.
+pub(super) struct EnvelopeMembers {
+    write_key: Option<String>,
+    sent_at: Option<DateTime<Utc>>,
+    context: Option<Map<String, Value>>,
+}
+
+impl EnvelopeMembers {
+    pub(super) fn read(
+        write_key: Option<Value>,
+        sent_at: Option<Value>,
+        context: Option<Value>,
+    ) -> Result<EnvelopeMembers, IntakeError> {
+        let write_key = match write_key {
+            None | Some(Value::Null) => None,
+            Some(Value::String(key)) => Some(key),
+            Some(_) => return Err(IntakeError::InvalidBody(": `writeKey` must be a string".into())),
+        };
+        let sent_at = match sent_at {
+            None | Some(Value::Null) => None,
+            Some(Value::String(text)) => Some(
+                parse_timestamp(&text)
+                    .ok_or_else(|| IntakeError::InvalidBody(": batch `sentAt` must be an RFC 3339 timestamp".into()))?,
+            ),
+            Some(_) => {
+                return Err(IntakeError::InvalidBody(
+                    ": batch `sentAt` must be an RFC 3339 timestamp".into(),
+                ))
+            }
+        };
+        let context = match context {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(context)) => Some(context),
+            Some(_) => return Err(IntakeError::InvalidBody(": batch `context` must be an object".into())),
+        };
+        Ok(EnvelopeMembers {
+            write_key,
+            sent_at,
+            context,
+        })
+    }
+
+    pub(super) fn with_events(self, events: Vec<Result<ReceivedEvent<'_>, Refused>>) -> ParsedRequest<'_> {
+        ParsedRequest {
+            write_key: self.write_key,
+            sent_at: self.sent_at,
+            context: self.context,
+            events,
+        }
+    }
 }
 
 pub(super) fn parse_batch_item<'a>(raw: &'a RawValue, max_event_bytes: usize) -> Result<ReceivedEvent<'a>, Refused> {

@@ -36,8 +36,22 @@ impl<'a> ReceivedEvent<'a> {
     pub fn parse(text: &'a str) -> Result<ReceivedEvent<'a>, serde_json::Error> {
         let mut values = Vec::with_capacity(text.len());
         let mut deserializer = serde_json::Deserializer::from_str(text);
-        let mut fields = (EventFields { values: &mut values }).deserialize(&mut deserializer)?;
+        let fields = (EventFields { values: &mut values }).deserialize(&mut deserializer)?;
         deserializer.end()?;
+        Ok(ReceivedEvent::of_fields(text, fields, values))
+    }
+
+    /// Parses the object at the very start of `text` (which must begin with `{`)
+    /// and returns it with its text, the object only; `None` if it does not parse.
+    /// Lets a batch be read in one pass instead of being split first.
+    pub(super) fn parse_leading(text: &'a str) -> Option<ReceivedEvent<'a>> {
+        let mut stream = serde_json::Deserializer::from_str(text).into_iter::<OwnedFields>();
+        let OwnedFields { fields, values } = stream.next()?.ok()?;
+        let end = stream.byte_offset();
+        Some(ReceivedEvent::of_fields(&text[..end], fields, values))
+    }
+
+    fn of_fields(text: &'a str, mut fields: Vec<Field<'a>>, values: Vec<u8>) -> ReceivedEvent<'a> {
         // A stable sort keeps duplicates in arrival order; keep the last of each run.
         fields.sort_by(|a, b| a.key.cmp(&b.key));
         fields.dedup_by(|later, earlier| {
@@ -47,7 +61,7 @@ impl<'a> ReceivedEvent<'a> {
             }
             same
         });
-        Ok(ReceivedEvent { text, fields, values })
+        ReceivedEvent { text, fields, values }
     }
 
     /// The field's value as compact JSON.
@@ -181,6 +195,22 @@ impl<'e> KnownFields<'e> {
 
     pub(super) fn kind(&self, field: Known) -> FieldKind<'e> {
         FieldKind::of(self.0[field as usize])
+    }
+}
+
+/// An event object's fields with a values buffer of its own, for
+/// `serde_json::StreamDeserializer`, which knows where the object ended.
+struct OwnedFields<'de> {
+    fields: Vec<Field<'de>>,
+    values: Vec<u8>,
+}
+
+impl<'de> serde::Deserialize<'de> for OwnedFields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Room for a typical event's values; larger ones grow the buffer.
+        let mut values = Vec::with_capacity(512);
+        let fields = (EventFields { values: &mut values }).deserialize(deserializer)?;
+        Ok(OwnedFields { fields, values })
     }
 }
 
