@@ -78,21 +78,26 @@ fn sonic_fields_copied(body: &[u8]) -> usize {
     copied
 }
 
-/// Runs `step` over the bodies for about a second and prints nanoseconds per event.
+/// Runs `step` over the bodies in five windows of 200 ms and prints the nanoseconds
+/// per event of the quickest window: other work on the machine only ever adds.
 fn measure(name: &str, bodies: &[Vec<u8>], mut step: impl FnMut(&[u8]) -> usize) {
     let mut check = 0usize;
     for body in bodies {
         check = check.wrapping_add(step(body));
     }
-    let (mut rounds, started) = (0usize, Instant::now());
-    while started.elapsed() < Duration::from_secs(1) {
-        for body in bodies {
-            check = check.wrapping_add(step(body));
+    let mut quickest = f64::INFINITY;
+    for _ in 0..5 {
+        let (mut rounds, started) = (0usize, Instant::now());
+        while started.elapsed() < Duration::from_millis(200) {
+            for body in bodies {
+                check = check.wrapping_add(step(body));
+            }
+            rounds += 1;
         }
-        rounds += 1;
+        let per_event = started.elapsed().as_nanos() as f64 / (rounds * bodies.len() * EVENTS_PER_BODY) as f64;
+        quickest = quickest.min(per_event);
     }
-    let per_event = started.elapsed().as_nanos() as f64 / (rounds * bodies.len() * EVENTS_PER_BODY) as f64;
-    println!("{name:<64} {per_event:>7.0} ns/event");
+    println!("{name:<64} {quickest:>7.0} ns/event");
     black_box(check);
 }
 
