@@ -1,6 +1,6 @@
-//! The common batch body read in one pass: `{"batch":[{…},{…},…]}`, `batch` first,
-//! maybe followed by `sentAt`, `writeKey`, `context` or members we ignore, JSON
-//! whitespace anywhere. Each item is parsed where it stands, so the body is not
+//! The common batch body read in one pass: `{"batch":[{…},{…},…]}`, with any other
+//! members (`sentAt`, `writeKey`, `context`, a WebSocket frame's `id`, members we
+//! ignore) before or after `batch`, JSON whitespace anywhere. Each item is parsed where it stands, so the body is not
 //! first split into raw items (a second scan of every byte: about 30 % of the parse,
 //! `cargo bench --bench intake_floor`).
 //!
@@ -17,10 +17,8 @@ pub(super) fn common_batch<'a>(body: &'a [u8], limits: &LimitsConfig) -> Option<
     // Items are borrowed as `&str`; an item that parses is valid UTF-8 anyway.
     let text = std::str::from_utf8(body).ok()?;
     let mut cursor = Cursor { text, at: 0 };
-    for expected in [b'{', b'"'] {
-        cursor.take(expected)?;
-    }
-    cursor.take_str("batch\"")?;
+    cursor.take(b'{')?;
+    let leading = cursor.members_before_batch()?;
     for expected in [b':', b'['] {
         cursor.take(expected)?;
     }
@@ -43,28 +41,29 @@ pub(super) fn common_batch<'a>(body: &'a [u8], limits: &LimitsConfig) -> Option<
             _ => return None,
         }
     }
-    let members = match cursor.take_next()? {
+    // The members before and after `batch`, as one object of their own.
+    let others = match cursor.take_next()? {
         b'}' => {
             cursor.skip_whitespace();
             if cursor.at != text.len() {
                 return None;
             }
-            EnvelopeMembers::read(None, None, None).ok()?
+            let leading = leading.trim_end();
+            format!("{{{}}}", leading.strip_suffix(',').unwrap_or(leading))
         }
         b',' => {
             if cursor.next_byte()? != b'"' {
                 return None; // a trailing comma, or not a member
             }
-            // The rest of the envelope as an object of its own.
-            let rest = format!("{{{}", &text[cursor.at..]);
-            let envelope: BatchEnvelope = serde_json::from_str(&rest).ok()?;
-            if envelope.batch.is_some() {
-                return None; // `batch` twice: refused the general way
-            }
-            EnvelopeMembers::read(envelope.write_key, envelope.sent_at, envelope.context).ok()?
+            format!("{{{leading}{}", &text[cursor.at..])
         }
         _ => return None,
     };
+    let envelope: BatchEnvelope = serde_json::from_str(&others).ok()?;
+    if envelope.batch.is_some() {
+        return None; // `batch` twice: refused the general way
+    }
+    let members = EnvelopeMembers::read(envelope.write_key, envelope.sent_at, envelope.context).ok()?;
     Some(members.with_events(events))
 }
 
@@ -74,7 +73,7 @@ struct Cursor<'a> {
     at: usize,
 }
 
-impl Cursor<'_> {
+impl<'a> Cursor<'a> {
     fn skip_whitespace(&mut self) {
         let rest = &self.text.as_bytes()[self.at..];
         self.at += rest
@@ -94,6 +93,36 @@ impl Cursor<'_> {
         let byte = self.next_byte()?;
         self.at += 1;
         Some(byte)
+    }
+
+    /// Moves past the members before `"batch"` (a WebSocket frame's `id`, say) and
+    /// the `"batch"` key itself; returns those members' text, each with its comma.
+    /// `None` if there is no `batch` key as plain text. (A key before it that spells
+    /// `batch` with an escape is found when the members are read as an envelope.)
+    fn members_before_batch(&mut self) -> Option<&'a str> {
+        let start = self.at;
+        loop {
+            if self.next_byte()? != b'"' {
+                return None;
+            }
+            let members = &self.text[start..self.at];
+            if self.take_str("\"batch\"").is_some() {
+                return Some(members);
+            }
+            self.take_value()?; // the key
+            self.take(b':')?;
+            self.take_value()?;
+            self.take(b',')?;
+        }
+    }
+
+    /// Moves past the JSON value here (a key is a string value).
+    fn take_value(&mut self) -> Option<()> {
+        let rest = &self.text[self.at..];
+        let mut stream = serde_json::Deserializer::from_str(rest).into_iter::<serde::de::IgnoredAny>();
+        stream.next()?.ok()?;
+        self.at += stream.byte_offset();
+        Some(())
     }
 
     fn take(&mut self, expected: u8) -> Option<()> {
@@ -132,6 +161,9 @@ mod tests {
             // Python's json.dumps separators, and a batch sentAt after the items.
             format!("{{\"batch\": [{event}, {event}], \"sentAt\": \"2024-05-01T12:00:00.000Z\"}}\n"),
             format!(r#"{{"batch":[{event}],"writeKey":"k","context":{{"ip":"192.0.2.1"}},"other":1}}"#),
+            // A WebSocket frame, and members on both sides of `batch`.
+            format!(r#"{{"id":7,"batch":[{event}]}}"#),
+            format!(r#"{{"id":{{"n":[1]}}, "sentAt":"2024-05-01T12:00:00Z" ,"batch":[{event}],"writeKey":"k"}}"#),
         ];
         for body in &bodies {
             let parsed = common_batch(body.as_bytes(), &LimitsConfig::default());
@@ -151,7 +183,10 @@ mod tests {
     fn other_bodies_go_the_general_way() {
         let event = r#"{"type":"track"}"#;
         for body in [
-            format!(r#"{{"sentAt":"2024-05-01T12:00:00Z","batch":[{event}]}}"#),
+            format!(r#"{{"\u0062atch":[{event}],"batch":[{event}]}}"#),
+            format!(r#"{{"sentAt":null,"batch":[{event}],"sentAt":null}}"#),
+            format!(r#"{{"id":1 "batch":[{event}]}}"#),
+            r#"{"id":1,}"#.to_string(),
             format!(r#"{{"batch":[{event},1]}}"#),
             format!(r#"{{"batch":[{event},{{"a":}}]}}"#),
             format!(r#"{{"batch":[{event}],}}"#),
@@ -216,6 +251,14 @@ mod tests {
             "\t{\"batch\":[",
             r#"{"writeKey":"k","batch":["#,
             r#"{"batch":{"#,
+            r#"{"id":1,"batch":["#,
+            "{\"id\": {\"a\":[1, 2]} ,\n\"batch\":[",
+            r#"{"\u0062atch":[{}],"batch":["#,
+            r#"{"sentAt":"2024-05-01T12:00:00Z","batch":["#,
+            r#"{"id":1 "batch":["#,
+            r#"{"sentAt":null,"sentAt":null,"batch":["#,
+            r#"{"x\"y":1,"batch":["#,
+            r#"{"id":1e400,"batch":["#,
         ]);
         let separator = prop::sample::select(vec![",", ",", ", ", " ,\n", ",,", " "]);
         let tail = prop::sample::select(vec![
