@@ -1,15 +1,15 @@
 //! The common batch body read in one pass: `{"batch":[{…},{…},…]}`, with any other
 //! members (`sentAt`, `writeKey`, `context`, a WebSocket frame's `id`, members we
-//! ignore) before or after `batch`, JSON whitespace anywhere. Each item is parsed where it stands, so the body is not
-//! first split into raw items (a second scan of every byte: about 30 % of the parse,
-//! `cargo bench --bench intake_floor`).
+//! ignore) before or after `batch`, JSON whitespace anywhere. Each item is parsed
+//! where it stands, so the body is not first split into raw items (a second scan of
+//! every byte: about 30 % of the parse, `cargo bench --bench intake_floor`).
 //!
 //! Only bodies with nothing to refuse are taken: any other shape, any item that is
 //! not an object, too large or unparseable, any envelope problem returns `None`,
 //! and `parse_batch` reads the body the general way. So both ways give the same
 //! result for every body; `tests::both_ways_agree` checks it on generated bodies.
 
-use super::parse::{BatchEnvelope, EnvelopeMembers};
+use super::parse::{batch_item, BatchEnvelope, EnvelopeMembers};
 use super::{ParsedRequest, ReceivedEvent};
 use crate::config::LimitsConfig;
 
@@ -27,14 +27,12 @@ pub(super) fn common_batch<'a>(body: &'a [u8], limits: &LimitsConfig) -> Option<
         if cursor.next_byte()? != b'{' {
             return None;
         }
-        let mut event = ReceivedEvent::parse_leading(&text[cursor.at..])?;
+        let event = ReceivedEvent::parse_leading(&text[cursor.at..])?;
         if event.text.len() > limits.max_event_bytes || events.len() == limits.max_batch_events {
             return None;
         }
         cursor.at += event.text.len();
-        // A per-event writeKey is not an auth channel; keep it out of the sinks.
-        event.remove("writeKey");
-        events.push(Ok(event));
+        events.push(Ok(batch_item(event)));
         match cursor.take_next()? {
             b',' => continue,
             b']' => break,

@@ -164,13 +164,16 @@ pub(super) fn parse_batch_item<'a>(raw: &'a RawValue, max_event_bytes: usize) ->
         return Err(refused_text(reason, text));
     }
     match ReceivedEvent::parse(text) {
-        Ok(mut event) => {
-            // A per-event writeKey is not an auth channel; keep it out of the sinks.
-            event.remove("writeKey");
-            Ok(event)
-        }
+        Ok(event) => Ok(batch_item(event)),
         Err(e) => Err(refused_text(EventRejection::new("invalid_json", e.to_string()), text)),
     }
+}
+
+/// A parsed batch item as it goes on: a per-event writeKey is not an auth channel,
+/// so it is kept out of the sinks.
+pub(super) fn batch_item(mut event: ReceivedEvent<'_>) -> ReceivedEvent<'_> {
+    event.remove("writeKey");
+    event
 }
 
 pub(super) fn take_write_key(event: &mut ReceivedEvent) -> Result<Option<String>, IntakeError> {
